@@ -1,0 +1,68 @@
+"""medtransfer: turn a folder of scans into a trustworthy diagnostic classifier by transfer learning.
+
+Public API (each name is importable as ``medtransfer.<name>``). Heavy parts (torch, MONAI, Captum) are
+imported on first use, so ``import medtransfer`` and report rendering stay light (PEP 562 lazy attributes;
+see docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_PUBLIC = {
+    "MedtransferError": "medtransfer.errors",
+    "ScanReadError": "medtransfer.errors",
+    "ManifestError": "medtransfer.errors",
+    "ConfigError": "medtransfer.errors",
+    "WeightsUnavailable": "medtransfer.errors",
+    "CheckpointError": "medtransfer.errors",
+    "RunConfig": "medtransfer.config",
+    "load_config": "medtransfer.config",
+    "InputSpec": "medtransfer.data.spec",
+    "Manifest": "medtransfer.data.manifest",
+    "index_scans": "medtransfer.data.discovery",
+    "ScanDataset": "medtransfer.data.dataset",
+    "build_model": "medtransfer.models.classifier",
+    "ModelCard": "medtransfer.models.card",
+    "fine_tune": "medtransfer.training.fine_tune",
+    "train": "medtransfer.training.run",
+    "load_run": "medtransfer.training.run",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from medtransfer.config import RunConfig, load_config
+    from medtransfer.data.dataset import ScanDataset
+    from medtransfer.data.discovery import index_scans
+    from medtransfer.data.manifest import Manifest
+    from medtransfer.data.spec import InputSpec
+    from medtransfer.errors import (
+        CheckpointError,
+        ConfigError,
+        ManifestError,
+        MedtransferError,
+        ScanReadError,
+        WeightsUnavailable,
+    )
+    from medtransfer.models.card import ModelCard
+    from medtransfer.models.classifier import build_model
+    from medtransfer.training.fine_tune import fine_tune
+    from medtransfer.training.run import load_run, train
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'medtransfer' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,132 @@
+"""The ``medtransfer`` command line: each subcommand parses, calls ONE public function, prints where outputs went.
+
+User errors (:class:`~medtransfer.errors.MedtransferError`) become one line on stderr and exit code 1,
+no traceback; ``--debug`` re-raises. Usage errors exit 2 (typer/click's convention).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from medtransfer.errors import MedtransferError
+
+app = typer.Typer(
+    name="medtransfer",
+    help="Transfer learning for medical image classification, with the evidence clinicians need.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+_STATE: dict[str, Any] = {"debug": False, "quiet": False}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; warnings and results only.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+) -> None:
+    _STATE["debug"] = debug
+    _STATE["quiet"] = quiet
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+def user_errors(fn: F) -> F:
+    """Turn MedtransferError into one stderr line + exit 1 (unless --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MedtransferError as exc:
+            if _STATE["debug"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted.")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def quiet() -> bool:
+    """Whether --quiet was given (progress bars off)."""
+    return bool(_STATE["quiet"])
+
+
+@app.command()
+@user_errors
+def info() -> None:
+    """Print versions of the libraries medtransfer uses, CUDA, and which optional extras are present."""
+    from medtransfer.diagnostics import environment_table
+
+    console.print(environment_table())
+
+
+@app.command()
+@user_errors
+def index(
+    data: Annotated[Path, typer.Argument(help="Scan folder: class sub-folders, or any layout with --labels.")],
+    labels: Annotated[Path | None, typer.Option(help="CSV with 'path' (relative to DATA) and label column(s).")] = None,
+    label_columns: Annotated[
+        str | None, typer.Option(help="Comma-separated 0/1/blank columns for a multi-label CSV.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for manifest.csv, quarantine.csv, summary.")] = Path("runs/index"),
+    config: Annotated[Path | None, typer.Option(help="YAML config (the data: section is used).")] = None,
+    strict: Annotated[bool, typer.Option(help="Stop at the first unreadable scan instead of quarantining it.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Config override, e.g. data.seed=3.")] = None,
+) -> None:
+    """Index a scan folder: labels, demographics, pseudonymous IDs, patient-level split, quarantine."""
+    from medtransfer.config import load_config
+    from medtransfer.data.discovery import index_scans
+    from medtransfer.data.summary import render_summary
+
+    overrides = list(set_ or [])
+    if strict:
+        overrides.append("data.strict=true")
+    cfg = load_config(config, overrides).data
+    cols = [c.strip() for c in label_columns.split(",") if c.strip()] if label_columns else None
+    manifest = index_scans(data, labels=labels, label_columns=cols, config=cfg, out_dir=out, progress=not quiet())
+    render_summary(manifest, console)
+    console.print(f"wrote {out / 'manifest.csv'} and {out / 'quarantine.csv'}")
+
+
+@app.command()
+@user_errors
+def backbones() -> None:
+    """List the available backbones and whether their pretrained weights are available locally."""
+    from rich.table import Table
+
+    from medtransfer.models.backbones import list_backbones
+
+    table = Table(title="backbones")
+    for col in ("name", "input", "weights", "available offline", "source"):
+        table.add_column(col)
+    for row in list_backbones():
+        table.add_row(
+            row["name"], str(row["input_size"]), row["weights"], "yes" if row["available"] else "no", row["source"]
+        )
+    console.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,241 @@
+"""Configuration: what the user chose, validated (pydantic, frozen, ``extra="forbid"``).
+
+What is learned from data (thresholds, temperature, prevalence) never lives here: it goes to the model card
+or the evaluation result (scikit-learn's rule). YAML files and ``--set key=value`` CLI overrides fill the
+same fields; an unknown key fails with the nearest valid key, as MONAI's ``look_up_option`` does.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medtransfer.data.spec import InputSpec
+from medtransfer.errors import ConfigError
+
+DEFAULT_AGE_BANDS = (18, 40, 60, 80)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Frozen):
+    """Where the scans are and how cases are split.
+
+    Attributes:
+        data_dir: the scan folder (class sub-folders, or any layout with ``labels``).
+        labels: CSV with a ``path`` column relative to ``data_dir`` and a ``label`` column or 0/1/blank columns.
+        label_columns: for multi-label CSVs, the 0/1/blank columns to use (blank = unknown, masked).
+        val_fraction, test_fraction: patient-level split fractions (ignored where the CSV has ``split``).
+        seed: split seed.
+        age_bands: lower edges of age bands after the first, in years: (18, 40, 60, 80) gives
+            0-17, 18-39, 40-59, 60-79, 80+.
+        strict: stop at the first unreadable scan instead of quarantining it.
+        verify_pixels: decode every case once while indexing so that bad pixel data is quarantined up front
+            rather than crashing a long training job later.
+        cache_dir: where decoded, preprocessed images are cached; default ``<run>/cache``.
+    """
+
+    data_dir: Path | None = None
+    labels: Path | None = None
+    label_columns: tuple[str, ...] | None = None
+    val_fraction: float = Field(default=0.15, ge=0, lt=1)
+    test_fraction: float = Field(default=0.15, ge=0, lt=1)
+    seed: int = 0
+    age_bands: tuple[int, ...] = DEFAULT_AGE_BANDS
+    strict: bool = False
+    verify_pixels: bool = True
+    cache_dir: Path | None = None
+
+    @field_validator("age_bands")
+    @classmethod
+    def _bands_increasing(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b <= a for a, b in zip(v, v[1:])) or any(b <= 0 for b in v):
+            raise ValueError(f"age_bands must be positive and strictly increasing, got {list(v)}")
+        return v
+
+
+class AugmentConfig(_Frozen):
+    """Train-only augmentation (never applied at evaluation). Probabilities are per image."""
+
+    flip_prob: float = Field(default=0.5, ge=0, le=1)
+    rotate_degrees: float = Field(default=10.0, ge=0, le=180)
+    zoom: tuple[float, float] = (0.9, 1.1)
+    intensity_prob: float = Field(default=0.3, ge=0, le=1)
+    enabled: bool = True
+
+
+class ModelConfig(_Frozen):
+    """Which backbone and which pretrained weights.
+
+    Attributes:
+        backbone: a name from ``medtransfer backbones``.
+        weights: ``"imagenet"`` (the backbone's default pretrained weights), ``"none"`` (random init, i.e.
+            training from scratch), or a path to a local weights file (for air-gapped sites).
+        dropout: dropout before the new head.
+    """
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    dropout: float = Field(default=0.2, ge=0, lt=1)
+
+
+class TrainConfig(_Frozen):
+    """How to fine-tune. Presets live in ``configs/`` (chexnet, quickstart, linear-probe)."""
+
+    strategy: Literal["linear-probe", "fine-tune", "gradual"] = "gradual"
+    epochs: int = Field(default=8, ge=1)
+    freeze_epochs: int = Field(default=2, ge=0)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    lr_decay: float = Field(default=0.5, gt=0, le=1)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    scheduler: Literal["cosine", "onecycle", "plateau", "none"] = "cosine"
+    warmup_epochs: float = Field(default=0.5, ge=0)
+    plateau_factor: float = Field(default=0.1, gt=0, lt=1)
+    plateau_patience: int = Field(default=1, ge=0)
+    patience: int = Field(default=5, ge=1)
+    grad_clip: float | None = Field(default=1.0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    class_weights: bool = True
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    num_workers: int = Field(default=0, ge=0)
+    seed: int = 0
+    deterministic: bool = True
+    augment: AugmentConfig = AugmentConfig()
+    tensorboard: bool = False
+    mlflow: bool = False
+
+
+class EvalConfig(_Frozen):
+    """How to evaluate: which split, which subgroups, how many bootstrap resamples."""
+
+    split: str = "test"
+    subgroups: tuple[str, ...] = ("sex", "age_band", "site")
+    n_boot: int = Field(default=1000, ge=0)
+    ci: float = Field(default=0.95, gt=0, lt=1)
+    min_group_size: int = Field(default=10, ge=1)
+    threshold: Literal["youden", "sensitivity", "specificity"] = "youden"
+    target: float | None = Field(default=None, gt=0, lt=1)
+
+
+class ReportConfig(_Frozen):
+    """What the report says about itself."""
+
+    title: str = "medtransfer model report"
+    banner: str = "Research use only — not for clinical decision making"
+    contact: str = "not provided"
+    intended_use: str = "not provided"
+
+
+class RunConfig(_Frozen):
+    """Everything a run needs; saved as ``config.yaml`` in the run directory."""
+
+    data: DataConfig = DataConfig()
+    input: InputSpec = InputSpec()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    report: ReportConfig = ReportConfig()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults), apply ``key=value`` overrides, and validate.
+
+    Args:
+        path: YAML file; ``None`` starts from the defaults.
+        overrides: ``["train.epochs=3", "model.backbone=resnet18"]`` (values parsed as YAML) or a nested dict.
+
+    Raises:
+        ConfigError: unknown key (with a did-you-mean suggestion), wrong type, or unreadable file.
+
+    Examples:
+        >>> cfg = load_config(None, ["train.epochs=3"])
+        >>> cfg.train.epochs
+        3
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found. Pass an existing YAML file, e.g. configs/quickstart.yaml")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc}).") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (data, model, train, ...).")
+    if isinstance(overrides, dict):
+        raw = _deep_merge(raw, overrides)
+    else:
+        for item in overrides or []:
+            raw = _deep_merge(raw, parse_override(item))
+    return validate_config(raw, source=str(path) if path else "config")
+
+
+def validate_config(raw: dict[str, Any], *, source: str = "config") -> RunConfig:
+    """Validate a nested dict as a :class:`RunConfig`; unknown keys fail with a suggestion."""
+    _check_unknown_keys(raw, RunConfig, prefix="", source=source)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(f"{source}: '{where}': {first['msg']} (got {first.get('input')!r}).") from exc
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """Turn ``"train.epochs=3"`` into ``{"train": {"epochs": 3}}`` (the value is parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.epochs=3")
+    key, value = item.split("=", 1)
+    parts = [k for k in key.strip().split(".") if k]
+    if not parts:
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    out: dict[str, Any] = {parts[-1]: parsed}
+    for k in reversed(parts[:-1]):
+        out = {k: out}
+    return out
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML text (paths as strings, tuples as lists)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _check_unknown_keys(raw: Any, model: type[BaseModel], *, prefix: str, source: str) -> None:
+    if not isinstance(raw, dict):
+        return
+    fields = model.model_fields
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            candidates = [f"{prefix}{f}" for f in fields]
+            close = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.5)
+            hint = f" — did you mean '{close[0]}'?" if close else f" (valid keys: {', '.join(candidates)})"
+            raise ConfigError(f"{source}: unknown key '{dotted}'{hint}")
+        sub = fields[key].annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            _check_unknown_keys(value, sub, prefix=f"{dotted}.", source=source)

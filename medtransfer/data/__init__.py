@@ -1,0 +1,1 @@
+"""Scan discovery, DICOM/NIfTI/PNG decoding, manifests, splits, transforms and datasets."""

@@ -1,0 +1,160 @@
+"""``Manifest``: one row per case, the table every later stage reads (``runs/<id>/manifest.csv``).
+
+Columns (DESIGN.md §4). Identity: ``case_id`` (pseudonymous, stable), ``patient_key`` and ``study_key``
+(salted hashes), ``path`` (relative to the data folder; a series folder for multi-file DICOM series),
+``files`` (``;``-joined relative paths of a multi-file series, else empty), ``format``
+(dicom/nifti/png/jpeg). Labels: ``label`` (class name) for binary/multi-class tasks; for multi-label
+tasks one column per class holding 1, 0 or empty (unknown). ``split``: train/val/test. Subgroups and
+acquisition: ``sex``, ``age``, ``age_band``, ``site``, ``manufacturer``, ``view``, ``modality``,
+``photometric``, ``rows``, ``cols``, ``frames``, ``spacing_row``, ``spacing_col``.
+PHI never appears here: no names, IDs, birth dates or accession numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from medtransfer import io
+from medtransfer.errors import ManifestError
+
+Task = Literal["binary", "multiclass", "multilabel"]
+
+ID_COLUMNS = ("case_id", "patient_key", "study_key", "path", "files", "format")
+SUBGROUP_COLUMNS = ("sex", "age", "age_band", "site", "manufacturer", "view", "modality")
+ACQ_COLUMNS = ("photometric", "rows", "cols", "frames", "spacing_row", "spacing_col")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Manifest:
+    """A validated table of cases plus what the labels mean.
+
+    Attributes:
+        df: one row per case (columns in the module docstring), indexed 0..N-1.
+        classes: class names, in model-output order.
+        task: ``"binary"`` (two classes, one sigmoid output for ``classes[1]``), ``"multiclass"`` (softmax)
+            or ``"multilabel"`` (one sigmoid per class; columns named after the classes).
+        data_dir: the scan folder that ``path`` is relative to.
+        warnings: human-readable warnings collected while indexing (no PHI).
+    """
+
+    df: pd.DataFrame
+    classes: list[str]
+    task: Task
+    data_dir: Path
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        missing = [c for c in ("case_id", "patient_key", "path") if c not in self.df.columns]
+        if missing:
+            raise ManifestError(f"manifest is missing columns {missing}")
+        if self.task == "multilabel":
+            absent = [c for c in self.classes if c not in self.df.columns]
+            if absent:
+                raise ManifestError(f"multi-label manifest is missing label columns {absent}")
+        elif "label" not in self.df.columns:
+            raise ManifestError("manifest has no 'label' column")
+        self.df = self.df.reset_index(drop=True)
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    @property
+    def label_columns(self) -> list[str]:
+        """The columns holding labels: the class columns (multi-label) or ``["label"]``."""
+        return list(self.classes) if self.task == "multilabel" else ["label"]
+
+    @property
+    def num_outputs(self) -> int:
+        """Model outputs: 1 for binary, else one per class."""
+        return 1 if self.task == "binary" else len(self.classes)
+
+    def targets(self) -> np.ndarray:
+        """Targets as the loss expects them.
+
+        Returns:
+            binary: float (N,) in {0, 1} (1 = ``classes[1]``); multiclass: int (N,) class indices;
+            multilabel: float (N, C) with 1, 0 or NaN (unknown, masked from the loss).
+        """
+        if self.task == "multilabel":
+            return self.df[self.classes].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
+        idx = self.df["label"].map({c: i for i, c in enumerate(self.classes)})
+        if idx.isna().any():
+            bad = self.df.loc[idx.isna(), "label"].unique()[:5]
+            raise ManifestError(f"labels {list(bad)} are not among the classes {self.classes}")
+        arr = idx.to_numpy(dtype=np.int64)
+        return arr.astype(np.float32) if self.task == "binary" else arr
+
+    def split(self, name: str | Sequence[str]) -> Manifest:
+        """The cases of one split (or several), as a new Manifest with the same classes."""
+        names = [name] if isinstance(name, str) else list(name)
+        if "split" not in self.df.columns:
+            raise ManifestError("manifest has no 'split' column; index the data first")
+        sub = self.df[self.df["split"].isin(names)]
+        return Manifest(sub.copy(), list(self.classes), self.task, self.data_dir, list(self.warnings))
+
+    def abspath(self, row: pd.Series | dict) -> list[Path]:
+        """Absolute file paths of one case (several for a multi-file series)."""
+        files = row.get("files") if isinstance(row, dict) else row.get("files", "")
+        rels = [f for f in str(files).split(";") if f] if isinstance(files, str) and files else [row["path"]]
+        return [self.data_dir / r for r in rels]
+
+    def digest(self) -> str:
+        """SHA-256 of the manifest's identity, labels and splits (reproducibility; no paths or PHI)."""
+        cols = [c for c in ("case_id", "patient_key", *self.label_columns, "split") if c in self.df.columns]
+        text = self.df[cols].astype(str).to_csv(index=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def check_leakage(self) -> None:
+        """Raise :class:`ManifestError` if any patient appears in more than one split."""
+        if "split" not in self.df.columns:
+            return
+        per_patient = self.df.groupby("patient_key")["split"].nunique()
+        leaked = per_patient[per_patient > 1]
+        if len(leaked):
+            raise ManifestError(
+                f"patient leakage: {len(leaked)} patient(s) appear in more than one split "
+                f"(e.g. patient_key {leaked.index[0]}). Splits must be patient-level; remove the 'split' "
+                "column from the labels CSV to let medtransfer split by patient, or fix it."
+            )
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``manifest.csv`` and ``manifest.json`` (classes, task, data folder) atomically."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with io.atomic_path(out / "manifest.csv") as tmp:
+            self.df.to_csv(tmp, index=False)
+        meta = {
+            "classes": self.classes,
+            "task": self.task,
+            "data_dir": str(self.data_dir),
+            "n_cases": len(self.df),
+            "digest": self.digest(),
+            "warnings": self.warnings,
+        }
+        io.write_json(out / "manifest.json", meta)
+        return out / "manifest.csv"
+
+    @classmethod
+    def load(cls, path: str | Path, *, data_dir: str | Path | None = None) -> Manifest:
+        """Read a manifest written by :meth:`save` (``path`` is the CSV or its folder)."""
+        p = Path(path)
+        csv = p / "manifest.csv" if p.is_dir() else p
+        meta_path = csv.with_suffix(".json")
+        if not csv.is_file() or not meta_path.is_file():
+            raise ManifestError(f"{csv}: manifest.csv and manifest.json not found; run 'medtransfer index' first")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        df = pd.read_csv(csv, dtype={"case_id": str, "patient_key": str, "study_key": str, "files": str,
+                                     "label": str, "sex": str, "site": str, "age_band": str},
+                         keep_default_na=True)
+        df["files"] = df.get("files", pd.Series([""] * len(df))).fillna("")
+        root = Path(data_dir) if data_dir is not None else Path(meta["data_dir"])
+        return cls(df, list(meta["classes"]), meta["task"], root, list(meta.get("warnings", [])))

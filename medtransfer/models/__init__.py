@@ -1,0 +1,1 @@
+"""Backbones, the classifier wrapper, the model card and safe checkpoints."""

@@ -1,0 +1,1 @@
+"""Fine-tuning strategies, the training loop, optimisers and schedules, the frozen-feature cache."""

@@ -123,6 +123,58 @@ def backbones() -> None:
     console.print(table)
 
 
+@app.command()
+@user_errors
+def train(
+    data: Annotated[Path | None, typer.Argument(help="Scan folder (omit with --resume).")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels CSV ('path' relative to DATA).")] = None,
+    label_columns: Annotated[str | None, typer.Option(help="Comma-separated 0/1/blank columns (multi-label).")] = None,
+    config: Annotated[
+        str | None, typer.Option(help="YAML config, or a preset name: quickstart, chexnet, linear-probe.")
+    ] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone name (see 'medtransfer backbones').")] = None,
+    weights: Annotated[str | None, typer.Option(help="imagenet (default), none (scratch), or a file path.")] = None,
+    weights_file: Annotated[Path | None, typer.Option(help="Local pretrained weights file (air-gapped sites).")] = None,
+    strategy: Annotated[str | None, typer.Option(help="linear-probe, fine-tune or gradual.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Square input size in pixels.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (of the head, under discriminative LRs).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<timestamp>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
+    tensorboard: Annotated[bool, typer.Option(help="Also write TensorBoard event files.")] = False,
+    mlflow: Annotated[bool, typer.Option(help="Also log to MLflow (needs the mlflow extra).")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Config override, e.g. train.patience=3.")] = None,
+) -> None:
+    """Fine-tune a pretrained backbone on a scan folder and write a run directory."""
+    from medtransfer.config import resolve_config_path
+    from medtransfer.training.run import train as train_run
+
+    flags = {"model.backbone": backbone, "model.weights": str(weights_file) if weights_file else weights,
+             "train.strategy": strategy, "train.epochs": epochs, "train.batch_size": batch_size,
+             "train.lr": lr, "train.device": device,
+             "input.size": f"[{image_size}, {image_size}]" if image_size else None,
+             "train.tensorboard": "true" if tensorboard else None, "train.mlflow": "true" if mlflow else None}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_ or [])
+    if resume and out is None:
+        raise typer.BadParameter("--resume needs --out RUN_DIR (the interrupted run)")
+    cols = [c.strip() for c in label_columns.split(",") if c.strip()] if label_columns else None
+
+    def show(row: dict) -> None:
+        console.print(f"epoch {row['epoch']:>3} [{row['phase']}]  train_loss {row['train_loss']:.4f}  "
+                      f"val_loss {row['val_loss']:.4f}  val_auroc {row['val_auroc']:.4f}  ({row['seconds']:.1f}s)")
+
+    try:
+        run = train_run(data, labels=labels, label_columns=cols, config=resolve_config_path(config),
+                        overrides=overrides, out=out, resume=resume, progress=not quiet(), on_epoch=show)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted; continue with: medtransfer train --resume --out {out or '<run dir>'}")
+        raise typer.Exit(130) from None
+    t = run.card.training
+    console.print(f"best epoch {t['best_epoch']} (val AUROC {t['best_val_auroc']:.4f}); run written to {run.path}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

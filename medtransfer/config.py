@@ -8,6 +8,7 @@ same fields; an unknown key fails with the nearest valid key, as MONAI's ``look_
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,6 +101,7 @@ class TrainConfig(_Frozen):
     warmup_epochs: float = Field(default=0.5, ge=0)
     plateau_factor: float = Field(default=0.1, gt=0, lt=1)
     plateau_patience: int = Field(default=1, ge=0)
+    plateau_on: Literal["val_auroc", "val_loss"] = "val_auroc"
     patience: int = Field(default=5, ge=1)
     grad_clip: float | None = Field(default=1.0)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
@@ -147,6 +149,25 @@ class RunConfig(_Frozen):
     report: ReportConfig = ReportConfig()
 
 
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(name: str | Path | None) -> Path | None:
+    """A config file path, or a preset name (``quickstart``, ``chexnet``, ``linear-probe``) from ``configs/``."""
+    if name is None:
+        return None
+    p = Path(name)
+    if p.is_file() or p.suffix in (".yaml", ".yml"):
+        return p
+    preset = PRESETS_DIR / f"{name}.yaml"
+    if preset.is_file():
+        return preset
+    names = sorted(f.stem for f in PRESETS_DIR.glob("*.yaml")) if PRESETS_DIR.is_dir() else []
+    close = difflib.get_close_matches(str(name), names, n=1)
+    hint = f" — did you mean '{close[0]}'?" if close else f" (presets: {', '.join(names) or 'none found'})"
+    raise ConfigError(f"config '{name}' is neither a file nor a preset{hint}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
     """Load a YAML config (or the defaults), apply ``key=value`` overrides, and validate.
 
@@ -190,6 +211,16 @@ def validate_config(raw: dict[str, Any], *, source: str = "config") -> RunConfig
         first = exc.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
         raise ConfigError(f"{source}: '{where}': {first['msg']} (got {first.get('input')!r}).") from exc
+
+
+def apply_overrides(cfg: RunConfig, overrides: Sequence[str] | None) -> RunConfig:
+    """A copy of ``cfg`` with ``key=value`` overrides applied and validated."""
+    if not overrides:
+        return cfg
+    raw = cfg.model_dump(mode="json")
+    for item in overrides:
+        raw = _deep_merge(raw, parse_override(item))
+    return validate_config(raw, source="overrides")
 
 
 def parse_override(item: str) -> dict[str, Any]:

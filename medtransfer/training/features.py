@@ -1,0 +1,114 @@
+"""The frozen-feature cache: compute a frozen backbone's pooled features once per image, then train heads.
+
+With the backbone frozen (BatchNorm in eval mode, no augmentation), every epoch of head training sees the
+same features, so recomputing the backbone each epoch is wasted work: a linear probe becomes many epochs
+in seconds. Features are stored as safetensors (never pickle) under
+``<cache_dir>/features/<key>.safetensors``, where ``key`` hashes the backbone's weights, the InputSpec and
+the cases (case_id + file size/mtime), so any change recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from medtransfer import io
+from medtransfer.data.manifest import Manifest
+from medtransfer.data.spec import InputSpec
+from medtransfer.progress import progress_bar
+from medtransfer.training.device import autocast, to_device
+
+log = logging.getLogger(__name__)
+
+
+def backbone_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over the backbone's parameters and buffers (everything but the head)."""
+    h = hashlib.sha256()
+    head_ids = {id(p) for p in model.head.parameters()} if hasattr(model, "head") else set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in head_ids or name.startswith("head."):
+            continue
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(model: torch.nn.Module, manifest: Manifest, spec: InputSpec) -> str:
+    """Key that changes when the backbone, the preprocessing or any case changes."""
+    h = hashlib.sha256()
+    h.update(backbone_digest(model).encode())
+    h.update(spec.key().encode())
+    for _, row in manifest.df.iterrows():
+        h.update(str(row["case_id"]).encode())
+        for path in manifest.abspath(row):
+            try:
+                st = path.stat()
+                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+            except OSError:
+                h.update(b"missing")
+    return h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def compute_features(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    *,
+    device: torch.device,
+    amp: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: bool = False,
+    description: str = "features",
+) -> torch.Tensor:
+    """Pooled features (N, F) float32 of every batch in ``loader`` (model in eval mode)."""
+    model.eval()
+    out = []
+    with progress_bar(progress) as bar:
+        task = bar.add_task(description, total=len(loader), info="")
+        for batch in loader:
+            x = to_device(batch["image"], device, channels_last=channels_last)
+            with autocast(device, amp):
+                f = model.features(x)
+            out.append(f.float().cpu())
+            bar.advance(task)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def cached_features(
+    model: torch.nn.Module,
+    manifest: Manifest,
+    loader: torch.utils.data.DataLoader,
+    *,
+    spec: InputSpec,
+    cache_dir: str | Path | None,
+    device: torch.device,
+    amp: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: bool = False,
+    description: str = "features",
+) -> torch.Tensor:
+    """Features for ``manifest`` in loader order, from the cache when present, else computed and stored.
+
+    ``loader`` must iterate ``manifest`` in order without shuffling and with eval transforms.
+    """
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / "features" / f"{cache_key(model, manifest, spec)}.safetensors"
+        if path.is_file():
+            try:
+                feats = load_file(str(path))["features"]
+                if len(feats) == len(manifest):
+                    log.info("feature cache hit: %s", path.name)
+                    return feats
+            except Exception as exc:  # corrupt cache file: recompute rather than fail the run
+                log.warning("ignoring unreadable feature cache %s (%s)", path.name, exc)
+    feats = compute_features(model, loader, device=device, amp=amp, channels_last=channels_last,
+                             progress=progress, description=description)
+    if path is not None:
+        with io.atomic_path(path) as tmp:
+            save_file({"features": feats.contiguous()}, str(tmp))
+    return feats

@@ -1,0 +1,313 @@
+"""Fine-tuning strategies on top of one loop: linear probe, full fine-tune, gradual unfreezing.
+
+- ``linear-probe``: backbone frozen (BatchNorm in eval mode); its features are computed once per image and
+  cached, then only the head trains — many epochs in seconds on a CPU.
+- ``fine-tune``: all layers train from the first epoch, optionally with layer-wise LR decay
+  (``train.lr_decay`` < 1 gives earlier stages smaller LRs).
+- ``gradual`` (fastai's ``fine_tune``): the head trains on cached frozen features for ``freeze_epochs``,
+  then everything unfreezes with discriminative LRs (stage k below the head gets ``lr * lr_decay**k``).
+  Departing from fastai, the frozen phase uses the feature cache and so sees no augmentation: on a CPU this
+  makes the head phase ~free, and a head fitted on clean features is a good start for the unfrozen phase.
+
+Every epoch is reseeded from ``(seed, epoch)``, so an epoch's outcome depends only on the model/optimiser
+state at its start: a run killed mid-epoch and resumed from the last end-of-epoch checkpoint reproduces an
+uninterrupted run exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medtransfer.config import RunConfig
+from medtransfer.data.dataset import ScanDataset, make_loader
+from medtransfer.data.manifest import Manifest
+from medtransfer.errors import ManifestError
+from medtransfer.evaluation.metrics import macro_auroc
+from medtransfer.models import checkpoint
+from medtransfer.progress import progress_bar
+from medtransfer.training import device as dev
+from medtransfer.training.features import cached_features
+from medtransfer.training.loop import Stepper, predict_batches, train_epoch
+from medtransfer.training.losses import build_loss
+from medtransfer.training.optim import build_optimizer, build_scheduler, current_lr
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ["epoch", "phase", "lr", "train_loss", "val_loss", "val_auroc", "seconds"]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A span of epochs [start, end) with the backbone frozen (head only, cached features) or not."""
+
+    name: str
+    start: int
+    end: int
+    frozen: bool
+
+
+@dataclass
+class FitResult:
+    """What fine-tuning produced (the model itself is updated in place and holds the best weights)."""
+
+    history: pd.DataFrame
+    best_epoch: int
+    best_metric: float
+    epochs_run: int
+    stopped_early: bool
+    device: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def plan_phases(strategy: str, epochs: int, freeze_epochs: int) -> list[Phase]:
+    """The phases of a strategy. ``gradual`` with ``freeze_epochs >= epochs`` is a linear probe."""
+    if strategy == "linear-probe":
+        return [Phase("head", 0, epochs, True)]
+    if strategy == "fine-tune":
+        return [Phase("all", 0, epochs, False)]
+    k = min(freeze_epochs, epochs)
+    phases = [Phase("head", 0, k, True)] if k else []
+    if epochs > k:
+        phases.append(Phase("all", k, epochs, False))
+    return phases
+
+
+def reseed(seed: int, epoch: int) -> None:
+    """Seed python/numpy/torch from (seed, epoch) so that each epoch is reproducible on its own."""
+    s = (seed * 1_000_003 + epoch * 7_919) % 2**31
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+class _Trainer:
+    """State of one fine-tuning job; methods are the steps of :func:`fine_tune`."""
+
+    def __init__(self, model: Any, manifest: Manifest, cfg: RunConfig, run_dir: Path | None,
+                 progress: bool, on_epoch: Callable[[dict[str, Any]], None] | None) -> None:
+        self.model, self.cfg, self.tc, self.spec = model, cfg, cfg.train, cfg.input
+        self.run_dir, self.progress, self.on_epoch = run_dir, progress, on_epoch
+        self.task, self.n_classes = manifest.task, len(manifest.classes)
+        self.train_m, self.val_m = manifest.split("train"), manifest.split("val")
+        if len(self.train_m) == 0 or len(self.val_m) == 0:
+            raise ManifestError(
+                f"fine-tuning needs cases in both train and val splits (got {len(self.train_m)} train, "
+                f"{len(self.val_m)} val); add data or adjust data.val_fraction"
+            )
+        self.device = dev.resolve_device(self.tc.device)
+        self.amp = dev.amp_dtype(self.device, self.tc.amp)
+        self.channels_last = self.tc.channels_last
+        self.cache_dir = cfg.data.cache_dir or (run_dir / "cache" if run_dir else None)
+        self.model = dev.prepare_model(model, self.device, channels_last=self.channels_last)
+        self.loss_fn = build_loss(self.task, self.train_m.targets(), self.n_classes,
+                                  class_weights=self.tc.class_weights,
+                                  label_smoothing=self.tc.label_smoothing).to(self.device)
+        self.history: list[dict[str, Any]] = []
+        self.best_metric, self.best_epoch, self.bad_epochs = -np.inf, 0, 0
+        self._feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- data -------------------------------------------------------------------------------------
+    def _dataset(self, m: Manifest, *, train: bool) -> ScanDataset:
+        return ScanDataset(m, self.spec, train=train, augment=self.tc.augment if train else None,
+                           cache_dir=self.cache_dir)
+
+    def _loader(self, ds: ScanDataset, *, shuffle: bool, epoch: int = 0) -> torch.utils.data.DataLoader:
+        return make_loader(ds, batch_size=self.tc.batch_size, shuffle=shuffle, num_workers=self.tc.num_workers,
+                           seed=self.tc.seed + epoch)
+
+    def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached frozen features and targets of the train or val split."""
+        if split not in self._feats:
+            m = self.train_m if split == "train" else self.val_m
+            loader = self._loader(self._dataset(m, train=False), shuffle=False)
+            f = cached_features(self.model, m, loader, spec=self.spec, cache_dir=self.cache_dir,
+                                device=self.device, amp=self.amp, channels_last=self.channels_last,
+                                progress=self.progress, description=f"features ({split})")
+            self._feats[split] = (f, torch.as_tensor(m.targets()))
+        return self._feats[split]
+
+    def _feature_batches(self, split: str, *, shuffle: bool, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        f, y = self.features(split)
+        order = torch.arange(len(f))
+        if shuffle:
+            g = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(f), generator=g)
+        bs = self.tc.batch_size
+        return [(f[order[i:i + bs]], y[order[i:i + bs]]) for i in range(0, len(f), bs)]
+
+    # -- phases -----------------------------------------------------------------------------------
+    def stepper(self, phase: Phase) -> Stepper:
+        if phase.frozen:
+            self.model.freeze_backbone()
+            groups = [{"params": list(self.model.head.parameters()), "lr": self.tc.lr}]
+            steps = -(-len(self.train_m) // self.tc.batch_size)
+            net = self.model.head
+        else:
+            self.model.unfreeze()
+            decay = self.tc.lr_decay if (self.tc.strategy == "gradual" or self.tc.lr_decay < 1) else 1.0
+            groups = self.model.param_groups(self.tc.lr, decay)
+            steps = len(self._loader(self._dataset(self.train_m, train=True), shuffle=True))
+            net = self.model
+        opt = build_optimizer(groups, self.tc)
+        sched, interval = build_scheduler(opt, self.tc, steps_per_epoch=steps, epochs=phase.end - phase.start)
+        return Stepper(net, opt, sched, interval, self.loss_fn, self.device, self.amp,
+                       dev.make_scaler(self.device, self.amp), self.tc.grad_clip,
+                       self.channels_last and not phase.frozen)
+
+    def run_epoch(self, phase: Phase, st: Stepper, epoch: int, bar: Any) -> dict[str, Any]:
+        """Train one epoch and validate; returns the history row."""
+        reseed(self.tc.seed, epoch)
+        t0 = time.perf_counter()
+        if phase.frozen:
+            batches: Any = self._feature_batches("train", shuffle=True, epoch=epoch)
+            val_batches: Any = self._feature_batches("val", shuffle=False, epoch=epoch)
+            val_net = self.model.head
+        else:
+            ds = self._dataset(self.train_m, train=True)
+            if hasattr(ds, "set_epoch"):
+                ds.set_epoch(epoch)
+            batches = self._loader(ds, shuffle=True, epoch=epoch)
+            val_batches = self._loader(self._dataset(self.val_m, train=False), shuffle=False)
+            val_net = self.model
+        task_id = bar.add_task(f"epoch {epoch + 1}/{self.tc.epochs} [{phase.name}]", total=len(batches), info="")
+        lr = current_lr(st.optimizer)
+        train_loss = train_epoch(st, batches, on_batch=lambda loss: bar.update(
+            task_id, advance=1, info=f"loss {loss:.3f}"))
+        pred = predict_batches(val_net, val_batches, task=self.task, device=self.device, amp=self.amp,
+                               channels_last=st.channels_last, loss_fn=self.loss_fn)
+        auroc = macro_auroc(pred["targets"], pred["scores"], self.task, self.n_classes)
+        st.end_epoch(pred.get("loss", float("nan")) if self.tc.plateau_on == "val_loss" else auroc)
+        bar.update(task_id, info=f"loss {train_loss:.3f} val_auroc {auroc:.3f}")
+        return {"epoch": epoch + 1, "phase": phase.name, "lr": lr, "train_loss": train_loss,
+                "val_loss": pred.get("loss", float("nan")), "val_auroc": auroc,
+                "seconds": time.perf_counter() - t0}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _ckpt(self, name: str) -> Path | None:
+        return self.run_dir / "checkpoints" / name if self.run_dir else None
+
+    def save_last(self, phase: Phase, st: Stepper, epoch: int) -> None:
+        path = self._ckpt("last")
+        if path is None:
+            return
+        extra = {"phase": phase.name, "history": self.history, "best_metric": float(self.best_metric),
+                 "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+        checkpoint.save_training_state(path, model=self.model, optimizer=st.optimizer, scheduler=st.scheduler,
+                                       epoch=epoch + 1, step=0, rng={}, extra=extra)
+
+    def save_best(self) -> None:
+        path = self._ckpt("best")
+        if path is not None:
+            checkpoint.save_weights(self.model, path / "model.safetensors")
+
+    def try_resume(self) -> tuple[int, dict[str, Any] | None]:
+        """Load checkpoints/last when present: returns (next epoch, saved state)."""
+        path = self._ckpt("last")
+        if path is None or not checkpoint.training_state_exists(path):
+            return 0, None
+        state = checkpoint.peek_training_state(path)
+        extra = state.get("extra", {})
+        self.history = list(extra.get("history", []))
+        self.best_metric = float(extra.get("best_metric", -np.inf))
+        self.best_epoch = int(extra.get("best_epoch", 0))
+        self.bad_epochs = int(extra.get("bad_epochs", 0))
+        log.info("resuming after epoch %d from %s", state["epoch"], path)
+        return int(state["epoch"]), state
+
+    def fit(self, resume: bool) -> FitResult:
+        t0 = time.perf_counter()
+        phases = plan_phases(self.tc.strategy, self.tc.epochs, self.tc.freeze_epochs)
+        start, saved = self.try_resume() if resume else (0, None)
+        stopped = False
+        with progress_bar(self.progress) as bar:
+            for phase in phases:
+                if phase.end <= start:
+                    continue
+                st = self.stepper(phase)
+                if saved is not None:
+                    same_phase = saved.get("extra", {}).get("phase") == phase.name
+                    checkpoint.load_training_state(self._ckpt("last"), self.model,
+                                                   st.optimizer if same_phase else None,
+                                                   st.scheduler if same_phase else None)
+                    saved = None
+                for epoch in range(max(start, phase.start), phase.end):
+                    stopped = self._epoch(phase, st, epoch, bar)
+                    if stopped:
+                        break
+                if stopped:
+                    break
+        self._restore_best()
+        return FitResult(pd.DataFrame(self.history, columns=HISTORY_COLUMNS), self.best_epoch,
+                         float(self.best_metric), len(self.history), stopped,
+                         dev.describe(self.device, self.amp), time.perf_counter() - t0)
+
+    def _epoch(self, phase: Phase, st: Stepper, epoch: int, bar: Any) -> bool:
+        row = self.run_epoch(phase, st, epoch, bar)
+        self.history.append(row)
+        metric = row["val_auroc"] if np.isfinite(row["val_auroc"]) else -row["val_loss"]
+        if metric > self.best_metric:
+            self.best_metric, self.best_epoch, self.bad_epochs = metric, row["epoch"], 0
+            self.save_best()
+            self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+        self.save_last(phase, st, epoch)
+        log.info("epoch %d: train_loss %.4f val_loss %.4f val_auroc %.4f", row["epoch"], row["train_loss"],
+                 row["val_loss"], row["val_auroc"])
+        if self.on_epoch is not None:
+            self.on_epoch(row)
+        last_phase = phase.end == self.tc.epochs
+        return last_phase and self.bad_epochs >= self.tc.patience
+
+    def _restore_best(self) -> None:
+        state = getattr(self, "_best_state", None)
+        if state is not None:
+            self.model.load_state_dict(state)
+        elif self._ckpt("best") is not None and (self._ckpt("best") / "model.safetensors").is_file():
+            checkpoint.load_weights(self.model, self._ckpt("best") / "model.safetensors")
+        self.model.unfreeze()
+        self.model.eval()
+
+
+def fine_tune(
+    model: Any,
+    manifest: Manifest,
+    cfg: RunConfig,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Fine-tune ``model`` on the train split of ``manifest``, early-stopping on validation AUROC.
+
+    Args:
+        model: a :class:`~medtransfer.models.classifier.Classifier` from :func:`~medtransfer.build_model`.
+        manifest: an indexed manifest with train and val splits.
+        cfg: the run config (``train`` section: strategy, epochs, LRs...; ``input``: preprocessing).
+        run_dir: where ``checkpoints/last`` (resumable) and ``checkpoints/best`` are written; None keeps
+            everything in memory.
+        resume: continue from ``run_dir/checkpoints/last`` when it exists.
+        progress: show a progress bar per epoch.
+        on_epoch: called with each history row (epoch, phase, lr, train_loss, val_loss, val_auroc, seconds).
+
+    Returns:
+        A :class:`FitResult`; ``model`` holds the best-validation weights, in eval mode.
+
+    Examples:
+        >>> model = build_model("efficientnet_lite0", manifest.classes, task=manifest.task)  # doctest: +SKIP
+        >>> result = fine_tune(model, manifest, load_config("configs/quickstart.yaml"))  # doctest: +SKIP
+    """
+    dev.set_determinism(cfg.train.seed, cfg.train.deterministic)
+    trainer = _Trainer(model, manifest, cfg, Path(run_dir) if run_dir else None, progress, on_epoch)
+    return trainer.fit(resume)

@@ -1,0 +1,134 @@
+"""The inner loops: one training epoch, and one inference pass. No strategy logic lives here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from medtransfer.training.device import autocast, to_device
+from medtransfer.training.losses import logits_to_scores
+
+
+@dataclass
+class Stepper:
+    """Everything one optimisation step needs.
+
+    Attributes:
+        model: maps a batch of inputs (images, or cached features for the head phase) to logits (N, K).
+        optimizer, scheduler, interval: the optimiser, its schedule and when to step it ("batch"/"epoch").
+        loss_fn: a :class:`~medtransfer.training.losses.TaskLoss`.
+        device, amp: where to run and the autocast dtype (None = full precision).
+        scaler: GradScaler (active only for float16).
+        grad_clip: max global grad norm, or None.
+        channels_last: convert 4D image batches on CUDA.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    interval: str
+    loss_fn: nn.Module
+    device: torch.device
+    amp: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    grad_clip: float | None = None
+    channels_last: bool = False
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One forward/backward/update; returns the batch loss."""
+        x = to_device(x, self.device, channels_last=self.channels_last)
+        y = y.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.amp):
+            logits = self.model(x)
+        loss = self.loss_fn(logits, y)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None and self.interval == "batch":
+            self.scheduler.step()
+        return float(loss.detach())
+
+    def end_epoch(self, metric: float) -> None:
+        """Step an epoch-level schedule (ReduceLROnPlateau on the validation metric)."""
+        if self.scheduler is None or self.interval != "epoch":
+            return
+        if isinstance(self.scheduler, ReduceLROnPlateau):
+            if np.isfinite(metric):
+                self.scheduler.step(metric)
+        else:
+            self.scheduler.step()
+
+
+def batch_xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) from a ScanDataset dict batch or a (features, targets) tuple batch."""
+    if isinstance(batch, dict):
+        return batch["image"], batch["label"]
+    return batch[0], batch[1]
+
+
+def train_epoch(stepper: Stepper, batches: Iterable[Any], *, on_batch: Any = None) -> float:
+    """Run one epoch; returns the mean training loss (weighted by batch size)."""
+    stepper.model.train()
+    total, n = 0.0, 0
+    for batch in batches:
+        x, y = batch_xy(batch)
+        loss = stepper.step(x, y)
+        total += loss * len(x)
+        n += len(x)
+        if on_batch is not None:
+            on_batch(loss)
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def predict_batches(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    task: str,
+    device: torch.device,
+    amp: torch.dtype | None = None,
+    channels_last: bool = False,
+    loss_fn: nn.Module | None = None,
+) -> dict[str, Any]:
+    """One inference pass (eval mode, no grad).
+
+    Returns:
+        dict with ``scores`` (binary (N,), else (N, K)) as probabilities, ``logits`` (N, K), ``targets``
+        (as the dataset gives them), ``case_ids`` (list, when the batches carry them) and ``loss`` (mean,
+        when ``loss_fn`` is given and targets are present).
+    """
+    model.eval()
+    logits, targets, ids = [], [], []
+    for batch in batches:
+        x, y = batch_xy(batch)
+        x = to_device(x, device, channels_last=channels_last)
+        with autocast(device, amp):
+            out = model(x)
+        logits.append(out.float().cpu())
+        targets.append(y.cpu())
+        if isinstance(batch, dict) and "case_id" in batch:
+            ids.extend(batch["case_id"])
+    lg = torch.cat(logits) if logits else torch.empty(0)
+    tg = torch.cat(targets) if targets else torch.empty(0)
+    result: dict[str, Any] = {
+        "logits": lg.numpy(),
+        "scores": logits_to_scores(lg, task).numpy(),
+        "targets": tg.numpy(),
+        "case_ids": ids,
+    }
+    if loss_fn is not None and len(lg):
+        result["loss"] = float(loss_fn.to("cpu")(lg, tg))
+        loss_fn.to(device)
+    return result

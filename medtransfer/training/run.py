@@ -1,0 +1,243 @@
+"""Run directories: ``train`` writes one (DESIGN.md §4), ``load_run`` reads it back.
+
+A run directory holds the resolved ``config.yaml``, ``manifest.csv`` (+ ``quarantine.csv``),
+``model.safetensors`` + ``model_card.json``, ``history.csv`` and ``checkpoints/{last,best}``. A lock file
+keeps two training processes out of the same directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from medtransfer import io
+from medtransfer.config import RunConfig, apply_overrides, dump_config, load_config
+from medtransfer.data.manifest import Manifest
+from medtransfer.errors import ManifestError, RunDirError
+from medtransfer.models.card import ModelCard
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir/.lock`` (fcntl; released automatically if the process dies)."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held for the block
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(
+                f"{run_dir} is in use by another medtransfer process (lock file {run_dir / '.lock'}). "
+                "Wait for it to finish, or choose another --out folder."
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
+
+
+@dataclass
+class Run:
+    """A trained run loaded from disk.
+
+    Attributes:
+        path: the run directory.
+        model: the classifier with its best weights, in eval mode, on CPU.
+        card: the model card (classes, input spec, thresholds, temperature, training summary).
+        manifest: the indexed cases with splits (None if ``manifest.csv`` is absent).
+        history: per-epoch history (empty if absent).
+        config: the resolved run config.
+    """
+
+    path: Path
+    model: torch.nn.Module
+    card: ModelCard
+    manifest: Manifest | None
+    history: pd.DataFrame
+    config: RunConfig
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor | Sequence[str | Path], *, batch_size: int = 32) -> pd.DataFrame:
+        """Probabilities for preprocessed images or for scan files.
+
+        Args:
+            images: a float tensor (N, C, *size) already preprocessed with ``card.input``, or paths to scans
+                (DICOM/NIfTI/PNG), which are preprocessed with the run's InputSpec.
+            batch_size: inference batch size.
+
+        Returns:
+            DataFrame with one probability column per class (binary: ``p_<positive class>``).
+        """
+        from medtransfer.data.dataset import preprocess
+        from medtransfer.training.losses import logits_to_scores
+
+        x = images if isinstance(images, torch.Tensor) else torch.stack([preprocess(p, self.card.input) for p in images])
+        self.model.eval()
+        scores = torch.cat([logits_to_scores(self.model(x[i:i + batch_size]), self.card.task)
+                            for i in range(0, len(x), batch_size)]).numpy()
+        classes = self.card.classes
+        if self.card.task == "binary":
+            return pd.DataFrame({f"p_{classes[1]}": scores.reshape(-1)})
+        return pd.DataFrame(scores, columns=[f"p_{c}" for c in classes])
+
+
+def load_run(path: str | Path, *, device: str = "cpu") -> Run:
+    """Load a run directory written by :func:`train` (weights, card, manifest, history, config).
+
+    Examples:
+        >>> run = load_run("runs/cxr1")  # doctest: +SKIP
+        >>> run.predict(["new_scan.dcm"])  # doctest: +SKIP
+    """
+    from medtransfer.models.checkpoint import load_model
+
+    p = Path(path)
+    if not (p / "model_card.json").is_file():
+        raise RunDirError(f"{p}: no model_card.json — not a finished run directory (train one with 'medtransfer train')")
+    model, card = load_model(p, device=device)
+    manifest = Manifest.load(p) if (p / "manifest.csv").is_file() else None
+    history = pd.read_csv(p / "history.csv") if (p / "history.csv").is_file() else pd.DataFrame()
+    config = load_config(p / "config.yaml") if (p / "config.yaml").is_file() else RunConfig()
+    return Run(p, model, card, manifest, history, config)
+
+
+def train(
+    data: str | Path | None,
+    *,
+    labels: str | Path | None = None,
+    label_columns: Sequence[str] | None = None,
+    config: RunConfig | str | Path | None = None,
+    overrides: Sequence[str] = (),
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> Run:
+    """Index ``data``, build the model, fine-tune it and write a run directory.
+
+    Args:
+        data: scan folder (ignored with ``resume``: the run's own manifest is used).
+        labels, label_columns: labels CSV and multi-label columns (see ``index_scans``).
+        config: a RunConfig, a YAML path, or None for the defaults; ``overrides`` apply on top.
+        out: the run directory (default ``runs/<timestamp>``).
+        resume: continue an interrupted run in ``out`` from ``checkpoints/last``.
+        progress: progress bars on stderr.
+        on_epoch: called with each history row.
+
+    Returns:
+        The finished :class:`Run`.
+    """
+    run_dir = Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    with run_lock(run_dir):
+        cfg, manifest = _prepare(run_dir, data, labels, label_columns, config, overrides, resume, progress)
+        return _fit_and_save(run_dir, cfg, manifest, resume, progress, on_epoch)
+
+
+def _prepare(run_dir: Path, data: Any, labels: Any, label_columns: Any, config: Any, overrides: Sequence[str],
+             resume: bool, progress: bool) -> tuple[RunConfig, Manifest]:
+    from medtransfer.data.discovery import index_scans
+
+    if resume:
+        if not (run_dir / "config.yaml").is_file() or not (run_dir / "manifest.csv").is_file():
+            raise RunDirError(f"{run_dir}: nothing to resume (no config.yaml/manifest.csv); start a new run")
+        return load_config(run_dir / "config.yaml"), Manifest.load(run_dir)
+    if (run_dir / "model_card.json").is_file():
+        raise RunDirError(f"{run_dir} already holds a finished run; choose another --out or delete it")
+    if isinstance(config, RunConfig):
+        cfg = apply_overrides(config, overrides)
+    else:
+        cfg = load_config(config, list(overrides))
+    if data is None and cfg.data.data_dir is None:
+        raise ManifestError("no data folder given: pass DATA or set data.data_dir in the config")
+    data_dir = Path(data) if data is not None else Path(cfg.data.data_dir)
+    lab = labels if labels is not None else cfg.data.labels
+    cols = list(label_columns) if label_columns else (list(cfg.data.label_columns) if cfg.data.label_columns else None)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"data_dir": data_dir, "labels": lab})})
+    io.write_text(run_dir / "config.yaml", dump_config(cfg))
+    manifest = index_scans(data_dir, labels=lab, label_columns=cols, config=cfg.data, out_dir=run_dir,
+                           progress=progress)
+    return cfg, manifest
+
+
+def _fit_and_save(run_dir: Path, cfg: RunConfig, manifest: Manifest, resume: bool, progress: bool,
+                  on_epoch: Any) -> Run:
+    from medtransfer.models.checkpoint import save_model
+    from medtransfer.models.classifier import build_model
+    from medtransfer.training.fine_tune import fine_tune
+
+    model = build_model(cfg.model.backbone, manifest.classes, task=manifest.task, in_channels=cfg.input.channels,
+                        weights="none" if resume else cfg.model.weights, dropout=cfg.model.dropout)
+    fit = fine_tune(model, manifest, cfg, run_dir=run_dir, resume=resume, progress=progress, on_epoch=on_epoch)
+    with io.atomic_path(run_dir / "history.csv") as tmp:
+        fit.history.to_csv(tmp, index=False)
+    card = _make_card(cfg, manifest, fit)
+    save_model(model.cpu(), run_dir, card)
+    return load_run(run_dir)
+
+
+def _make_card(cfg: RunConfig, manifest: Manifest, fit: Any) -> ModelCard:
+    from medtransfer.diagnostics import versions
+    from medtransfer.models.backbones import weights_fingerprint
+
+    df = manifest.df
+    counts = {s: {c: int(v) for c, v in _class_counts(manifest.split(s)).items()} for s in ("train", "val", "test")}
+    ages = pd.to_numeric(df.get("age"), errors="coerce") if "age" in df else pd.Series(dtype=float)
+
+    def uniq(col: str) -> list[str]:
+        return sorted(str(v) for v in df[col].dropna().unique()) if col in df else []
+
+    return ModelCard(
+        name=cfg.report.title,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        backbone=cfg.model.backbone,
+        weights=weights_fingerprint(cfg.model.backbone, cfg.model.weights),
+        strategy=cfg.train.strategy,
+        task=manifest.task,
+        classes=list(manifest.classes),
+        num_outputs=manifest.num_outputs,
+        input=cfg.input,
+        training={
+            "counts": counts,
+            "patients": {s: int(df.loc[df["split"] == s, "patient_key"].nunique()) for s in ("train", "val", "test")},
+            "epochs_run": fit.epochs_run,
+            "best_epoch": fit.best_epoch,
+            "best_val_auroc": fit.best_metric,
+            "stopped_early": fit.stopped_early,
+            "seconds": round(fit.seconds, 1),
+            "device": fit.device,
+            "seed": cfg.train.seed,
+        },
+        data={
+            "manifest_digest": manifest.digest(),
+            "modalities": uniq("modality"),
+            "views": uniq("view"),
+            "sites": uniq("site"),
+            "sexes": uniq("sex"),
+            "age_range": [float(ages.min()), float(ages.max())] if ages.notna().any() else None,
+        },
+        versions={**versions(), "platform": platform.platform()},
+    )
+
+
+def _class_counts(m: Manifest) -> dict[str, int]:
+    if m.task == "multilabel":
+        return {c: int(pd.to_numeric(m.df[c], errors="coerce").fillna(0).sum()) for c in m.classes}
+    return {c: int((m.df["label"] == c).sum()) for c in m.classes}

@@ -8,6 +8,10 @@ tasks one column per class holding 1, 0 or empty (unknown). ``split``: train/val
 acquisition: ``sex``, ``age``, ``age_band``, ``site``, ``manufacturer``, ``view``, ``modality``,
 ``photometric``, ``rows``, ``cols``, ``frames``, ``spacing_row``, ``spacing_col``.
 PHI never appears here: no names, IDs, birth dates or accession numbers.
+
+``quarantine`` (``quarantine.csv``): one row per file that could not be used: ``path`` (relative; like
+``manifest.csv`` it is the user's working file, so it may carry the file name), ``problem`` (short category)
+and ``reason`` (what is wrong and what to do).
 """
 
 from __future__ import annotations
@@ -31,6 +35,20 @@ ID_COLUMNS = ("case_id", "patient_key", "study_key", "path", "files", "format")
 SUBGROUP_COLUMNS = ("sex", "age", "age_band", "site", "manufacturer", "view", "modality")
 ACQ_COLUMNS = ("photometric", "rows", "cols", "frames", "spacing_row", "spacing_col")
 SPLITS = ("train", "val", "test")
+QUARANTINE_COLUMNS = ("path", "problem", "reason")
+
+
+def empty_quarantine() -> pd.DataFrame:
+    """A quarantine table with no rows (the columns of ``quarantine.csv``)."""
+    return pd.DataFrame({c: pd.Series(dtype=str) for c in QUARANTINE_COLUMNS})
+
+
+def write_quarantine(path: str | Path, quarantine: pd.DataFrame) -> Path:
+    """Atomically write ``quarantine.csv`` (a header only when nothing was quarantined)."""
+    table = quarantine if len(quarantine) else empty_quarantine()
+    with io.atomic_path(path) as tmp:
+        table.reindex(columns=list(QUARANTINE_COLUMNS)).to_csv(tmp, index=False)
+    return Path(path)
 
 
 @dataclass
@@ -44,6 +62,7 @@ class Manifest:
             or ``"multilabel"`` (one sigmoid per class; columns named after the classes).
         data_dir: the scan folder that ``path`` is relative to.
         warnings: human-readable warnings collected while indexing (no PHI).
+        quarantine: files that could not be used (columns ``path``, ``problem``, ``reason``).
     """
 
     df: pd.DataFrame
@@ -51,6 +70,7 @@ class Manifest:
     task: Task
     data_dir: Path
     warnings: list[str] = field(default_factory=list)
+    quarantine: pd.DataFrame = field(default_factory=empty_quarantine)
 
     def __post_init__(self) -> None:
         missing = [c for c in ("case_id", "patient_key", "path") if c not in self.df.columns]
@@ -127,11 +147,16 @@ class Manifest:
             )
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``manifest.csv`` and ``manifest.json`` (classes, task, data folder) atomically."""
+        """Write ``manifest.csv``, ``manifest.json`` (classes, task, data folder) and ``quarantine.csv`` atomically.
+
+        Floats are written with ``%g`` so that integer-valued columns with blanks (rows, 0/1 labels) read as
+        ``64`` and ``1`` rather than ``64.0`` and ``1.0``.
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with io.atomic_path(out / "manifest.csv") as tmp:
-            self.df.to_csv(tmp, index=False)
+            self.df.to_csv(tmp, index=False, float_format="%g")
+        write_quarantine(out / "quarantine.csv", self.quarantine)
         meta = {
             "classes": self.classes,
             "task": self.task,
@@ -152,9 +177,13 @@ class Manifest:
         if not csv.is_file() or not meta_path.is_file():
             raise ManifestError(f"{csv}: manifest.csv and manifest.json not found; run 'medtransfer index' first")
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        df = pd.read_csv(csv, dtype={"case_id": str, "patient_key": str, "study_key": str, "files": str,
-                                     "label": str, "sex": str, "site": str, "age_band": str},
+        df = pd.read_csv(csv, dtype={"case_id": str, "patient_key": str, "study_key": str, "path": str, "files": str,
+                                     "label": str, "sex": str, "site": str, "age_band": str, "view": str,
+                                     "split": str},
                          keep_default_na=True)
         df["files"] = df.get("files", pd.Series([""] * len(df))).fillna("")
         root = Path(data_dir) if data_dir is not None else Path(meta["data_dir"])
-        return cls(df, list(meta["classes"]), meta["task"], root, list(meta.get("warnings", [])))
+        qpath = csv.with_name("quarantine.csv")
+        quarantine = (pd.read_csv(qpath, dtype=str, keep_default_na=False) if qpath.is_file()
+                      else empty_quarantine())
+        return cls(df, list(meta["classes"]), meta["task"], root, list(meta.get("warnings", [])), quarantine)

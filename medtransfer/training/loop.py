@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +44,7 @@ class Stepper:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One forward/backward/update; returns the batch loss."""
+        _maybe_inject_fault()
         x = to_device(x, self.device, channels_last=self.channels_last)
         y = y.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -68,6 +71,20 @@ class Stepper:
                 self.scheduler.step(metric)
         else:
             self.scheduler.step()
+
+
+# Fault injection for the crash-and-resume tests: with MEDTRANSFER_FAULT_KILL_AT_STEP=N the process sends
+# itself SIGKILL just before optimiser step N (counted from process start). A real SIGKILL at a known point
+# makes the resume test deterministic; the variable is never set outside tests.
+_KILL_AT = int(os.environ.get("MEDTRANSFER_FAULT_KILL_AT_STEP", "0") or 0)
+_steps_taken = 0
+
+
+def _maybe_inject_fault() -> None:
+    global _steps_taken
+    _steps_taken += 1
+    if _KILL_AT and _steps_taken == _KILL_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def batch_xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:

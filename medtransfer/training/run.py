@@ -183,9 +183,26 @@ def _fit_and_save(run_dir: Path, cfg: RunConfig, manifest: Manifest, resume: boo
     from medtransfer.models.classifier import build_model
     from medtransfer.training.fine_tune import fine_tune
 
+    from medtransfer.training.tracking import Trackers
+
+    from medtransfer.models.checkpoint import training_state_exists
+
+    # On resume the checkpoint restores every weight, so pretrained weights need not (and, offline, may not)
+    # be loaded again; before the first checkpoint exists, resume starts from the pretrained weights.
+    restoring = resume and training_state_exists(run_dir / "checkpoints" / "last")
     model = build_model(cfg.model.backbone, manifest.classes, task=manifest.task, in_channels=cfg.input.channels,
-                        weights="none" if resume else cfg.model.weights, dropout=cfg.model.dropout)
-    fit = fine_tune(model, manifest, cfg, run_dir=run_dir, resume=resume, progress=progress, on_epoch=on_epoch)
+                        weights="none" if restoring else cfg.model.weights, dropout=cfg.model.dropout)
+    trackers = Trackers(cfg, run_dir)
+
+    def epoch_done(row: dict[str, Any]) -> None:
+        trackers.log_epoch(row)
+        if on_epoch is not None:
+            on_epoch(row)
+
+    try:
+        fit = fine_tune(model, manifest, cfg, run_dir=run_dir, resume=resume, progress=progress, on_epoch=epoch_done)
+    finally:
+        trackers.close()
     with io.atomic_path(run_dir / "history.csv") as tmp:
         fit.history.to_csv(tmp, index=False)
     card = _make_card(cfg, manifest, fit)

@@ -1,0 +1,294 @@
+"""``ScanDataset`` (decode → resize, cached on disk → [augment] → normalise), ``make_loader`` and ``preprocess``.
+
+Cache layout: ``<cache_dir>/<spec digest>/<case key>.npy``, one float32 array (1, *spec.size) in [0, 1] per
+case, plus ``spec.json`` recording what the digest stands for. The spec digest covers every
+:class:`InputSpec` field that changes the cached pixels (not ``mean``/``std``/``channels``, applied after the
+cache); the case key hashes each file's resolved path, size and ``mtime_ns``, so an edited or replaced file
+is decoded again. Stale entries are never read, only left behind: delete the folder to reclaim space.
+
+This is MONAI's ``PersistentDataset`` idea without its storage format: ``PersistentDataset`` writes
+``torch.save`` pickles and reads them back with ``torch.load``; unpickling a file can run arbitrary code, and
+the cache folder may be shared or copied between machines. Our safe-loading rule is never to unpickle, so
+entries are plain ``.npy`` arrays read with ``np.load(allow_pickle=False)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
+
+from medtransfer import io
+from medtransfer.config import AugmentConfig
+from medtransfer.data.loading import load_case, sniff_format
+from medtransfer.data.manifest import Manifest
+from medtransfer.data.spec import InputSpec
+from medtransfer.data.transforms import (
+    deterministic_transforms,
+    finalise_transforms,
+    random_transforms,
+    resize_transforms,
+)
+from medtransfer.errors import ScanReadError
+
+logger = logging.getLogger(__name__)
+
+#: Bump when decoding or resizing changes its output, so that old cache entries are not reused.
+CACHE_VERSION = "1"
+SUBGROUP_FIELDS = ("sex", "age_band", "site", "view", "manufacturer")
+
+
+def spec_digest(spec: InputSpec) -> str:
+    """16 hex digits naming the cache folder of ``spec`` (fields that change the cached [0, 1] image only)."""
+    fields = spec.model_dump(mode="json", exclude={"mean", "std", "channels"})
+    text = json.dumps({"cache_version": CACHE_VERSION, **fields}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class ScanDataset(torch.utils.data.Dataset):
+    """Cases of a :class:`Manifest` as model inputs.
+
+    Args:
+        manifest: the cases (``path``/``files``/``format`` columns locate the files).
+        spec: the preprocessing.
+        train: apply random augmentation (``augment``, or the :class:`AugmentConfig` defaults when None).
+        augment: augmentation settings; ignored unless ``train``.
+        cache_dir: where decoded, resized images are cached (see the module docstring); None = no disk cache.
+        memory_cache: also keep decoded images in memory (per process; about 4 x H x W bytes per case).
+
+    Items are dicts: ``image`` float32 tensor (spec.channels, *spec.size), normalised with
+    ``spec.mean``/``std``; ``label`` float32 scalar in {0, 1} (binary), int64 scalar (multiclass) or
+    float32 (C,) with NaN for unknown (multilabel); ``case_id`` str; ``index`` int; and the subgroup
+    fields ``sex``, ``age_band``, ``site``, ``view``, ``manufacturer`` as str ("" when missing).
+
+    Examples:
+        >>> ds = ScanDataset(manifest.split("train"), InputSpec(), train=True, cache_dir="runs/x/cache")  # doctest: +SKIP
+        >>> ds[0]["image"].shape  # doctest: +SKIP
+        torch.Size([1, 224, 224])
+    """
+
+    def __init__(self, manifest: Manifest, spec: InputSpec, *, train: bool = False,
+                 augment: AugmentConfig | None = None, cache_dir: str | Path | None = None,
+                 memory_cache: bool = False) -> None:
+        self.manifest = manifest
+        self.spec = spec
+        self.train = train
+        self._targets = manifest.targets()
+        self._resize = resize_transforms(spec)
+        self._random = random_transforms(augment or AugmentConfig(), spec.spatial_dims) if train else None
+        self._finalise = finalise_transforms(spec)
+        self.cache_dir = Path(cache_dir) / spec_digest(spec) if cache_dir is not None else None
+        self._memory: dict[int, np.ndarray] | None = {} if memory_cache else None
+        self.decode_count = 0  # cache misses decoded by this process (benchmarks and tests read it)
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = int(index)
+        image = self.cached_image(i)
+        data: dict[str, Any] = {"image": image}  # the transforms never write into their input
+        if self._random is not None:
+            data = self._random({"image": torch.from_numpy(image.copy())})
+        data = self._finalise(data)
+        row = self.manifest.df.iloc[i]
+        item: dict[str, Any] = {"image": data["image"], "label": self._label(i),
+                                "case_id": str(row["case_id"]), "index": i}
+        for name in SUBGROUP_FIELDS:
+            item[name] = _as_str(row.get(name))
+        return item
+
+    def set_random_state(self, seed: int) -> None:
+        """Seed the augmentation (``make_loader`` calls this in the main process and in every worker)."""
+        if self._random is not None:
+            self._random.set_random_state(seed=seed % (2**32))
+
+    def cached_image(self, index: int) -> np.ndarray:
+        """The deterministic part for case ``index``: float32 (1, *spec.size) in [0, 1], from cache or decoded.
+
+        Raises:
+            ScanReadError: the case's files cannot be decoded (path relative to the data folder + reason).
+        """
+        if self._memory is not None and index in self._memory:
+            return self._memory[index]
+        row = self.manifest.df.iloc[index]
+        files = self.manifest.abspath(row)
+        path = _cache_path(self.cache_dir, files, str(row["path"])) if self.cache_dir is not None else None
+        image = _read_cache(path, self.spec) if path is not None and path.is_file() else None
+        if image is None:
+            image = self._decode(row, files)
+            if path is not None:
+                self._write_cache(path, image)
+        if self._memory is not None:
+            self._memory[index] = image
+        return image
+
+    def _decode(self, row: Any, files: list[Path]) -> np.ndarray:
+        rel = str(row["path"])
+        fmt = row.get("format")
+        if not isinstance(fmt, str) or not fmt:
+            fmt = sniff_format(files[0]) or ("dicom" if files[0].is_dir() else "")
+        try:
+            array = load_case(files, fmt, self.spec)
+        except ScanReadError as exc:  # name the case as the manifest does (relative path), keep the reason
+            raise ScanReadError(rel, exc.reason) from exc
+        _check_dims(array, self.spec, rel)
+        self.decode_count += 1
+        return self._resize({"image": array})["image"].numpy()
+
+    def _write_cache(self, path: Path, image: np.ndarray) -> None:
+        try:
+            if not (path.parent / "spec.json").is_file():
+                meta = {"cache_version": CACHE_VERSION, "spec": self.spec.model_dump(mode="json")}
+                io.write_json(path.parent / "spec.json", meta)
+            with io.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, image, allow_pickle=False)
+        except OSError as exc:  # a full or read-only disk slows training down but must not stop it
+            logger.warning("could not write the image cache in %s (%s); continuing without it", path.parent, exc)
+
+    def _label(self, index: int) -> torch.Tensor:
+        target = self._targets[index]
+        if self.manifest.task == "multiclass":
+            return torch.tensor(int(target), dtype=torch.long)
+        return torch.tensor(np.asarray(target, dtype=np.float32))
+
+
+def _cache_path(cache_dir: Path, files: list[Path], rel: str) -> Path:
+    """``<cache_dir>/<sha256(version, each file's resolved path, size, mtime_ns)[:32]>.npy``."""
+    h = hashlib.sha256(CACHE_VERSION.encode())
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError as exc:
+            raise ScanReadError(rel, f"file not found or unreadable ({type(exc).__name__}): {f.name}") from exc
+        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return cache_dir / f"{h.hexdigest()[:32]}.npy"
+
+
+def _read_cache(path: Path, spec: InputSpec) -> np.ndarray | None:
+    """A cache entry, or None (logged) when it is unreadable or does not match the spec."""
+    try:
+        image = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring unreadable cache entry %s (%s)", path.name, exc)
+        return None
+    if image.dtype != np.float32 or image.shape != (1, *spec.size):
+        logger.warning("ignoring cache entry %s with shape %s %s", path.name, image.shape, image.dtype)
+        return None
+    return image
+
+
+def _check_dims(array: np.ndarray, spec: InputSpec, where: str) -> None:
+    dims = array.ndim - 1
+    if dims != spec.spatial_dims:
+        kind = "a volume" if dims == 3 else "a 2D image"
+        raise ScanReadError(where, f"{kind} {tuple(array.shape[1:])}, but input.size {tuple(spec.size)} is "
+                            f"{spec.spatial_dims}D; set input.size to {'(D, H, W)' if dims == 3 else '(H, W)'}")
+
+
+def _as_str(value: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return str(value)
+
+
+def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, shuffle: bool, num_workers: int = 0,
+                pin_memory: bool | None = None, seed: int = 0, drop_last: bool = False,
+                distributed: bool = False) -> DataLoader:
+    """The one place data loaders and samplers are made.
+
+    Deterministic for a given ``seed``: the shuffling generator is seeded, and the augmentation is seeded in
+    the main process (``num_workers=0``) or per worker from the loader's seed (``worker_init_fn``). With
+    ``distributed`` and an initialised process group a :class:`DistributedSampler` shards the data: call
+    ``loader.sampler.set_epoch(epoch)`` every epoch. String fields collate to lists of str.
+
+    Examples:
+        >>> loader = make_loader(ds, batch_size=32, shuffle=True, seed=0)  # doctest: +SKIP
+    """
+    sampler = None
+    if distributed and dist.is_available() and dist.is_initialized():
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    elif distributed:
+        logger.warning("distributed=True but torch.distributed is not initialised; using one process")
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    if num_workers == 0 and hasattr(dataset, "set_random_state"):
+        dataset.set_random_state(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
+        num_workers=num_workers, pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        drop_last=drop_last, generator=generator, worker_init_fn=_seed_worker,
+        persistent_workers=num_workers > 0, collate_fn=default_collate,
+    )
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy, random and the dataset's augmentation from the worker's torch seed (loader seed + id)."""
+    info = torch.utils.data.get_worker_info()
+    seed = (info.seed if info is not None else torch.initial_seed()) % (2**32)
+    np.random.seed(seed)
+    random.seed(seed)
+    if info is not None and hasattr(info.dataset, "set_random_state"):
+        info.dataset.set_random_state(seed)
+
+
+def warm_cache(dataset: ScanDataset, *, progress: bool = False) -> list[tuple[int, str]]:
+    """Decode every case once (filling the caches) and return the failures instead of raising.
+
+    Returns:
+        ``[(index, reason), ...]`` for the cases that could not be decoded; the training job quarantines
+        them before the first epoch.
+    """
+    indices: Any = range(len(dataset))
+    if progress:
+        from rich.progress import track
+
+        indices = track(indices, description="Decoding scans", total=len(dataset))
+    failures: list[tuple[int, str]] = []
+    for i in indices:
+        try:
+            dataset.cached_image(i)
+        except ScanReadError as exc:
+            logger.info("case %s cannot be decoded: %s", dataset.manifest.df.iloc[i]["case_id"], exc.reason)
+            failures.append((i, exc.reason))
+    return failures
+
+
+def preprocess(paths_or_array: Path | str | Sequence[Path | str] | np.ndarray | torch.Tensor,
+               spec: InputSpec) -> torch.Tensor:
+    """One ad-hoc input → float32 tensor (spec.channels, *spec.size), normalised: exactly the eval pipeline.
+
+    Args:
+        paths_or_array: a file, a DICOM series (its files or folder), or an array already scaled to [0, 1]
+            ((H, W), (1, H, W), (D, H, W) or (1, D, H, W)).
+        spec: the model card's input spec.
+
+    Raises:
+        ScanReadError: unreadable file, unknown format, or dimensionality that does not match ``spec``.
+        ValueError: an array outside [0, 1] or with non-finite values.
+    """
+    if isinstance(paths_or_array, (np.ndarray, torch.Tensor)):
+        array = np.asarray(paths_or_array, dtype=np.float32)
+        if array.ndim == spec.spatial_dims:
+            array = array[None]
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise ValueError("preprocess() takes arrays already scaled to [0, 1] (as load_case returns them)")
+        where = "<array>"
+    else:
+        files = [Path(paths_or_array)] if isinstance(paths_or_array, (str, Path)) else [Path(p) for p in paths_or_array]
+        where = str(files[0])
+        fmt = "dicom" if files[0].is_dir() else sniff_format(files[0])
+        if fmt is None:
+            raise ScanReadError(where, "not a recognised scan (DICOM, NIfTI, PNG or JPEG)")
+        array = load_case(files, fmt, spec)
+    _check_dims(array, spec, where)
+    return deterministic_transforms(spec)({"image": array})["image"]

@@ -1,0 +1,414 @@
+"""``index_scans``: a folder of scans (+ labels) becomes a validated, pseudonymised, split :class:`Manifest`.
+
+One pass over the folder (``os.scandir``; hidden files, non-image files such as CSV/JSON/text, ``DICOMDIR``
+and our own output folder are skipped), then one header read per file (:mod:`medtransfer.data.headers`),
+then grouping into cases, labels, demographics, pseudonymous keys, pixel verification and the split.
+
+Rules others rely on:
+
+* **Formats.** DICOM is recognised by content (``.dcm`` or any name, with or without the 128-byte preamble),
+  NIfTI by ``.nii``/``.nii.gz``, PNG/JPEG by content. A file with an image extension whose content is not
+  an image is quarantined; an unknown file without one is ignored.
+* **Series grouping.** Single-frame DICOM slices of one SeriesInstanceUID form one case only for volumetric
+  modalities (CT, MR, PT, NM) with ImagePositionPatient, in one folder or several; the case ``path`` is the
+  deepest folder common to the slices and ``files`` lists them (sorted). Every other DICOM file is one case:
+  radiographs (CR/DX/MG/...) of one series are separate images, and a multi-frame file is one case.
+* **Patients.** ``patient_key`` is the pseudonym of the CSV ``patient_id``, else of PatientID; without either,
+  the study stands in for the patient, and last the case itself, with a warning that patient-level leakage
+  cannot then be ruled out.
+* **Symlinks.** Directory links are never followed (so link loops cannot hang the walk; they are counted in a
+  warning); file links are read only when they resolve inside the data folder, else quarantined.
+* **Warnings** are collected in ``Manifest.warnings`` (also in ``manifest.json``/``summary.json``, printed by
+  ``render_summary``) and logged at INFO, so the CLI does not show them twice.
+* **Privacy.** Warnings and logs carry counts and pseudonymous keys only, never file names; only the ``path``
+  and ``files`` columns of ``manifest.csv`` and the ``path`` column of ``quarantine.csv`` name files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd
+
+from medtransfer import io
+from medtransfer.config import DataConfig
+from medtransfer.data.headers import (
+    HeaderProblem,
+    ScanHeader,
+    merge_fields,
+    read_dicom_header,
+    read_image_header,
+    read_nifti_header,
+    series_problem,
+)
+from medtransfer.data.labels import LabelTable, folder_label, match_rows, read_labels_csv, resolve_classes
+from medtransfer.data.manifest import (
+    ACQ_COLUMNS,
+    ID_COLUMNS,
+    QUARANTINE_COLUMNS,
+    SUBGROUP_COLUMNS,
+    Manifest,
+    write_quarantine,
+)
+from medtransfer.data.privacy import pseudonym
+from medtransfer.data.splits import assign_splits, resolve_keys, split_warnings
+from medtransfer.data.summary import summary_dict
+from medtransfer.errors import ManifestError, ScanReadError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg"})
+#: Never opened: text, tables, archives, documents. Everything else is sniffed by content.
+SKIP_SUFFIXES = frozenset(
+    {".csv", ".tsv", ".txt", ".md", ".rst", ".json", ".yaml", ".yml", ".xml", ".html", ".htm", ".pdf", ".py",
+     ".log", ".zip", ".gz", ".tar", ".tgz", ".7z", ".db", ".sqlite", ".ini", ".cfg", ".toml", ".lock", ".xlsx",
+     ".xls", ".doc", ".docx", ".sh", ".bat", ".pt", ".pth", ".npy", ".npz", ".pkl", ".safetensors"}
+)
+_FORMATS_LOOKED_FOR = ("DICOM (by content: .dcm, .dicom, .ima or no extension), NIfTI (.nii, .nii.gz), PNG and "
+                       "JPEG (.png, .jpg, .jpeg)")
+
+
+@dataclass
+class _State:
+    """What one indexing run collects besides cases: quarantine rows, warnings and walk statistics."""
+
+    root: Path
+    strict: bool
+    quarantine: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    existing: set[str] = field(default_factory=set)
+    candidates: list[tuple[str, Path, int, bool]] = field(default_factory=list)
+    ignored: int = 0
+    dir_links: int = 0
+    loops: int = 0
+
+    def reject(self, exc: ScanReadError, problem: str | None = None) -> None:
+        """Quarantine one file (or raise it, in strict mode)."""
+        if self.strict:
+            raise exc
+        self.quarantine.append({"path": exc.path, "problem": problem or getattr(exc, "problem", "unreadable"),
+                                "reason": exc.reason})
+
+    def warn(self, message: str) -> None:
+        """Record a warning for the manifest (and ``summary.json``); logged at INFO since the summary prints it."""
+        self.warnings.append(message)
+        logger.info("warning: %s", message)
+
+
+def index_scans(
+    data_dir: str | Path,
+    *,
+    labels: str | Path | None = None,
+    label_columns: Sequence[str] | None = None,
+    config: DataConfig | None = None,
+    out_dir: str | Path | None = None,
+    strict: bool | None = None,
+    progress: bool = False,
+) -> Manifest:
+    """Index a scan folder into a :class:`Manifest`: cases, labels, demographics, pseudonymous keys, split.
+
+    Args:
+        data_dir: the scan folder (class sub-folders, or any layout with ``labels``).
+        labels: labels CSV (``path`` relative to ``data_dir``); None uses ``config.labels``, else class folders.
+        label_columns: 0/1/blank CSV columns for a multi-label task; None uses ``config.label_columns``.
+        config: split fractions, seed, age bands, strictness, pixel verification; defaults to ``DataConfig()``.
+        out_dir: when given, ``manifest.csv``, ``manifest.json``, ``quarantine.csv`` and ``summary.json`` are
+            written there atomically (``quarantine.csv`` also when indexing fails).
+        strict: raise at the first unusable file instead of quarantining it; None uses ``config.strict``.
+        progress: show rich progress bars (the CLI passes True unless ``--quiet``).
+
+    Returns:
+        The manifest; ``manifest.quarantine`` lists the files left out and why.
+
+    Raises:
+        ManifestError: no scans, bad labels CSV, fewer than two classes, patient leakage in a given split.
+        ScanReadError: in strict mode, the first unusable file.
+
+    Examples:
+        >>> m = index_scans("scans/", out_dir="runs/index")  # doctest: +SKIP
+        >>> m.df.groupby(["split", "label"]).size()  # doctest: +SKIP
+    """
+    cfg = config or DataConfig()
+    root = _check_root(data_dir)
+    labels = labels if labels is not None else cfg.labels
+    columns = list(label_columns or cfg.label_columns or []) or None
+    state = _State(root, cfg.strict if strict is None else strict)
+    table = read_labels_csv(labels, root, label_columns=columns) if labels is not None else None
+    try:
+        _walk(root, _inside(root, out_dir), state)
+        df = _cases(_read_headers(state, progress), state)
+        df = _attach_labels(df, table, state)
+        if cfg.verify_pixels:
+            df = _verify_pixels(df, state, progress)
+        manifest = _finish(df, table, cfg, state)
+    except ManifestError:
+        if out_dir is not None:
+            write_quarantine(Path(out_dir) / "quarantine.csv", _quarantine_frame(state))
+        raise
+    if out_dir is not None:
+        manifest.save(out_dir)
+        io.write_json(Path(out_dir) / "summary.json", summary_dict(manifest))
+    return manifest
+
+
+def _check_root(data_dir: str | Path) -> Path:
+    root = Path(data_dir).expanduser()
+    if not root.exists():
+        raise ManifestError(f"{root}: data folder not found. Pass the folder that holds your scans.")
+    if not root.is_dir():
+        raise ManifestError(f"{root}: is a file, not a folder. Pass the folder that holds your scans.")
+    return root.resolve()
+
+
+def _inside(root: Path, out_dir: str | Path | None) -> str | None:
+    """``out_dir`` relative to ``root`` when it lies inside it (so the walk skips our own outputs)."""
+    if out_dir is None:
+        return None
+    out = Path(out_dir).expanduser().resolve()
+    return out.relative_to(root).as_posix() if out != root and out.is_relative_to(root) else None
+
+
+def _suffix(name: str) -> str:
+    lower = name.lower()
+    return ".nii.gz" if lower.endswith(".nii.gz") else os.path.splitext(lower)[1]
+
+
+def _walk(root: Path, skip: str | None, state: _State) -> None:
+    """List every file once (sorted, hidden entries skipped), recording candidates for header reading."""
+    stack: list[tuple[str, str]] = [(str(root), "")]
+    while stack:
+        folder, prefix = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            state.warn(f"a folder could not be listed ({type(exc).__name__}); its scans were skipped. Check "
+                       "the folder permissions.")
+            continue
+        for entry in entries:
+            rel = prefix + entry.name
+            if entry.name.startswith(".") or rel == skip:
+                continue
+            if entry.is_symlink():
+                _link(entry, rel, root, state)
+            elif entry.is_dir(follow_symlinks=False):
+                state.existing.add(rel)
+                stack.append((entry.path, rel + "/"))
+            elif entry.is_file(follow_symlinks=False):
+                _consider(rel, Path(entry.path), entry.stat(follow_symlinks=False).st_size, state)
+    if state.dir_links:
+        loops = f", {state.loops} of them forming loops" if state.loops else ""
+        state.warn(f"{state.dir_links} folder symlink(s) were not followed{loops}; copy or bind-mount the "
+                   "folders into the data folder if their scans belong to this dataset.")
+
+
+def _link(entry: os.DirEntry[str], rel: str, root: Path, state: _State) -> None:
+    """A symlink: folders are never followed (loops are counted); files only when they stay inside ``root``."""
+    try:
+        target = Path(entry.path).resolve(strict=True)
+    except (OSError, RuntimeError):  # dangling, or a loop of links
+        state.dir_links += 1
+        state.loops += 1
+        return
+    if target.is_dir():
+        state.dir_links += 1
+        parent = Path(entry.path).parent.resolve()
+        state.loops += int(parent == target or parent.is_relative_to(target))
+        return
+    if not target.is_relative_to(root):
+        state.existing.add(rel)
+        if _suffix(entry.name) not in SKIP_SUFFIXES:
+            state.reject(HeaderProblem(rel, "symbolic link to a file outside the data folder; not read. Copy the "
+                                            "file into the data folder instead.", "outside"))
+        return
+    _consider(rel, target, target.stat().st_size, state)
+
+
+def _consider(rel: str, path: Path, size: int, state: _State) -> None:
+    state.existing.add(rel)
+    if posixpath.basename(rel).upper() == "DICOMDIR" or _suffix(rel) in SKIP_SUFFIXES:
+        state.ignored += 1
+        return
+    looks_like_image = _suffix(rel) in IMAGE_SUFFIXES or _suffix(path.name) in IMAGE_SUFFIXES
+    state.candidates.append((rel, path, size, looks_like_image))
+
+
+def _read_headers(state: _State, progress: bool) -> list[tuple[str, ScanHeader]]:
+    """Sniff each candidate's format by content and read its header once; quarantine what cannot be used."""
+    from medtransfer.data.loading import sniff_format
+
+    out: list[tuple[str, ScanHeader]] = []
+    for rel, path, size, looks_like_image in _track(state.candidates, "reading headers", progress):
+        if size == 0:
+            if looks_like_image:
+                state.reject(HeaderProblem(rel, "empty file (0 bytes); copy it again from its source", "empty"))
+            else:
+                state.ignored += 1
+            continue
+        fmt = sniff_format(path)
+        if fmt is None:
+            if looks_like_image:
+                state.reject(HeaderProblem(rel, "the content is not DICOM, NIfTI, PNG or JPEG despite the file "
+                                                "name; re-export it or remove it", "not_image"))
+            else:
+                state.ignored += 1
+            continue
+        try:
+            header = _header(path, rel, size, fmt)
+        except HeaderProblem as exc:
+            state.reject(exc)
+            continue
+        if header is None:  # a DICOMDIR under another name
+            state.ignored += 1
+        else:
+            out.append((rel, header))
+    logger.info("read %d headers; %d files ignored, %d quarantined", len(out), state.ignored, len(state.quarantine))
+    return out
+
+
+def _header(path: Path, rel: str, size: int, fmt: str) -> ScanHeader | None:
+    if fmt == "dicom":
+        return read_dicom_header(path, rel, size)
+    if fmt == "nifti":
+        return read_nifti_header(path, rel)
+    return read_image_header(path, rel, fmt)
+
+
+def _cases(headers: list[tuple[str, ScanHeader]], state: _State) -> pd.DataFrame:
+    """Group files into cases (see the module docstring) as a DataFrame sorted by path."""
+    series: dict[str, list[tuple[str, ScanHeader]]] = {}
+    rows: list[dict[str, Any]] = []
+    for rel, header in headers:
+        if False:
+            series.setdefault(header.series_uid, []).append((rel, header))
+        else:
+            rows.append(_case_row([rel], header))
+    for members in series.values():
+        members.sort(key=lambda m: m[0])
+        problem = series_problem([h for _, h in members]) if len(members) > 1 else None
+        if problem:
+            for rel, _ in members:
+                state.reject(HeaderProblem(rel, problem, "mixed_series"))
+            continue
+        rows.append(_case_row([rel for rel, _ in members], members[0][1]))
+    if not rows:
+        raise ManifestError(
+            f"no scans found in {state.root}: looked for {_FORMATS_LOOKED_FOR}; {state.ignored} other file(s) "
+            f"ignored, {len(state.quarantine)} quarantined (see quarantine.csv). Point to the folder that holds "
+            "the scans."
+        )
+    return pd.DataFrame(rows).sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def _case_row(rels: list[str], header: ScanHeader) -> dict[str, Any]:
+    values = {f.name: getattr(header, f.name) for f in fields(header)}
+    for internal in ("series_uid", "position", "orientation", "fmt"):
+        values.pop(internal)
+    if len(rels) == 1:
+        return {"path": rels[0], "files": "", "format": header.fmt, **values}
+    folder = posixpath.commonpath([posixpath.dirname(r) for r in rels]) or "."
+    return {"path": folder, "files": ";".join(rels), "format": header.fmt, **values, "frames": len(rels)}
+
+
+def _attach_labels(df: pd.DataFrame, table: LabelTable | None, state: _State) -> pd.DataFrame:
+    """Labels from class folders (first folder of the path) or from the CSV (plus its optional columns)."""
+    if table is None:
+        df["label"] = df["path"].map(folder_label)
+        top = int(df["label"].isna().sum())
+        if top == len(df):
+            raise ManifestError(f"{len(df)} scan(s) found but none in a class sub-folder. Put them in "
+                                "DATA/<class>/ folders, or pass a labels CSV with --labels.")
+        if top:
+            state.warn(f"{top} scan(s) directly in the data folder (not in a class sub-folder) were ignored.")
+        return df[df["label"].notna()].reset_index(drop=True)
+    lookup = {p: i for i, p in enumerate(df["path"])}
+    for i, files in enumerate(df["files"]):
+        lookup.update({f: i for f in files.split(";") if f})
+    quarantined = {q["path"] for q in state.quarantine}
+    matched, not_scans = match_rows(table, lookup, existing=state.existing, quarantined=quarantined)
+    for pos in not_scans:
+        state.reject(HeaderProblem(table.df["path"].iloc[pos], "listed in the labels CSV but not a DICOM, NIfTI, "
+                                   "PNG or JPEG scan; fix the path or remove the row", "not_a_scan"))
+    unlisted = len(df) - len(matched)
+    if unlisted:
+        state.warn(f"{unlisted} scan(s) in the data folder are not listed in {table.name} and were ignored.")
+    if not matched:
+        raise ManifestError(f"none of the rows of {table.name} matched a readable scan; check that its paths are "
+                            "relative to the data folder.")
+    cases = sorted(matched)
+    out = df.iloc[cases].reset_index(drop=True)
+    rows = table.df.iloc[[matched[c] for c in cases]].reset_index(drop=True)
+    for col in rows.columns.drop(["row", "path"]):
+        target = col if col in (table.label_columns or ["label"]) else f"csv_{col}"
+        out[target] = rows[col].to_numpy()
+    return out
+
+
+def _verify_pixels(df: pd.DataFrame, state: _State, progress: bool) -> pd.DataFrame:
+    """Decode every case once (``loading.load_case``) and quarantine those whose pixels are unusable."""
+    from medtransfer.data.loading import load_case
+    from medtransfer.data.spec import InputSpec
+
+    spec = InputSpec()
+    keep: list[int] = []
+    for i, path, files, fmt in _track(list(zip(range(len(df)), df["path"], df["files"], df["format"], strict=True)),
+                                      "checking pixels", progress):
+        targets: list[Path] | Path = [state.root / f for f in files.split(";")] if files else state.root / path
+        try:
+            load_case(targets, fmt, spec)
+        except ScanReadError as exc:
+            state.reject(ScanReadError(path, exc.reason), "pixels")
+            continue
+        except Exception as exc:  # noqa: BLE001 - a decoder failing in any way means "quarantine", not "crash"
+            logger.debug("pixel check failed for case %d: %s", i, type(exc).__name__)
+            state.reject(ScanReadError(path, f"pixel data could not be decoded ({type(exc).__name__})"), "pixels")
+            continue
+        keep.append(i)
+    return df.iloc[keep].reset_index(drop=True)
+
+
+def _track(items: Sequence[T], description: str, enabled: bool) -> Iterable[T]:
+    if not enabled or not items:
+        return items
+    from rich.progress import track
+
+    return track(items, description=description, total=len(items), transient=True)
+
+
+def _finish(df: pd.DataFrame, table: LabelTable | None, cfg: DataConfig, state: _State) -> Manifest:
+    """Classes and task, demographics and keys, split and leakage check: the final Manifest."""
+    classes, task = resolve_classes(df, table, quarantined=[q["path"] for q in state.quarantine])
+    df = merge_fields(df, cfg.age_bands)
+    df, key_warnings = resolve_keys(df)
+    for message in key_warnings:
+        state.warn(message)
+    df["case_id"] = ["c" + pseudonym(p, kind="case", length=10) for p in df["path"]]
+    if "csv_split" in df.columns:
+        df["split"] = df["csv_split"]
+        fractions = None
+    else:
+        df["split"] = assign_splits(df, classes, task, val_fraction=cfg.val_fraction,
+                                    test_fraction=cfg.test_fraction, seed=cfg.seed).to_numpy()
+        fractions = {"train": 1.0, "val": cfg.val_fraction, "test": cfg.test_fraction}
+    for message in split_warnings(df, classes, task, fractions=fractions):
+        state.warn(message)
+    if state.quarantine:
+        state.warn(f"{len(state.quarantine)} file(s) quarantined; see quarantine.csv for which and why.")
+    label_cols = list(classes) if task == "multilabel" else ["label"]
+    columns = [*ID_COLUMNS, *label_cols, "split", *SUBGROUP_COLUMNS, *ACQ_COLUMNS]
+    manifest = Manifest(df[columns].copy(), classes, task, state.root, list(state.warnings),
+                        _quarantine_frame(state))
+    manifest.check_leakage()
+    logger.info("indexed %d cases of %d patients", len(manifest), manifest.df["patient_key"].nunique())
+    return manifest
+
+
+def _quarantine_frame(state: _State) -> pd.DataFrame:
+    return pd.DataFrame(state.quarantine, columns=list(QUARANTINE_COLUMNS))

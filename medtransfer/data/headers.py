@@ -1,0 +1,383 @@
+"""Header reading: the non-PHI fields of one scan file, without decoding its pixels.
+
+DICOM headers are read once per file with ``stop_before_pixels=True`` (``force=True`` so files without
+the 128-byte preamble are read too). Whether pixel data is present, and complete, is checked from the
+file position where pydicom stopped: it rewinds to the start of the (7FE0,0010) element, so reading the
+next element header and comparing its length with the file size costs a few bytes instead of the whole
+image. NIfTI headers come from nibabel (the data array is never loaded) and PNG/JPEG sizes from Pillow's
+lazy ``Image.open``.
+
+Privacy: PatientID and StudyInstanceUID are pseudonymised here (:func:`~medtransfer.data.privacy.pseudonym`)
+so the raw values never leave this module; names, birth dates and accession numbers are never read.
+pydicom's own warnings are muted *around the read only*, because they can quote raw element values.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pandas as pd
+
+from medtransfer.data.privacy import pseudonym
+from medtransfer.errors import ScanReadError
+
+logger = logging.getLogger(__name__)
+
+#: Modalities whose single-frame slices of one series form one volume (see discovery's grouping rule).
+VOLUME_MODALITIES = frozenset({"CT", "MR", "PT", "NM"})
+
+#: DICOM objects that carry no diagnostic image (reports, plans, contours, presentation states, ...).
+NON_IMAGE_MODALITIES = frozenset(
+    {"SR", "PR", "KO", "DOC", "RTPLAN", "RTSTRUCT", "RTRECORD", "RTDOSE", "SEG", "REG", "ECG", "HD", "AU", "FID",
+     "PLAN", "RWV", "RESP", "EPS", "HC", "REGISTRATION", "ANN"}
+)
+_NON_IMAGE_SOP = re.compile(
+    r"\bSR\b|Structured Report|Presentation State|Key Object|Encapsulated|Waveform|\bECG\b|Raw Data|"
+    r"Spectroscopy|Segmentation|Registration|Fiducials|Surface|Plan Storage|Structure Set|Treatment|Record|"
+    r"Delivery|Instruction|Dose|Annotation|Protocol|Palette",
+)
+_MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_PIXEL_TAGS = ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009))
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_VOLUME_TOLERANCE = 1e-3  # ImageOrientationPatient cosines that differ by less are "the same"
+_AGE_UNITS = {"Y": 1.0, "M": 12.0, "W": 365.25 / 7, "D": 365.25}
+_SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
+
+
+class HeaderProblem(ScanReadError):
+    """A scan that cannot be used, found from its header; ``problem`` is a short category for summaries.
+
+    Args:
+        path: the file, relative to the data folder.
+        reason: what is wrong and what to do.
+        problem: short category (``empty``, ``not_dicom``, ``unreadable``, ``non_image``, ``no_pixels``,
+            ``truncated``, ``no_size``, ...), used to count quarantined files by kind.
+    """
+
+    def __init__(self, path: str, reason: str, problem: str) -> None:
+        super().__init__(path, reason)
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class ScanHeader:
+    """What one file says about itself. No PHI: identifiers are already pseudonymised.
+
+    Attributes:
+        fmt: ``dicom``, ``nifti``, ``png`` or ``jpeg``.
+        patient_key, study_key: pseudonyms of PatientID / StudyInstanceUID (empty when absent).
+        series_uid: SeriesInstanceUID, used only to group slices; never written to the manifest.
+        age: years (from PatientAge), or None.
+        position, orientation: ImagePositionPatient / ImageOrientationPatient, for series grouping.
+    """
+
+    fmt: str
+    modality: str = ""
+    patient_key: str = ""
+    study_key: str = ""
+    series_uid: str = ""
+    sex: str = ""
+    age: float | None = None
+    institution: str = ""
+    manufacturer: str = ""
+    station: str = ""
+    view: str = ""
+    photometric: str = ""
+    rows: int | None = None
+    cols: int | None = None
+    frames: int = 1
+    spacing_row: float | None = None
+    spacing_col: float | None = None
+    position: tuple[float, ...] | None = None
+    orientation: tuple[float, ...] | None = None
+
+    @property
+    def is_volume_slice(self) -> bool:
+        """Whether this file is one slice of a volumetric series (CT/MR/PT/NM, single frame, positioned)."""
+        return (self.fmt == "dicom" and self.modality in VOLUME_MODALITIES and self.frames == 1
+                and self.position is not None and bool(self.series_uid))
+
+
+def parse_age(value: Any) -> float | None:
+    """Age in years from a DICOM age string (``045Y``, ``006M``, ``010W``, ``003D``) or a plain number.
+
+    Returns None for blanks, garbage and implausible values (negative or over 130 years).
+
+    Examples:
+        >>> parse_age("006M")
+        0.5
+    """
+    text = str(value).strip().upper() if value is not None else ""
+    if not text or text in {"NAN", "NONE"}:
+        return None
+    unit = _AGE_UNITS.get(text[-1])
+    number = text[:-1] if unit else text
+    try:
+        years = float(number) / (unit or 1.0)
+    except ValueError:
+        return None
+    if not 0 <= years <= 130 or years != years:
+        return None
+    return round(years, 2)
+
+
+def parse_sex(value: Any) -> str:
+    """``M``, ``F`` or ``O`` from a DICOM PatientSex or a CSV value (male/female/other accepted); else ``""``."""
+    return _SEX.get(str(value).strip().upper(), "") if value is not None else ""
+
+
+def age_band(age: float | None, bands: tuple[int, ...]) -> str:
+    """The band label for ``age``: bands (18, 40, 60, 80) give ``0-17``, ``18-39``, ..., ``80+``.
+
+    Examples:
+        >>> age_band(45.0, (18, 40, 60, 80))
+        '40-59'
+    """
+    if age is None or age != age:
+        return ""
+    edges = (0, *bands)
+    for lo, hi in zip(edges, edges[1:], strict=False):
+        if age < hi:
+            return f"{lo}-{hi - 1}"
+    return f"{edges[-1]}+"
+
+
+def read_dicom_header(path: Path, rel: str, size: int) -> ScanHeader | None:
+    """Read one DICOM file's header and check that it holds a usable image.
+
+    Args:
+        path: the file.
+        rel: its path relative to the data folder (for error messages and quarantine rows).
+        size: its size in bytes (from the folder walk; saves a stat).
+
+    Returns:
+        The header fields, or None for a DICOMDIR (media directory), which is not a scan.
+
+    Raises:
+        HeaderProblem: not parseable, not an image (SR, RT plan, presentation state, ...), no or truncated
+            pixel data, or no Rows/Columns.
+    """
+    import pydicom
+
+    try:
+        with open(path, "rb") as fp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warnings can quote raw (PHI) values; local, not global
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+            if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == _MEDIA_DIRECTORY:
+                return None
+            pixel_problem = _pixel_problem(fp, ds, size)
+            header = _dicom_fields(ds)
+            sop = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+            sop_name = str(getattr(sop, "name", sop or ""))
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input; all mean "unreadable"
+        raise HeaderProblem(rel, f"not a readable DICOM file ({type(exc).__name__}); re-export it from the "
+                                 "PACS or remove it", "unreadable") from None
+    if header.modality in NON_IMAGE_MODALITIES or _NON_IMAGE_SOP.search(sop_name):
+        what = sop_name or f"modality {header.modality}"
+        raise HeaderProblem(rel, f"not an image ({what}); only image objects can be classified", "non_image")
+    if pixel_problem:
+        raise HeaderProblem(rel, pixel_problem[1], pixel_problem[0])
+    if not header.rows or not header.cols:
+        raise HeaderProblem(rel, "no Rows/Columns in the header; the image size is unknown", "no_size")
+    return header
+
+
+def _dicom_fields(ds: Any) -> ScanHeader:
+    """The non-PHI fields of a pydicom dataset (PatientID/StudyInstanceUID only as pseudonyms)."""
+    patient_id = _raw_text(ds, "PatientID")  # raw bytes: pydicom's validation would log the value (PHI)
+    study_uid = _raw_text(ds, "StudyInstanceUID")
+    spacing = _floats(ds, "PixelSpacing") or _floats(ds, "ImagerPixelSpacing")
+    return ScanHeader(
+        fmt="dicom",
+        modality=_text(ds, "Modality").upper(),
+        patient_key=pseudonym(patient_id, kind="patient") if patient_id else "",
+        study_key=pseudonym(study_uid, kind="study") if study_uid else "",
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        sex=parse_sex(_text(ds, "PatientSex")),
+        age=parse_age(_text(ds, "PatientAge")),
+        institution=_text(ds, "InstitutionName"),
+        manufacturer=_text(ds, "Manufacturer"),
+        station=_text(ds, "StationName"),
+        view=_text(ds, "ViewPosition").upper(),
+        photometric=_text(ds, "PhotometricInterpretation").upper(),
+        rows=_int(ds, "Rows"),
+        cols=_int(ds, "Columns"),
+        frames=_int(ds, "NumberOfFrames") or 1,
+        spacing_row=spacing[0] if spacing and len(spacing) == 2 else None,
+        spacing_col=spacing[1] if spacing and len(spacing) == 2 else None,
+        position=_floats(ds, "ImagePositionPatient"),
+        orientation=_floats(ds, "ImageOrientationPatient"),
+    )
+
+
+def _pixel_problem(fp: BinaryIO, ds: Any, size: int) -> tuple[str, str] | None:
+    """(problem, reason) if the pixel data element is absent, empty or cut short; None if it looks complete.
+
+    ``fp`` is where ``dcmread(stop_before_pixels=True)`` left it: at the start of the pixel data element,
+    or at the end of the file when there is none.
+    """
+    if str(ds.file_meta.get("TransferSyntaxUID", "")) == _DEFLATED:
+        return None  # the dataset was inflated in memory; positions no longer match the file
+    start = fp.tell()
+    head = fp.read(12)
+    implicit, little = ds.original_encoding
+    if implicit is None:
+        implicit, little = False, True
+    if len(head) < 8 or struct.unpack("<HH" if little else ">HH", head[:4]) not in _PIXEL_TAGS:
+        return "no_pixels", "no pixel data element; the file holds no image"
+    endian = "<" if little else ">"
+    if not implicit and head[4:6] in _LONG_VRS:
+        if len(head) < 12:
+            return "truncated", "file ends inside the pixel data element header; the file is truncated"
+        length, header_len = struct.unpack(f"{endian}I", head[8:12])[0], 12
+    elif implicit:
+        length, header_len = struct.unpack(f"{endian}I", head[4:8])[0], 8
+    else:
+        length, header_len = struct.unpack(f"{endian}H", head[6:8])[0], 8
+    if length == 0xFFFFFFFF:
+        return None  # encapsulated (compressed) pixel data: fragments are checked when decoding
+    if length == 0:
+        return "no_pixels", "pixel data element is empty; the file holds no image"
+    available = size - start - header_len
+    if length > available:
+        return "truncated", (f"truncated: pixel data needs {length} bytes but the file has {max(available, 0)}; "
+                             "copy the file again from its source")
+    return None
+
+
+def read_nifti_header(path: Path, rel: str) -> ScanHeader:
+    """Shape and voxel size of a NIfTI file via nibabel (the data array is not loaded).
+
+    ``rows``/``cols`` are the first two array dimensions as stored, ``frames`` the third (1 for 2D).
+
+    Raises:
+        HeaderProblem: nibabel cannot read the header.
+    """
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+        zooms = tuple(float(z) for z in img.header.get_zooms())
+    except Exception as exc:  # noqa: BLE001 - nibabel raises several types for corrupt files
+        raise HeaderProblem(rel, f"not a readable NIfTI file ({type(exc).__name__})", "unreadable") from None
+    if len(shape) < 2 or min(shape) < 1:
+        raise HeaderProblem(rel, f"NIfTI image has shape {shape}; expected at least 2 dimensions", "no_size")
+    return ScanHeader(
+        fmt="nifti", rows=shape[0], cols=shape[1], frames=shape[2] if len(shape) > 2 else 1,
+        spacing_row=zooms[0] if len(zooms) > 1 else None, spacing_col=zooms[1] if len(zooms) > 1 else None,
+    )
+
+
+def read_image_header(path: Path, rel: str, fmt: str) -> ScanHeader:
+    """Size and colour mode of a PNG/JPEG file via Pillow (only the header is parsed).
+
+    Raises:
+        HeaderProblem: Pillow cannot identify the file.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            cols, rows = im.size
+            mode = im.mode
+    except Exception as exc:  # noqa: BLE001 - Pillow raises several types for corrupt files
+        raise HeaderProblem(rel, f"not a readable {fmt.upper()} file ({type(exc).__name__})", "unreadable") from None
+    photometric = "MONOCHROME2" if mode in {"L", "I", "I;16", "I;16B", "F", "1"} else "RGB" if mode.startswith(
+        "RGB") else mode
+    return ScanHeader(fmt=fmt, rows=rows, cols=cols, photometric=photometric)
+
+
+def _text(ds: Any, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"):
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _raw_text(ds: Any, keyword: str) -> str:
+    """An element's text without pydicom's value conversion, whose validation warnings quote the value."""
+    elem = ds.get_item(keyword)
+    value = getattr(elem, "value", None)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return str(value).strip(" \0") if value is not None else ""
+
+
+def _int(ds: Any, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(ds: Any, keyword: str) -> tuple[float, ...] | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        seq = value if hasattr(value, "__iter__") and not isinstance(value, str) else [value]
+        return tuple(float(v) for v in seq)
+    except (TypeError, ValueError):
+        return None
+
+
+def merge_fields(df: pd.DataFrame, age_bands: tuple[int, ...]) -> pd.DataFrame:
+    """Final subgroup columns: a labels-CSV value (``csv_<name>`` columns) wins over the header's.
+
+    ``sex``, ``age``, ``view`` come from the CSV, else the DICOM tags; ``age_band`` is derived from ``age``;
+    ``site`` is the CSV ``site``, else InstitutionName, else Manufacturer + StationName. InstitutionName is
+    kept because it is the site label users ask for (subgroup tables); InstitutionAddress is never read.
+    The helper columns (``csv_*``, ``institution``, ``station``) are dropped.
+    """
+    out = df.copy()
+    for col in ("sex", "view", "site"):
+        csv_col = f"csv_{col}"
+        base = _site_from_header(out) if col == "site" else out[col].fillna("").astype(str)
+        if csv_col in out.columns:
+            given = out[csv_col].fillna("").astype(str)
+            base = given.where(given != "", base)
+        out[col] = base.to_numpy()
+    age = pd.to_numeric(out["age"], errors="coerce")
+    if "csv_age" in out.columns:
+        age = pd.to_numeric(out["csv_age"], errors="coerce").fillna(age)
+    out["age"] = age.astype(float)
+    out["age_band"] = [age_band(a, age_bands) for a in out["age"]]
+    helpers = [c for c in out.columns if c.startswith("csv_") and c not in ("csv_patient_id", "csv_study_id",
+                                                                            "csv_split")]
+    return out.drop(columns=[*helpers, "institution", "station"])
+
+
+def _site_from_header(df: pd.DataFrame) -> pd.Series:
+    institution = df["institution"].fillna("").astype(str)
+    fallback = (df["manufacturer"].fillna("").astype(str) + " " + df["station"].fillna("").astype(str)).str.strip()
+    return institution.where(institution != "", fallback)
+
+
+def series_problem(slices: list[ScanHeader]) -> str | None:
+    """Why these slices of one series cannot form one volume (sizes, orientations, positions differ), or None."""
+    n = len(slices)
+    if len({(h.rows, h.cols) for h in slices}) > 1:
+        return f"the {n} slices of this series differ in size (Rows/Columns); export each size as its own series"
+    orientations = [h.orientation for h in slices]
+    first = orientations[0]
+    if any(o is None for o in orientations) and first is not None or any(
+        o is not None and (first is None or len(o) != len(first) or not np.allclose(o, first, atol=_VOLUME_TOLERANCE))
+        for o in orientations
+    ):
+        return (f"the {n} slices of this series have mixed orientations (ImageOrientationPatient); split it into "
+                "one series per orientation")
+    if len({tuple(round(p, 3) for p in h.position or ()) for h in slices}) < n:
+        return f"several of the {n} slices of this series share one position (duplicate files or acquisitions)"
+    return None

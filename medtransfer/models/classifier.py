@@ -1,0 +1,292 @@
+"""``Classifier``: a pretrained backbone with its head replaced, and ``build_model`` to make one.
+
+Everything architecture-specific comes from the backbone's :class:`~medtransfer.models.backbones.BackboneSpec`:
+the classifier finds the head, first conv, Grad-CAM layer and stages by their dotted paths, so training,
+feature caching and saliency code work the same for every backbone.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import operator
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from medtransfer.errors import ConfigError
+from medtransfer.models.backbones import BackboneSpec, get_backbone, load_backbone
+
+log = logging.getLogger(__name__)
+
+TASKS = ("binary", "multiclass", "multilabel")
+
+
+def get_path(root: nn.Module, path: str) -> nn.Module | nn.Parameter | Callable[..., torch.Tensor]:
+    """The attribute at dotted ``path`` below ``root`` (a module, a parameter or a bound method)."""
+    obj: object = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj  # type: ignore[return-value]
+
+
+def set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``path`` (``"classifier.1"``, ``"heads.head"``) with ``module``."""
+    parent_path, _, name = path.rpartition(".")
+    parent = get_path(root, parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+class _Group(nn.Module):
+    """A stage made of several modules and/or bare parameters (ViT's class token).
+
+    Not registered under the classifier, so the classifier's state_dict is unaffected.
+    """
+
+    def __init__(self, items: Sequence[nn.Module | nn.Parameter]) -> None:
+        super().__init__()
+        for i, item in enumerate(items):
+            if isinstance(item, nn.Parameter):
+                self.register_parameter(f"p{i}", item)
+            else:
+                self.add_module(str(i), item)
+
+
+class Classifier(nn.Module):
+    """A backbone without its original head, plus a new head (dropout + linear).
+
+    Args:
+        backbone: the ImageNet model from :func:`~medtransfer.models.backbones.load_backbone`; its head
+            (``spec.head``) is replaced by ``nn.Identity`` here.
+        spec: the backbone's spec.
+        num_outputs: 1 for binary, the number of classes otherwise.
+        dropout: dropout probability before the new linear layer.
+        classes, task: what the outputs mean (kept for convenience; the model card is the record).
+
+    Attributes:
+        backbone: the feature extractor.
+        head: ``nn.Sequential(Dropout, Linear(spec.feature_dim, num_outputs))``.
+        spec: the backbone spec.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        spec: BackboneSpec,
+        num_outputs: int,
+        *,
+        dropout: float = 0.2,
+        classes: Sequence[str] = (),
+        task: str = "binary",
+    ) -> None:
+        super().__init__()
+        self.classes = tuple(classes)
+        self.task = task
+        set_path(backbone, spec.head, nn.Identity())
+        self.backbone = backbone
+        self.spec = spec
+        self.num_outputs = int(num_outputs)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.feature_dim, self.num_outputs))
+        self._check_stages()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features.
+
+        Args:
+            x: float tensor (N, C, H, W), normalised as the model card's ``input`` says.
+
+        Returns:
+            float tensor (N, spec.feature_dim).
+        """
+        if self.spec.feature_map is None:
+            return self.backbone(x).flatten(1)
+        fmap = get_path(self.backbone, self.spec.feature_map)(x)  # (N, C, h, w)
+        if self.spec.feature_act == "relu":
+            fmap = F.relu(fmap)  # never in place: Captum hooks on the CAM layer see this tensor
+        return F.adaptive_avg_pool2d(fmap, 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, num_outputs) for images ``x`` (N, C, H, W)."""
+        return self.head(self.features(x))
+
+    def cam_layer(self) -> nn.Module:
+        """The module Grad-CAM attributes to (``spec.cam_layer``); see :meth:`cam_reshape`."""
+        return get_path(self.backbone, self.spec.cam_layer)  # type: ignore[return-value]
+
+    def cam_reshape(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A function turning the CAM layer's output into a map (N, C, h, w), or None if it already is one."""
+        return vit_tokens_to_map if self.spec.cam_reshape == "vit_tokens" else None
+
+    def stages(self) -> list[nn.Module]:
+        """Backbone stages from input to output (``spec.stages``), then the head."""
+        out: list[nn.Module] = []
+        for paths in self.spec.stages:
+            items = [get_path(self.backbone, p) for p in paths]
+            out.append(items[0] if len(items) == 1 and isinstance(items[0], nn.Module) else _Group(items))
+        return [*out, self.head]
+
+    def freeze_backbone(self) -> None:
+        """Train the head only: backbone parameters stop requiring grad and its BatchNorm stays in eval."""
+        self.unfreeze(0)
+
+    def unfreeze(self, n_stages: int | None = None) -> None:
+        """Make the last ``n_stages`` backbone stages trainable (all when None) and freeze the others.
+
+        The head is always trainable. BatchNorm layers in frozen stages stay in eval mode (see :meth:`train`).
+        """
+        stages = self.stages()[:-1]
+        n = len(stages) if n_stages is None else max(0, min(int(n_stages), len(stages)))
+        for i, stage in enumerate(stages):
+            stage.requires_grad_(i >= len(stages) - n)
+        self.head.requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Classifier:
+        """Set training mode, keeping frozen BatchNorm layers in eval mode (fastai's ``bn_splitter`` idea).
+
+        A frozen BatchNorm in train mode would still update its running statistics from the new domain's
+        batches, silently changing the "frozen" backbone.
+        """
+        super().train(mode)
+        if mode:
+            for m in self.modules():
+                params = list(m.parameters(recurse=False))
+                if isinstance(m, _BatchNorm) and params and not any(p.requires_grad for p in params):
+                    m.eval()
+        return self
+
+    def param_groups(self, lr: float, decay: float) -> list[dict[str, object]]:
+        """Optimizer parameter groups with discriminative learning rates.
+
+        Args:
+            lr: the head's learning rate.
+            decay: factor per stage below the head: stage k below it gets ``lr * decay**k``.
+
+        Returns:
+            One dict per stage, input to output (head last): ``{"params", "lr", "name"}``. Frozen parameters
+            are included (the optimiser skips parameters without gradients), so unfreezing later needs no
+            new optimiser.
+        """
+        stages = self.stages()
+        names = [f"stage{i}" for i in range(len(stages) - 1)] + ["head"]
+        return [{"params": list(s.parameters()), "lr": lr * decay ** (len(stages) - 1 - i), "name": names[i]}
+                for i, s in enumerate(stages)]
+
+    def _check_stages(self) -> None:
+        covered = {id(p) for s in self.stages() for p in s.parameters()}
+        missing = [n for n, p in self.named_parameters() if id(p) not in covered]
+        if missing:  # a table bug: these parameters would never get an LR group
+            raise RuntimeError(f"{self.spec.name}: stages miss parameters {missing[:5]}")
+
+
+def vit_tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
+    """ViT tokens (N, 1 + h*w, C) → map (N, C, h, w), dropping the class token (h = w)."""
+    n, t, c = tokens.shape
+    side = int(round((t - 1) ** 0.5))
+    if side * side != t - 1:
+        raise ValueError(f"expected 1 + h*w tokens with h = w, got {t}")
+    return tokens[:, 1:, :].reshape(n, side, side, c).permute(0, 3, 1, 2)
+
+
+def adapt_input_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """A copy of ``conv`` taking ``in_channels`` inputs, reusing its pretrained RGB filters (timm's trick).
+
+    1 channel: the RGB filters are summed, so a grey image gives exactly what the original conv gives for
+    the same image replicated to RGB. More channels: the RGB filters are tiled and scaled by 3 / in_channels.
+
+    Args:
+        conv: the first convolution, with 3 input channels (any ``nn.Conv2d`` subclass, e.g. TF-same padding).
+        in_channels: the new number of input channels.
+
+    Raises:
+        ConfigError: grouped convolution, or a conv that does not take RGB input.
+    """
+    if conv.in_channels == in_channels:
+        return conv
+    if conv.groups != 1 or conv.in_channels != 3:
+        raise ConfigError(f"cannot adapt a first conv with {conv.in_channels} input channels and groups="
+                          f"{conv.groups} to {in_channels} channels; expected an RGB conv with groups=1.")
+    w = conv.weight.detach()
+    if in_channels == 1:
+        new_w = functools.reduce(operator.add, w.split(1, dim=1))  # R + G + B, in a fixed order
+    else:
+        reps = -(-in_channels // 3)
+        new_w = w.repeat(1, reps, 1, 1)[:, :in_channels] * (3.0 / in_channels)
+    new = copy.deepcopy(conv)
+    new.in_channels = in_channels
+    new.weight = nn.Parameter(new_w.clone().contiguous(), requires_grad=conv.weight.requires_grad)
+    return new
+
+
+def disable_inplace_relu(model: nn.Module) -> nn.Module:
+    """Set ``inplace=False`` on every module that has an ``inplace`` flag (ReLU, ReLU6, SiLU, Dropout...).
+
+    Captum's hooks (Grad-CAM, DeepLift, guided backprop) fail or give wrong attributions when a hooked
+    output is later modified in place. This covers activation *modules* only: torchvision DenseNet's
+    functional ``F.relu(inplace=True)`` in its forward is avoided by :meth:`Classifier.features`, which
+    runs ``features`` itself and applies a non-inplace ReLU.
+    """
+    for m in model.modules():
+        if isinstance(getattr(m, "inplace", None), bool):
+            m.inplace = False
+    return model
+
+
+def build_model(
+    backbone: str,
+    classes: Sequence[str],
+    *,
+    task: str = "binary",
+    in_channels: int = 1,
+    weights: str = "imagenet",
+    dropout: float = 0.2,
+) -> Classifier:
+    """A classifier for ``classes`` on a pretrained backbone.
+
+    Args:
+        backbone: a name from ``medtransfer backbones``.
+        classes: class names; binary: exactly 2 (the single output scores ``classes[1]``).
+        task: ``"binary"`` (1 sigmoid output), ``"multiclass"`` (softmax) or ``"multilabel"`` (a sigmoid each).
+        in_channels: 1 for grey scans (first conv adapted by summing RGB filters) or 3.
+        weights: ``"imagenet"``, ``"none"`` (random init) or a local weights file (see ``load_backbone``).
+        dropout: dropout before the new linear layer.
+
+    Raises:
+        ConfigError: unknown backbone or task, wrong number of classes, bad ``in_channels``.
+        WeightsUnavailable, CheckpointError: see :func:`~medtransfer.models.backbones.load_backbone`.
+
+    Examples:
+        >>> model = build_model("efficientnet_lite0", ["normal", "pneumonia"])  # doctest: +SKIP
+        >>> model(torch.zeros(2, 1, 64, 64)).shape  # doctest: +SKIP
+        torch.Size([2, 1])
+    """
+    spec = get_backbone(backbone)
+    num_outputs = _num_outputs(task, classes)
+    if in_channels < 1:
+        raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
+    net = load_backbone(backbone, weights)
+    if in_channels != 3:
+        conv = get_path(net, spec.first_conv)
+        set_path(net, spec.first_conv, adapt_input_conv(conv, in_channels))  # type: ignore[arg-type]
+        how = "summing" if in_channels == 1 else "tiling and rescaling"
+        log.info("%s: adapted first conv %s from 3 to %d input channel(s) by %s RGB filters",
+                 backbone, spec.first_conv, in_channels, how)
+    return Classifier(disable_inplace_relu(net), spec, num_outputs, dropout=dropout, classes=classes, task=task)
+
+
+def _num_outputs(task: str, classes: Sequence[str]) -> int:
+    if task not in TASKS:
+        raise ConfigError(f"unknown task '{task}'; expected one of {', '.join(TASKS)}")
+    if len(set(classes)) != len(classes) or not classes:
+        raise ConfigError(f"classes must be non-empty and unique, got {list(classes)}")
+    if task == "binary":
+        if len(classes) != 2:
+            raise ConfigError(f"a binary task needs exactly 2 classes, got {list(classes)}")
+        return 1
+    if task == "multiclass" and len(classes) < 2:
+        raise ConfigError(f"a multiclass task needs at least 2 classes, got {list(classes)}")
+    return len(classes)

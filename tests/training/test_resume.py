@@ -1,0 +1,63 @@
+"""Kill training with SIGKILL mid-epoch, resume, and get exactly the uninterrupted result (CPU, same seed)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from tests.training.conftest import TINY_OVERRIDES
+
+pytestmark = pytest.mark.slow
+
+
+def _train_cmd(data, out, strategy: str, *, resume: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "medtransfer.cli", "--quiet", "train"]
+    if resume:
+        cmd += ["--resume", "--out", str(out)]
+    else:
+        cmd += [str(data), "--out", str(out)]
+        for item in [*TINY_OVERRIDES, f"train.strategy={strategy}", "train.augment.enabled=true"]:
+            cmd += ["--set", item]
+    return cmd
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("strategy", ["fine-tune", "gradual"])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_data, tmp_path, strategy: str) -> None:
+    env = {**os.environ, "MEDTRANSFER_SALT": "test-salt-not-secret"}
+    clean = tmp_path / "clean"
+    subprocess.run(_train_cmd(tiny_data, clean, strategy), env=env, check=True, capture_output=True)
+
+    crashed = tmp_path / "crashed"
+    # 20 training cases / batch 8 = 3 steps per epoch: step 5 is in the middle of epoch 2.
+    proc = subprocess.run(_train_cmd(tiny_data, crashed, strategy),
+                          env={**env, "MEDTRANSFER_FAULT_KILL_AT_STEP": "5"}, capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert (crashed / "checkpoints" / "last").exists()
+    assert not (crashed / "model.safetensors").exists()
+    leftovers = [p.name for p in crashed.rglob(".tmp-*")]
+    assert not [n for n in leftovers if not n.startswith(".tmp-")], leftovers
+
+    resumed = subprocess.run(_train_cmd(tiny_data, crashed, strategy, resume=True), env=env, capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+
+    h_clean = pd.read_csv(clean / "history.csv").drop(columns=["seconds"])
+    h_resumed = pd.read_csv(crashed / "history.csv").drop(columns=["seconds"])
+    pd.testing.assert_frame_equal(h_clean, h_resumed)
+    assert _digest(clean / "model.safetensors") == _digest(crashed / "model.safetensors")
+
+
+def test_second_train_in_same_run_dir_is_refused(tiny_data, tmp_path) -> None:
+    from medtransfer.errors import RunDirError
+    from medtransfer.training.run import run_lock
+
+    with run_lock(tmp_path / "r"), pytest.raises(RunDirError, match="in use by another"), run_lock(tmp_path / "r"):
+        pass

@@ -286,7 +286,7 @@ def _cases(headers: list[tuple[str, ScanHeader]], state: _State) -> pd.DataFrame
     series: dict[str, list[tuple[str, ScanHeader]]] = {}
     rows: list[dict[str, Any]] = []
     for rel, header in headers:
-        if False:
+        if header.is_volume_slice:
             series.setdefault(header.series_uid, []).append((rel, header))
         else:
             rows.append(_case_row([rel], header))

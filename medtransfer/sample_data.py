@@ -386,7 +386,9 @@ def _vessels(x: np.ndarray, y: np.ndarray, lungs: list[np.ndarray], rng: np.rand
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Zero-mean unit-variance noise with blobs about size/cells pixels wide (coarse grid, Gaussian upsampling)."""
     weights = _upsampler(size, cells)
-    img = weights @ rng.standard_normal((cells, cells)).astype(np.float32) @ weights.T
+    # einsum, not @: BLAS would start threads for these tiny products and burn a shared CPU spinning.
+    coarse = rng.standard_normal((cells, cells), dtype=np.float32)
+    img = np.einsum("ik,lk->il", np.einsum("ij,jk->ik", weights, coarse), weights)
     return (img - img.mean()) / (img.std() + 1e-9)
 
 

@@ -173,10 +173,8 @@ class _Trainer:
             val_batches: Any = self._feature_batches("val", shuffle=False, epoch=epoch)
             val_net = self.model.head
         else:
-            ds = self._dataset(self.train_m, train=True)
-            if hasattr(ds, "set_epoch"):
-                ds.set_epoch(epoch)
-            batches = self._loader(ds, shuffle=True, epoch=epoch)
+            # make_loader seeds the shuffle order and the augmentation from seed + epoch
+            batches = self._loader(self._dataset(self.train_m, train=True), shuffle=True, epoch=epoch)
             val_batches = self._loader(self._dataset(self.val_m, train=False), shuffle=False)
             val_net = self.model
         task_id = bar.add_task(f"epoch {epoch + 1}/{self.tc.epochs} [{phase.name}]", total=len(batches), info="")

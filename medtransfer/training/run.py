@@ -23,6 +23,7 @@ import torch
 from medtransfer import io
 from medtransfer.config import RunConfig, apply_overrides, dump_config, load_config
 from medtransfer.data.manifest import Manifest
+from medtransfer.data.spec import InputSpec
 from medtransfer.errors import ManifestError, RunDirError
 from medtransfer.models.card import ModelCard
 
@@ -170,11 +171,27 @@ def _prepare(run_dir: Path, data: Any, labels: Any, label_columns: Any, config: 
     data_dir = Path(data) if data is not None else Path(cfg.data.data_dir)
     lab = labels if labels is not None else cfg.data.labels
     cols = list(label_columns) if label_columns else (list(cfg.data.label_columns) if cfg.data.label_columns else None)
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"data_dir": data_dir, "labels": lab})})
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"data_dir": data_dir, "labels": lab}),
+                                 "input": resolve_input_spec(cfg)})
     io.write_text(run_dir / "config.yaml", dump_config(cfg))
     manifest = index_scans(data_dir, labels=lab, label_columns=cols, config=cfg.data, out_dir=run_dir,
                            progress=progress)
     return cfg, manifest
+
+
+def resolve_input_spec(cfg: RunConfig) -> InputSpec:
+    """The run's InputSpec: normalisation comes from the backbone's pretraining unless set explicitly.
+
+    Pretrained weights carry their preprocessing (torchvision's weights API does the same): EfficientNet-Lite
+    expects inputs scaled with mean = std = 0.5, torchvision's ImageNet models their ImageNet statistics.
+    """
+    from medtransfer.models.backbones import get_backbone
+
+    spec = cfg.input
+    if {"mean", "std"} & spec.model_fields_set:
+        return spec
+    mean, std = get_backbone(cfg.model.backbone).input_stats(spec.channels)
+    return spec.model_copy(update={"mean": tuple(mean), "std": tuple(std)})
 
 
 def _fit_and_save(run_dir: Path, cfg: RunConfig, manifest: Manifest, resume: bool, progress: bool,
@@ -183,6 +200,7 @@ def _fit_and_save(run_dir: Path, cfg: RunConfig, manifest: Manifest, resume: boo
     from medtransfer.models.classifier import build_model
     from medtransfer.training.fine_tune import fine_tune
 
+    from medtransfer.training.device import set_determinism
     from medtransfer.training.tracking import Trackers
 
     from medtransfer.models.checkpoint import training_state_exists
@@ -190,6 +208,7 @@ def _fit_and_save(run_dir: Path, cfg: RunConfig, manifest: Manifest, resume: boo
     # On resume the checkpoint restores every weight, so pretrained weights need not (and, offline, may not)
     # be loaded again; before the first checkpoint exists, resume starts from the pretrained weights.
     restoring = resume and training_state_exists(run_dir / "checkpoints" / "last")
+    set_determinism(cfg.train.seed, cfg.train.deterministic)  # the new head's initialisation is seeded too
     model = build_model(cfg.model.backbone, manifest.classes, task=manifest.task, in_channels=cfg.input.channels,
                         weights="none" if restoring else cfg.model.weights, dropout=cfg.model.dropout)
     trackers = Trackers(cfg, run_dir)

@@ -208,3 +208,34 @@ def test_unknown_photometric_is_refused(tmp_path):
     path = write_dicom(tmp_path / "hsv.dcm", chest_like(16), photometric="HSV")
     with pytest.raises(ScanReadError, match="PhotometricInterpretation 'HSV' is not supported"):
         _read(path)
+
+
+def test_per_frame_windows_are_applied_per_frame(tmp_path):
+    frames = np.stack([chest_like(16, seed=i) for i in range(2)])
+    path = write_dicom(tmp_path / "mfw.dcm", frames)
+    ds = read_back(path)
+    groups = []
+    for center in (1000.0, 3000.0):
+        voi, group = Dataset(), Dataset()
+        voi.WindowCenter, voi.WindowWidth, voi.VOILUTFunction = center, 2000.0, "LINEAR_EXACT"
+        group.FrameVOILUTSequence = Sequence([voi])
+        groups.append(group)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(groups)
+    ds.save_as(path)
+    out, info = _read(path)
+    for i, center in enumerate((1000.0, 3000.0)):
+        np.testing.assert_allclose(out[i], np.clip((frames[i] - center) / 2000 + 0.5, 0, 1), atol=1e-6)
+    assert "1000/2000" in info["window"] and "3000/2000" in info["window"]
+
+
+def test_monochrome1_inversion_is_logged_once_at_info(tmp_path, caplog, monkeypatch):
+    import medtransfer.data.dicom as dicom_mod
+
+    monkeypatch.setattr(dicom_mod, "_inversion_logged", False)
+    path = write_dicom(tmp_path / "m1.dcm", chest_like(16), photometric="MONOCHROME1")
+    with caplog.at_level("INFO", logger="medtransfer.data.dicom"):
+        _read(path)
+        _read(path)
+    messages = [r for r in caplog.records if "MONOCHROME1" in r.getMessage()]
+    assert len(messages) == 1 and messages[0].levelname == "INFO"
+    assert "invert_monochrome1" in messages[0].getMessage()

@@ -20,13 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from medtransfer.config import apply_overrides, RunConfig  # noqa: E402
+from medtransfer.config import RunConfig, apply_overrides  # noqa: E402
 from medtransfer.data.dataset import ScanDataset, make_loader  # noqa: E402
 from medtransfer.data.discovery import index_scans  # noqa: E402
 from medtransfer.models.classifier import build_model  # noqa: E402
 from medtransfer.training.fine_tune import fine_tune  # noqa: E402
-from medtransfer.training.losses import build_loss  # noqa: E402
 from medtransfer.training.loop import Stepper, train_epoch  # noqa: E402
+from medtransfer.training.losses import build_loss  # noqa: E402
 from medtransfer.training.optim import build_optimizer  # noqa: E402
 from tests.training.conftest import make_tiny_dataset  # noqa: E402
 

@@ -31,9 +31,32 @@ _PUBLIC = {
     "fine_tune": "medtransfer.training.fine_tune",
     "train": "medtransfer.training.run",
     "load_run": "medtransfer.training.run",
+    "generate_sample_data": "medtransfer.sample_data",
 }
 
-__all__ = ["__version__", *_PUBLIC]
+__all__ = [
+    "__version__",
+    "CheckpointError",
+    "ConfigError",
+    "InputSpec",
+    "Manifest",
+    "ManifestError",
+    "MedtransferError",
+    "ModelCard",
+    "RunConfig",
+    "ScanDataset",
+    "ScanReadError",
+    "WeightsUnavailable",
+    "build_model",
+    "fine_tune",
+    "generate_sample_data",
+    "index_scans",
+    "load_config",
+    "load_run",
+    "train",
+]
+
+assert set(__all__[1:]) == set(_PUBLIC), "keep __all__ and _PUBLIC in step"
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from medtransfer.config import RunConfig, load_config
@@ -51,6 +74,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from medtransfer.models.card import ModelCard
     from medtransfer.models.classifier import build_model
+    from medtransfer.sample_data import generate_sample_data
     from medtransfer.training.fine_tune import fine_tune
     from medtransfer.training.run import load_run, train
 

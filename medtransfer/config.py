@@ -56,7 +56,7 @@ class DataConfig(_Frozen):
     @field_validator("age_bands")
     @classmethod
     def _bands_increasing(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(b <= a for a, b in zip(v, v[1:])) or any(b <= 0 for b in v):
+        if any(b <= a for a, b in zip(v, v[1:], strict=False)) or any(b <= 0 for b in v):
             raise ValueError(f"age_bands must be positive and strictly increasing, got {list(v)}")
         return v
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ComputedRadiographyImageStorage, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 CANARY_NAME = "CANARYNAME^ZQX"
 CANARY_ID = "CANARYPID9137"

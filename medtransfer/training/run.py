@@ -196,14 +196,11 @@ def resolve_input_spec(cfg: RunConfig) -> InputSpec:
 
 def _fit_and_save(run_dir: Path, cfg: RunConfig, manifest: Manifest, resume: bool, progress: bool,
                   on_epoch: Any) -> Run:
-    from medtransfer.models.checkpoint import save_model
+    from medtransfer.models.checkpoint import save_model, training_state_exists
     from medtransfer.models.classifier import build_model
-    from medtransfer.training.fine_tune import fine_tune
-
     from medtransfer.training.device import set_determinism
+    from medtransfer.training.fine_tune import fine_tune
     from medtransfer.training.tracking import Trackers
-
-    from medtransfer.models.checkpoint import training_state_exists
 
     # On resume the checkpoint restores every weight, so pretrained weights need not (and, offline, may not)
     # be loaded again; before the first checkpoint exists, resume starts from the pretrained weights.

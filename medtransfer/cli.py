@@ -63,6 +63,11 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def say(message: str) -> None:
+    """Print one result line on stdout, never wrapped (paths stay copy-pasteable)."""
+    console.print(message, soft_wrap=True, highlight=False)
+
+
 def quiet() -> bool:
     """Whether --quiet was given (progress bars off)."""
     return bool(_STATE["quiet"])
@@ -102,7 +107,7 @@ def index(
     cols = [c.strip() for c in label_columns.split(",") if c.strip()] if label_columns else None
     manifest = index_scans(data, labels=labels, label_columns=cols, config=cfg, out_dir=out, progress=not quiet())
     render_summary(manifest, console)
-    console.print(f"wrote {out / 'manifest.csv'} and {out / 'quarantine.csv'}")
+    say(f"wrote {out / 'manifest.csv'} and {out / 'quarantine.csv'}")
 
 
 @app.command()
@@ -136,7 +141,7 @@ def sample_data(
     from medtransfer.sample_data import generate_sample_data
 
     path = generate_sample_data(out, n=n, seed=seed, size=size, overwrite=overwrite)
-    console.print(f"sample data in {path} (labels: {path / 'labels.csv'})")
+    say(f"sample data in {path} (labels: {path / 'labels.csv'})")
 
 
 @app.command()
@@ -178,7 +183,7 @@ def train(
     cols = [c.strip() for c in label_columns.split(",") if c.strip()] if label_columns else None
 
     def show(row: dict) -> None:
-        console.print(f"epoch {row['epoch']:>3} [{row['phase']}]  train_loss {row['train_loss']:.4f}  "
+        say(f"epoch {row['epoch']:>3} [{row['phase']}]  train_loss {row['train_loss']:.4f}  "
                       f"val_loss {row['val_loss']:.4f}  val_auroc {row['val_auroc']:.4f}  ({row['seconds']:.1f}s)")
 
     try:
@@ -188,7 +193,7 @@ def train(
         err_console.print(f"interrupted; continue with: medtransfer train --resume --out {out or '<run dir>'}")
         raise typer.Exit(130) from None
     t = run.card.training
-    console.print(f"best epoch {t['best_epoch']} (val AUROC {t['best_val_auroc']:.4f}); run written to {run.path}")
+    say(f"best epoch {t['best_epoch']} (val AUROC {t['best_val_auroc']:.4f}); run written to {run.path}")
 
 
 def main() -> None:

@@ -65,7 +65,7 @@ def user_errors(fn: F) -> F:
 
 def say(message: str) -> None:
     """Print one result line on stdout, never wrapped (paths stay copy-pasteable)."""
-    console.print(message, soft_wrap=True, highlight=False)
+    console.print(message, soft_wrap=True, highlight=False, markup=False)
 
 
 def quiet() -> bool:

@@ -40,6 +40,7 @@ from medtransfer.training.features import cached_features
 from medtransfer.training.loop import Stepper, predict_batches, train_epoch
 from medtransfer.training.losses import build_loss
 from medtransfer.training.optim import build_optimizer, build_scheduler, current_lr
+from medtransfer.training.tracking import is_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,8 @@ class _Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _ckpt(self, name: str) -> Path | None:
-        return self.run_dir / "checkpoints" / name if self.run_dir else None
+        # Under DDP only rank 0 writes checkpoints; the other ranks hold identical weights.
+        return self.run_dir / "checkpoints" / name if self.run_dir and is_rank_zero() else None
 
     def save_last(self, phase: Phase, st: Stepper, epoch: int) -> None:
         path = self._ckpt("last")

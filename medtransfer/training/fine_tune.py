@@ -44,6 +44,11 @@ from medtransfer.training.tracking import is_rank_zero
 
 log = logging.getLogger(__name__)
 
+#: A head epoch on cached features makes at least this many optimiser steps (several shuffled passes over
+#: the features): on a small dataset one pass is a handful of steps and leaves the head under-trained before
+#: unfreezing, while a step on cached features costs well under a millisecond.
+MIN_HEAD_STEPS = 50
+
 HISTORY_COLUMNS = ["epoch", "phase", "lr", "train_loss", "val_loss", "val_auroc", "seconds"]
 
 
@@ -137,21 +142,29 @@ class _Trainer:
             self._feats[split] = (f, torch.as_tensor(m.targets()))
         return self._feats[split]
 
+    def head_passes(self) -> int:
+        """Passes over the cached training features per head epoch (see MIN_HEAD_STEPS)."""
+        steps = -(-len(self.train_m) // self.tc.batch_size)
+        return max(1, -(-MIN_HEAD_STEPS // steps))
+
     def _feature_batches(self, split: str, *, shuffle: bool, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         f, y = self.features(split)
-        order = torch.arange(len(f))
-        if shuffle:
-            g = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + epoch)
-            order = torch.randperm(len(f), generator=g)
         bs = self.tc.batch_size
-        return [(f[order[i:i + bs]], y[order[i:i + bs]]) for i in range(0, len(f), bs)]
+        if not shuffle:
+            return [(f[i:i + bs], y[i:i + bs]) for i in range(0, len(f), bs)]
+        g = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + epoch)
+        batches = []
+        for _ in range(self.head_passes()):
+            order = torch.randperm(len(f), generator=g)
+            batches += [(f[order[i:i + bs]], y[order[i:i + bs]]) for i in range(0, len(f), bs)]
+        return batches
 
     # -- phases -----------------------------------------------------------------------------------
     def stepper(self, phase: Phase) -> Stepper:
         if phase.frozen:
             self.model.freeze_backbone()
             groups = [{"params": list(self.model.head.parameters()), "lr": self.tc.lr}]
-            steps = -(-len(self.train_m) // self.tc.batch_size)
+            steps = -(-len(self.train_m) // self.tc.batch_size) * self.head_passes()
             net = self.model.head
         else:
             self.model.unfreeze()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -30,18 +31,22 @@ def _digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("strategy", ["fine-tune", "gradual"])
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_data, tmp_path, strategy: str) -> None:
+# 20 training cases / batch 8 = 3 steps per epoch. fine-tune: step 5 is in the middle of epoch 2.
+# gradual: the head epoch on cached features makes 17 passes (51 steps, MIN_HEAD_STEPS), so step 53 is in the
+# middle of epoch 2, the first unfrozen epoch.
+@pytest.mark.parametrize(("strategy", "kill_step"), [("fine-tune", 5), ("gradual", 53)])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_data, tmp_path, strategy: str,
+                                                             kill_step: int) -> None:
     env = {**os.environ, "MEDTRANSFER_SALT": "test-salt-not-secret"}
     clean = tmp_path / "clean"
     subprocess.run(_train_cmd(tiny_data, clean, strategy), env=env, check=True, capture_output=True)
 
     crashed = tmp_path / "crashed"
-    # 20 training cases / batch 8 = 3 steps per epoch: step 5 is in the middle of epoch 2.
     proc = subprocess.run(_train_cmd(tiny_data, crashed, strategy),
-                          env={**env, "MEDTRANSFER_FAULT_KILL_AT_STEP": "5"}, capture_output=True)
+                          env={**env, "MEDTRANSFER_FAULT_KILL_AT_STEP": str(kill_step)}, capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
-    assert (crashed / "checkpoints" / "last").exists()
+    state = json.loads((crashed / "checkpoints" / "last" / "training_state.json").read_text())
+    assert state["epoch"] == 1  # killed during epoch 2
     assert not (crashed / "model.safetensors").exists()
     leftovers = [p.name for p in crashed.rglob(".tmp-*")]
     assert not [n for n in leftovers if not n.startswith(".tmp-")], leftovers

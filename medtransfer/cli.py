@@ -118,14 +118,15 @@ def backbones() -> None:
 
     from medtransfer.models.backbones import list_backbones
 
-    table = Table(title="backbones")
-    for col in ("name", "input", "weights", "available offline", "source"):
-        table.add_column(col)
+    table = Table(title="backbones (pretrained on ImageNet-1k)")
+    for col in ("name", "px", "pretrained weights", "offline"):
+        table.add_column(col, no_wrap=True)
     for row in list_backbones():
-        table.add_row(
-            row["name"], str(row["input_size"]), row["weights"], "yes" if row["available"] else "no", row["source"]
-        )
+        weights = str(row["weights"]).replace("_Weights.", " ")
+        table.add_row(row["name"], str(row["input_size"]), weights, "yes" if row["available"] else "no")
     console.print(table)
+    say("weights not available offline: copy torchvision's file into $TORCH_HOME/hub/checkpoints/, or use "
+        "--weights-file PATH; efficientnet_lite0 ships its weights.")
 
 
 @app.command("sample-data")

@@ -32,12 +32,16 @@ _PUBLIC = {
     "train": "medtransfer.training.run",
     "load_run": "medtransfer.training.run",
     "generate_sample_data": "medtransfer.sample_data",
+    "evaluate": "medtransfer.evaluation.evaluate",
+    "EvaluationResult": "medtransfer.evaluation.result",
+    "predict": "medtransfer.evaluation.predict",
 }
 
 __all__ = [
     "__version__",
     "CheckpointError",
     "ConfigError",
+    "EvaluationResult",
     "InputSpec",
     "Manifest",
     "ManifestError",
@@ -48,11 +52,13 @@ __all__ = [
     "ScanReadError",
     "WeightsUnavailable",
     "build_model",
+    "evaluate",
     "fine_tune",
     "generate_sample_data",
     "index_scans",
     "load_config",
     "load_run",
+    "predict",
     "train",
 ]
 
@@ -72,6 +78,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         ScanReadError,
         WeightsUnavailable,
     )
+    from medtransfer.evaluation.evaluate import evaluate
+    from medtransfer.evaluation.predict import predict
+    from medtransfer.evaluation.result import EvaluationResult
     from medtransfer.models.card import ModelCard
     from medtransfer.models.classifier import build_model
     from medtransfer.sample_data import generate_sample_data

@@ -197,6 +197,78 @@ def train(
     say(f"best epoch {t['best_epoch']} (val AUROC {t['best_val_auroc']:.4f}); run written to {run.path}")
 
 
+@app.command()
+@user_errors
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by 'medtransfer train'.")],
+    data: Annotated[Path | None, typer.Option(help="External scan folder (default: the run's own --split).")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels CSV for --data ('path' relative to it).")] = None,
+    split: Annotated[str, typer.Option(help="The run's split to evaluate when --data is not given.")] = "test",
+    subgroups: Annotated[str, typer.Option(help="Comma-separated subgroup columns.")] = "sex,age_band,site",
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples (by patient) for CIs; 0 = none.")] = 1000,
+    min_group_size: Annotated[int, typer.Option(help="Smallest subgroup (patients) that is assessed.")] = 10,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: the run, or <run>/external/<name>).")
+                   ] = None,
+) -> None:
+    """Evaluate a run: AUROC with CIs, operating point, calibration, subgroup gaps; writes evaluation.json."""
+    from medtransfer.evaluation.evaluate import evaluate as evaluate_run
+
+    groups = tuple(s.strip() for s in subgroups.split(",") if s.strip())
+    result = evaluate_run(run_dir, data, labels=labels, split=split, subgroups=groups, n_boot=n_boot,
+                          min_group_size=min_group_size, device=device, out_dir=out, progress=not quiet())
+    console.print(_evaluation_table(result))
+    for warning in result.meta.get("warnings", []):
+        err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
+    where = result.saved_to
+    say(f"wrote {where / 'evaluation.json'} and {where / 'predictions.csv'}" if where else "nothing written")
+
+
+def _evaluation_table(result: Any) -> Any:
+    """A compact rich table: per class AUROC (CI), operating point metrics, ECE; then flagged gaps."""
+    from rich.table import Table
+
+    m = result.meta
+    table = Table(title=f"{m.get('run_id')} on {m.get('data')} [{m.get('split')}]: {m.get('n_cases')} cases, "
+                        f"{m.get('n_patients')} patients", title_justify="left")
+    for col in ("class", "AUROC (95% CI)", "threshold", "sens", "spec", "PPV", "NPV", "ECE"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    ece = dict(zip(result.calibration.get("class", []), result.calibration.get("ece", []), strict=False))
+
+    def f(v: Any, ci: tuple[Any, Any] | None = None) -> str:
+        if v is None or v != v:
+            return "-"
+        lo, hi = ci or (None, None)
+        return f"{v:.3f} ({lo:.3f}-{hi:.3f})" if lo is not None and lo == lo and hi == hi else f"{v:.3f}"
+
+    for r in result.overall.to_dict("records"):
+        table.add_row(str(r["class"]), f(r["auroc"], (r["auroc_lo"], r["auroc_hi"])), f(r["threshold"]),
+                      f(r["sensitivity"]), f(r["specificity"]), f(r["ppv"]), f(r["npv"]), f(ece.get(r["class"])))
+    flagged = result.gaps[result.gaps["flagged"]] if "flagged" in result.gaps else result.gaps.iloc[0:0]
+    gaps = [f"{g['class']}: {g['attribute']} {g['metric']} gap {g['gap']:.3f} ({g['gap_lo']:.3f}-{g['gap_hi']:.3f}),"
+            f" worst {g['worst_group']}" for g in flagged.to_dict("records")]
+    table.caption = ("flagged subgroup gaps: " + "; ".join(gaps)) if gaps else "no subgroup gap flagged"
+    return table
+
+
+@app.command()
+@user_errors
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by 'medtransfer train'.")],
+    paths: Annotated[list[Path], typer.Argument(help="Scan files and/or folders.")],
+    out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+) -> None:
+    """Predict new scans: calibrated probabilities and the label at the run's operating point (CSV)."""
+    from medtransfer.evaluation.predict import predict as predict_scans
+
+    table = predict_scans(run_dir, paths, batch_size=batch_size, device=device, out=out, progress=not quiet())
+    failed = int((table["error"] != "").sum())
+    note = f" ({failed} could not be read: see the 'error' column)" if failed else ""
+    say(f"predicted {len(table) - failed} scan(s){note}; wrote {out}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -222,8 +222,18 @@ def _fit_and_save(run_dir: Path, cfg: RunConfig, manifest: Manifest, resume: boo
     with io.atomic_path(run_dir / "history.csv") as tmp:
         fit.history.to_csv(tmp, index=False)
     card = _make_card(cfg, manifest, fit)
+    card = _calibrate(model, manifest, cfg, card, run_dir, progress)
     save_model(model.cpu(), run_dir, card)
     return load_run(run_dir)
+
+
+def _calibrate(model: torch.nn.Module, manifest: Manifest, cfg: RunConfig, card: ModelCard, run_dir: Path,
+               progress: bool) -> ModelCard:
+    """Temperature and operating points chosen on the validation split (never on test data), into the card."""
+    from medtransfer.evaluation.evaluate import calibrate
+
+    cache_dir = cfg.data.cache_dir or run_dir / "cache"
+    return calibrate(model, manifest.split("val"), card, cfg, cache_dir=cache_dir, progress=progress)
 
 
 def _make_card(cfg: RunConfig, manifest: Manifest, fit: Any) -> ModelCard:

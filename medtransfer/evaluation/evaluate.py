@@ -1,0 +1,399 @@
+"""``evaluate``: one inference pass, then metrics with CIs, calibration, operating points and subgroup gaps.
+
+Operating points and temperature are learned on the VALIDATION split only, by :func:`calibrate`, which
+training calls once the best weights are restored and stores in the model card. Evaluation applies them as
+they are: a test split or an external folder never re-tunes a threshold or a temperature (that would
+report an optimistic operating point nobody could have chosen in advance).
+
+Multi-class and multi-label tasks are evaluated one-vs-rest per class (``true_<class>`` against
+``p_<class>``), plus a ``macro`` row (the mean of the class rows, without a CI). Binary tasks are evaluated
+for the positive class (``classes[1]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medtransfer.config import DataConfig, RunConfig
+from medtransfer.data.manifest import Manifest
+from medtransfer.errors import ManifestError, RunDirError
+from medtransfer.evaluation.predict import infer, predict_cases, probabilities, scored_classes, thresholds_of
+from medtransfer.evaluation.result import EvaluationResult
+from medtransfer.models.card import ModelCard
+from medtransfer.training.run import Run, load_run
+
+log = logging.getLogger(__name__)
+
+#: Metrics reported with a bootstrap CI in ``EvaluationResult.overall``.
+CI_METRICS = ("auroc", "auprc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")
+
+
+# -- calibration on the validation split ------------------------------------------------------------
+def calibrate(model: torch.nn.Module, manifest_val: Manifest, card: ModelCard, cfg: RunConfig, *,
+              cache_dir: str | Path | None = None, progress: bool = False) -> ModelCard:
+    """Fit the temperature and choose operating points on the validation split; returns an updated card.
+
+    One inference pass over ``manifest_val`` gives logits; :func:`fit_temperature` fits the temperature on
+    them, and :func:`choose_threshold` (``cfg.eval.threshold`` / ``cfg.eval.target``) picks each scored
+    class's threshold on the calibrated probabilities. A class without both outcomes in validation keeps
+    0.5 (logged); with no validation cases at all the card is returned unchanged.
+
+    Args:
+        model: the trained classifier (best weights).
+        manifest_val: the validation cases (never test or external data).
+        card: the model card to update (not modified; a copy is returned).
+        cfg: the run config (``eval.threshold``, ``eval.target``, ``train.batch_size``, ``train.device``).
+        cache_dir: decoded-image cache (training's cache is warm for the validation split).
+        progress: progress bar.
+
+    Returns:
+        A copy of ``card`` with ``temperature`` and ``thresholds`` ({class: threshold}; binary: positive class).
+    """
+    from medtransfer.evaluation import calibration, thresholds
+
+    if len(manifest_val) == 0:
+        log.warning("no validation cases: thresholds stay at %s and no temperature is fitted", card.thresholds)
+        return card
+    out = infer(model, manifest_val, card.input, batch_size=cfg.train.batch_size, device=cfg.train.device,
+                cache_dir=cache_dir, progress=progress)
+    ok = out.ok
+    temperature = float(calibration.fit_temperature(out.logits[ok], out.targets[ok], card.task))
+    lo, hi = calibration.T_BOUNDS
+    if not np.isfinite(temperature) or not lo * 1.01 < temperature < hi * 0.99:
+        # A temperature on the search boundary means a separable (T -> 0) or uninformative (T -> inf)
+        # validation split: not evidence about calibration. Sharpening by 20x would also saturate float64
+        # probabilities to exactly 0/1 and destroy the ranking AUROC needs, so we keep T = 1.
+        log.warning("temperature scaling is degenerate on the validation split (T=%.3g at the bound of %s); "
+                    "using T = 1 (probabilities uncalibrated). A larger validation split helps.", temperature,
+                    calibration.T_BOUNDS)
+        temperature = 1.0
+    fitted = card.model_copy(update={"temperature": temperature})
+    p = probabilities(out.logits[ok], fitted)
+    y = one_vs_rest(out.targets[ok], card)
+    chosen: dict[str, float] = {}
+    for j, c in enumerate(scored_classes(card)):
+        known = ~np.isnan(y[:, j])
+        yc, pc = y[known, j], p[known, j]
+        if yc.size == 0 or yc.min() == yc.max():
+            log.warning("class '%s' has %s in the validation split; its threshold stays 0.5",
+                        c, "no cases" if yc.size == 0 else "only one outcome")
+            chosen[c] = 0.5
+            continue
+        thr = float(thresholds.choose_threshold(yc, pc, method=cfg.eval.threshold, target=cfg.eval.target))
+        chosen[c] = thr if np.isfinite(thr) else 0.5
+    log.info("calibrated on %d validation cases: temperature %.3f, thresholds %s", int(ok.sum()), temperature,
+             chosen)
+    return ModelCard.model_validate({**card.model_dump(), "temperature": temperature, "thresholds": chosen})
+
+
+def one_vs_rest(targets: np.ndarray, card: ModelCard) -> np.ndarray:
+    """Targets as float (N, len(scored_classes)) 1/0/NaN, one column per scored class."""
+    t = np.asarray(targets, dtype=np.float64)
+    if card.task == "multilabel":
+        return t.reshape(len(t), -1)
+    if card.task == "binary":
+        return t.reshape(-1, 1)
+    out = np.zeros((len(t), len(card.classes)))
+    out[np.arange(len(t)), t.astype(np.int64)] = 1.0
+    return out
+
+
+# -- evaluate -------------------------------------------------------------------------------------
+def evaluate(
+    run_or_model: Run | str | os.PathLike[str],
+    data: str | os.PathLike[str] | None = None,
+    *,
+    labels: str | os.PathLike[str] | None = None,
+    split: str = "test",
+    subgroups: Sequence[str] = ("sex", "age_band", "site"),
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    min_group_size: int = 10,
+    intersections: Sequence[Sequence[str]] = (),
+    out_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    progress: bool = False,
+    seed: int = 0,
+) -> EvaluationResult:
+    """Evaluate a trained run on a split of its own data or on an external folder, and save the result.
+
+    Args:
+        run_or_model: a :class:`~medtransfer.training.run.Run` or its directory.
+        data: None evaluates ``split`` of the run's manifest; a folder is indexed like training data
+            (class sub-folders or ``labels``) and ALL its cases are evaluated, with split ``external``.
+        labels: labels CSV for ``data`` (multi-label: columns named after the card's classes).
+        split: the run's split to evaluate when ``data`` is None (``test``, ``val`` or ``train``).
+        subgroups: manifest columns to break metrics down by; absent ones are listed in ``meta["warnings"]``.
+        n_boot, ci: bootstrap resamples (by patient) and confidence level; ``n_boot=0`` gives no CIs.
+        min_group_size: smaller subgroups are listed but not assessed.
+        intersections: attribute combinations, e.g. ``[("sex", "age_band")]``.
+        out_dir: where ``evaluation.json`` + ``predictions.csv`` go. Default: the run directory (split
+            ``test``), ``<run>/split-<name>`` (other splits), ``<run>/external/<folder name>`` (external data).
+        batch_size, device: inference settings.
+        progress: progress bars on stderr.
+        seed: bootstrap seed.
+
+    Returns:
+        The :class:`EvaluationResult` (also saved; ``result.saved_to`` is the folder).
+
+    Raises:
+        RunDirError: not a run directory, or no manifest to take ``split`` from.
+        ManifestError: an empty split, or external labels outside the card's classes.
+
+    Examples:
+        >>> result = evaluate("runs/cxr1", "external_site/", labels="external_site/labels.csv")  # doctest: +SKIP
+        >>> result.overall[["class", "auroc", "auroc_lo", "auroc_hi"]]  # doctest: +SKIP
+    """
+    run = run_or_model if isinstance(run_or_model, Run) else load_run(run_or_model)
+    run, source = _with_operating_points(run, progress)
+    manifest, name, default_out = _cases(run, data, labels, split, progress)
+    t0 = time.perf_counter()
+    preds = predict_cases(run, manifest, batch_size=batch_size, device=device, cache_dir=_cache_dir(run),
+                          progress=progress)
+    t1 = time.perf_counter()
+    attrs, warnings = _present(preds, subgroups, intersections)
+    tables = compute_tables(preds, run.card, attributes=attrs[0], intersections=attrs[1], n_boot=n_boot, ci=ci,
+                            min_group_size=min_group_size, seed=seed)
+    tables["thresholds"] = _threshold_table(run, source)
+    meta = _meta(run, preds, manifest, name, split="external" if data is not None else split,
+                 warnings=warnings, settings={"n_boot": n_boot, "ci": ci, "seed": seed,
+                                              "min_group_size": min_group_size, "subgroups": attrs[0],
+                                              "intersections": [list(i) for i in attrs[1]]})
+    meta["timing"] = {"inference_s": round(t1 - t0, 3), "statistics_s": round(time.perf_counter() - t1, 3)}
+    result = EvaluationResult(**tables, predictions=preds, meta=meta)
+    result.save(Path(out_dir) if out_dir is not None else default_out)
+    log.info("evaluation written to %s", result.saved_to)
+    return result
+
+
+def _cache_dir(run: Run) -> Path:
+    return Path(run.config.data.cache_dir) if run.config.data.cache_dir else run.path / "cache"
+
+
+def _with_operating_points(run: Run, progress: bool) -> tuple[Run, str]:
+    """The run, with thresholds chosen on its validation split if its card has none (card file untouched)."""
+    if all(c in run.card.thresholds for c in scored_classes(run.card)):
+        return run, "validation split (chosen at training)"
+    val = run.manifest.split("val") if run.manifest is not None and "split" in run.manifest.df else None
+    if val is None or len(val) == 0:
+        return run, "default 0.5 (the run has no validation split)"
+    card = calibrate(run.model, val, run.card, run.config, cache_dir=_cache_dir(run), progress=progress)
+    return dataclasses.replace(run, card=card), "validation split (chosen at evaluation)"
+
+
+def _cases(run: Run, data: Any, labels: Any, split: str, progress: bool) -> tuple[Manifest, str, Path]:
+    """(cases to evaluate, data source name, default output folder)."""
+    if data is None:
+        if run.manifest is None:
+            raise RunDirError(f"{run.path}: no manifest.csv, so there is no '{split}' split to evaluate; pass "
+                              "--data FOLDER to evaluate external data.")
+        cases = run.manifest.split(split)
+        if len(cases) == 0:
+            raise ManifestError(f"the run's '{split}' split has no cases; choose another --split (test, val, "
+                                "train) or pass --data FOLDER.")
+        out = run.path if split == "test" else run.path / f"split-{split}"
+        return cases, run.manifest.data_dir.name, out
+    return _external(run, Path(data), labels, progress)
+
+
+def _external(run: Run, folder: Path, labels: Any, progress: bool) -> tuple[Manifest, str, Path]:
+    """Index an external folder; every case is evaluated (split ``external``) with the card's classes."""
+    from medtransfer.data.discovery import index_scans
+
+    card = run.card
+    cfg = DataConfig(val_fraction=0, test_fraction=0, age_bands=run.config.data.age_bands)
+    m = index_scans(folder, labels=labels, label_columns=card.classes if card.task == "multilabel" else None,
+                    config=cfg, progress=progress)
+    if card.task != "multilabel":
+        unknown = sorted(set(m.df["label"].dropna().astype(str)) - set(card.classes))
+        if unknown:
+            raise ManifestError(f"{folder.name}: labels {unknown} are not classes of this model "
+                                f"({card.classes}); rename them or evaluate only the known classes.")
+    df = m.df.assign(split="external")
+    warnings = [w for w in m.warnings if not w.startswith("split '")]
+    manifest = Manifest(df, list(card.classes), card.task, m.data_dir, warnings, m.quarantine)
+    out = run.path / "external" / m.data_dir.name
+    manifest.save(out)  # the external cases' manifest + quarantine.csv: working files beside the result
+    return manifest, m.data_dir.name, out
+
+
+def _present(preds: pd.DataFrame, subgroups: Sequence[str], intersections: Sequence[Sequence[str]]
+             ) -> tuple[tuple[list[str], list[tuple[str, ...]]], list[str]]:
+    """Requested subgroup attributes present in the data, and warnings for the absent ones."""
+    have = [a for a in subgroups if a in preds.columns and preds[a].notna().any()]
+    missing = [a for a in subgroups if a not in have]
+    warnings = [f"subgroup '{a}' is not in the data (no value for any case); it was skipped." for a in missing]
+    inter = [tuple(i) for i in intersections if all(a in preds.columns and preds[a].notna().any() for a in i)]
+    warnings += [f"intersection {list(i)} skipped: an attribute is not in the data."
+                 for i in intersections if tuple(i) not in inter]
+    return (have, inter), warnings
+
+
+# -- the statistics tables ----------------------------------------------------------------------------
+def compute_tables(preds: pd.DataFrame, card: ModelCard, *, attributes: Sequence[str],
+                   intersections: Sequence[tuple[str, ...]] = (), n_boot: int = 1000, ci: float = 0.95,
+                   min_group_size: int = 10, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Overall, per-class, subgroup, gap and calibration tables from a predictions table.
+
+    Args:
+        preds: the predictions table (``true_<c>``, ``p_<c>``, ``p_raw_<c>``, ``patient_key``, subgroups).
+        card: the model card (task, classes, thresholds, temperature).
+        attributes: subgroup columns present in ``preds``.
+        intersections, n_boot, ci, min_group_size, seed: as for :func:`evaluate`.
+
+    Returns:
+        dict with ``overall``, ``per_class``, ``by_group``, ``gaps``, ``calibration``, ``reliability``.
+    """
+    thr = thresholds_of(card)
+    parts: dict[str, list[pd.DataFrame]] = {k: [] for k in ("by_group", "gaps", "reliability")}
+    overall, per_class, calib = [], [], []
+    for c in scored_classes(card):
+        sub = preds[preds[f"true_{c}"].notna() & preds[f"p_{c}"].notna()].copy()
+        for a in attributes:
+            sub[a] = sub[a].astype(object).where(sub[a].notna(), "unknown").astype(str)
+        y, p = sub[f"true_{c}"].to_numpy(float), sub[f"p_{c}"].to_numpy(float)
+        keys = sub["patient_key"].to_numpy()
+        overall.append(_overall_row(c, y, p, keys, thr[c], n_boot=n_boot, ci=ci, seed=seed))
+        per_class.append(_per_class_row(c, y, p, thr[c]))
+        calib.append(_calibration_row(c, y, p, sub[f"p_raw_{c}"].to_numpy(float), card))
+        parts["reliability"].append(_reliability(c, y, p, sub[f"p_raw_{c}"].to_numpy(float)))
+        if attributes and len(sub):
+            by_group, gaps = _subgroups(sub, c, thr[c], attributes, intersections, n_boot=n_boot, ci=ci,
+                                        min_group_size=min_group_size, seed=seed)
+            parts["by_group"].append(by_group)
+            parts["gaps"].append(gaps)
+    overall_df = pd.DataFrame(overall)
+    if card.task != "binary" and len(overall_df):
+        overall_df = pd.concat([overall_df, _macro_row(overall_df, preds)], ignore_index=True)
+    return {"overall": overall_df, "per_class": pd.DataFrame(per_class), "calibration": pd.DataFrame(calib),
+            **{k: pd.concat(v, ignore_index=True) if v else pd.DataFrame() for k, v in parts.items()}}
+
+
+def _overall_row(c: str, y: np.ndarray, p: np.ndarray, keys: np.ndarray, thr: float, *, n_boot: int, ci: float,
+                 seed: int) -> dict[str, Any]:
+    from medtransfer.evaluation.bootstrap import bootstrap_metrics
+    from medtransfer.evaluation.metrics import binary_metrics
+
+    point = binary_metrics(y, p, thr) if len(y) else {}
+    row: dict[str, Any] = {"class": c, "n": int(len(y)), "n_patients": int(len(set(keys))),
+                           "n_pos": int(np.sum(y == 1)), "prevalence": float(np.mean(y)) if len(y) else np.nan,
+                           "threshold": float(thr)}
+    boot = (bootstrap_metrics(y, p, thr, clusters=keys, n_boot=n_boot, ci=ci, seed=seed, metrics=CI_METRICS)
+            if n_boot > 0 and len(y) else {})
+    for m in CI_METRICS:
+        value, lo, hi = boot.get(m, (point.get(m, np.nan), np.nan, np.nan))
+        row.update({m: float(value), f"{m}_lo": float(lo), f"{m}_hi": float(hi)})
+    return row
+
+
+def _per_class_row(c: str, y: np.ndarray, p: np.ndarray, thr: float) -> dict[str, Any]:
+    from medtransfer.evaluation.metrics import binary_metrics
+
+    point = binary_metrics(y, p, thr) if len(y) else {"n": 0}
+    return {"class": c, "threshold": float(thr),
+            **{k: (int(v) if k in ("n", "n_pos", "tp", "fp", "tn", "fn") else float(v)) for k, v in point.items()}}
+
+
+def _macro_row(overall: pd.DataFrame, preds: pd.DataFrame) -> pd.DataFrame:
+    """Unweighted mean over the class rows (NaN classes skipped); no CI (the classes share cases)."""
+    row: dict[str, Any] = {"class": "macro", "n": int(overall["n"].max()),
+                           "n_patients": int(preds["patient_key"].nunique()), "n_pos": int(overall["n_pos"].sum()),
+                           "prevalence": np.nan, "threshold": np.nan}
+    for m in CI_METRICS:
+        vals = overall[m].to_numpy(float)
+        row.update({m: float(np.nanmean(vals)) if np.isfinite(vals).any() else np.nan,
+                    f"{m}_lo": np.nan, f"{m}_hi": np.nan})
+    return pd.DataFrame([row])
+
+
+def _calibration_row(c: str, y: np.ndarray, p: np.ndarray, p_raw: np.ndarray, card: ModelCard) -> dict[str, Any]:
+    from medtransfer.evaluation.calibration import brier, ece
+
+    row: dict[str, Any] = {"class": c, "n": int(len(y)),
+                           "temperature": float(card.temperature) if card.temperature else np.nan}
+    for suffix, q in (("", p), ("_uncalibrated", p_raw)):
+        has = len(y) > 0
+        row[f"ece{suffix}"] = float(ece(y, q)) if has else np.nan
+        row[f"ece_adaptive{suffix}"] = float(ece(y, q, adaptive=True)) if has else np.nan
+        row[f"brier{suffix}"] = float(brier(y, q)) if has else np.nan
+    return row
+
+
+def _reliability(c: str, y: np.ndarray, p: np.ndarray, p_raw: np.ndarray) -> pd.DataFrame:
+    from medtransfer.evaluation.calibration import reliability_curve
+
+    if not len(y):
+        return pd.DataFrame()
+    frames = []
+    for stage, q in (("uncalibrated", p_raw), ("calibrated", p)):
+        curve = pd.DataFrame(reliability_curve(y, q)).reset_index(drop=True)
+        curve.insert(0, "stage", stage)
+        curve.insert(0, "class", c)
+        frames.append(curve)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _subgroups(sub: pd.DataFrame, c: str, thr: float, attributes: Sequence[str],
+               intersections: Sequence[tuple[str, ...]], **kw: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from medtransfer.evaluation.subgroups import subgroup_gaps, subgroup_table
+
+    cols = {"y_col": f"true_{c}", "p_col": f"p_{c}", "threshold": thr, "attributes": list(attributes),
+            "cluster_col": "patient_key"}
+    table = pd.DataFrame(subgroup_table(sub, **cols, intersections=list(intersections), **kw))
+    gaps = pd.DataFrame(subgroup_gaps(sub, **cols, **kw))
+    table.insert(0, "class", c)
+    gaps.insert(0, "class", c)
+    return table, gaps
+
+
+# -- operating points and meta --------------------------------------------------------------------------
+def _threshold_table(run: Run, source: str) -> pd.DataFrame:
+    ev = run.config.eval
+    thr = thresholds_of(run.card)
+    return pd.DataFrame([{"class": c, "threshold": v, "method": ev.threshold,
+                          "target": float(ev.target) if ev.target is not None else np.nan, "source": source}
+                         for c, v in thr.items()])
+
+
+def _meta(run: Run, preds: pd.DataFrame, manifest: Manifest, name: str, *, split: str, warnings: list[str],
+          settings: dict[str, Any]) -> dict[str, Any]:
+    """The result's ``meta``: what was evaluated, how, and a summary of the model (no paths, no PHI)."""
+    from medtransfer import __version__
+
+    card = run.card
+    failed = int((preds["error"] != "").sum())
+    if failed:
+        warnings = [*warnings, f"{failed} case(s) could not be decoded and were left out (see predictions.csv)."]
+    prevalence = {c: float(preds[f"true_{c}"].mean()) for c in scored_classes(card)}
+    counts = card.training.get("counts", {}).get("train", {})
+    total = sum(counts.values()) if counts else 0
+    train_prev = {c: counts.get(c, 0) / total for c in scored_classes(card)} if total else {}
+    return {
+        "split": split, "data": name, "run_id": run.path.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "medtransfer_version": __version__, "task": card.task, "classes": list(card.classes),
+        "n_cases": int(len(preds) - failed), "n_failed": failed,
+        "n_patients": int(preds.loc[preds["error"] == "", "patient_key"].nunique()),
+        "prevalence": prevalence, "training_prevalence": train_prev,
+        "warnings": [*manifest.warnings, *warnings] if split == "external" else list(warnings),
+        "model": _card_summary(card), **settings,
+    }
+
+
+def _card_summary(card: ModelCard) -> dict[str, Any]:
+    """The card fields a reader of the result needs (no weights path, no data summary)."""
+    t = card.training
+    return {"name": card.name, "backbone": card.backbone, "strategy": card.strategy, "task": card.task,
+            "classes": list(card.classes), "input_size": list(card.input.size), "channels": card.input.channels,
+            "temperature": card.temperature, "thresholds": dict(card.thresholds), "created": card.created,
+            "best_epoch": t.get("best_epoch"), "best_val_auroc": t.get("best_val_auroc")}

@@ -1,0 +1,264 @@
+"""``explain_run``: saliency overlays and their scores for selected cases of a trained run.
+
+Writes, atomically, below ``<run_dir>/saliency/``:
+
+- ``<method>/<case_id>_<class>.png``: the overlay (no PHI: pseudonymous case_id only);
+- ``index.csv``: one row per (case, class, method): case_id, class, kind (TP/FP/FN, or TN/"" for cases
+  asked for by id), group, method, score (the model's probability), sanity_score, sanity_passed,
+  deletion_ratio, outside_body_mass, border_mass, corner_mass, corner, hint, file (relative to
+  ``saliency/``);
+- ``sanity_<method>.csv``: the cascading-randomisation table, computed once per method and run.
+
+Work is cached: a (case, class, method) whose row is in ``index.csv`` and whose PNG exists is not redone,
+so re-running with more cases or another method only computes what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medtransfer import io
+from medtransfer.errors import ManifestError, RunDirError
+from medtransfer.explain.faithfulness import deletion_scores
+from medtransfer.explain.overlay import save_overlay
+from medtransfer.explain.regions import region_hint
+from medtransfer.explain.saliency import METHODS, explain
+from medtransfer.explain.sanity import sanity_check
+from medtransfer.explain.selection import case_kind, select_cases
+
+log = logging.getLogger(__name__)
+
+INDEX_COLUMNS = ["case_id", "class", "kind", "group", "method", "score", "sanity_score", "sanity_passed",
+                 "deletion_ratio", "outside_body_mass", "border_mass", "corner_mass", "corner", "hint", "file"]
+#: Images used for the sanity check (once per method per run).
+SANITY_IMAGES = 4
+#: Cases explained per batch.
+CHUNK = 8
+
+
+def explain_run(
+    run_dir: str | Path,
+    *,
+    method: str = "gradcam",
+    cases: int = 4,
+    case_ids: Sequence[str] | None = None,
+    split: str = "test",
+    predictions: pd.DataFrame | str | Path | None = None,
+    group_by: str | None = None,
+    progress: bool = False,
+) -> Path:
+    """Explain selected cases of a run and write overlays + ``saliency/index.csv``.
+
+    Args:
+        run_dir: a run directory written by ``medtransfer train``.
+        method: ``gradcam``, ``integrated_gradients``, ``occlusion`` or ``saliency``.
+        cases: per class and kind (TP/FP/FN) [and group], how many cases to explain (``--cases N``).
+        case_ids: explain exactly these cases instead (``--case-id ID``, repeatable); any split.
+        split: the split to select cases from (``--split``).
+        predictions: a predictions table or CSV path; default ``<run_dir>/predictions.csv``, else the
+            split is predicted here (one batched pass).
+        group_by: select ``cases`` per value of this subgroup column (e.g. ``"sex"``).
+        progress: show a progress bar on stderr.
+
+    Returns:
+        The path of ``saliency/index.csv``.
+
+    Raises:
+        RunDirError: not a run directory, or it has no manifest.
+        ManifestError / ValueError: unknown case ids, split or method.
+
+    Examples:
+        >>> explain_run("runs/cxr1", method="gradcam", cases=2)  # doctest: +SKIP
+        PosixPath('runs/cxr1/saliency/index.csv')
+    """
+    from medtransfer.training.run import load_run
+
+    if method not in METHODS:
+        raise ValueError(f"unknown saliency method '{method}'; expected one of {', '.join(METHODS)}")
+    run = load_run(run_dir)
+    if run.manifest is None:
+        raise RunDirError(f"{run.path}: no manifest.csv, so the cases cannot be found")
+    out = run.path / "saliency"
+    preds = _predictions(run, predictions, split if case_ids is None else None)
+    chosen = _choose(run, preds, case_ids, split, cases, group_by)
+    index = _read_index(out / "index.csv")
+    todo = _missing(chosen, index, method, out)
+    log.info("%s: %d case(s) selected, %d to explain with %s", run.path, len(chosen), len(todo), method)
+    if len(todo):
+        rows = _explain_cases(run, todo, method, out, progress)
+        index = pd.concat([index, rows], ignore_index=True) if len(index) else rows
+        index = index.drop_duplicates(["case_id", "class", "method"], keep="last")
+        with io.atomic_path(out / "index.csv") as tmp:
+            index.reindex(columns=INDEX_COLUMNS).to_csv(tmp, index=False)
+    return out / "index.csv"
+
+
+def _predictions(run: Any, predictions: Any, split: str | None) -> pd.DataFrame:
+    if isinstance(predictions, pd.DataFrame):
+        return predictions
+    path = Path(predictions) if predictions is not None else run.path / "predictions.csv"
+    if path.is_file():
+        return pd.read_csv(path, dtype={"case_id": str})
+    if predictions is not None:
+        raise RunDirError(f"{path}: predictions file not found")
+    return compute_predictions(run, split)
+
+
+def compute_predictions(run: Any, split: str | None) -> pd.DataFrame:
+    """Predictions for ``split`` (all cases when None) in the ``predictions.csv`` format (one pass).
+
+    Decisions use the card's thresholds (0.5 where none was chosen); multi-class: the arg-max class.
+    """
+    from medtransfer.data.dataset import SUBGROUP_FIELDS
+
+    manifest = run.manifest if split is None else run.manifest.split(split)
+    if not len(manifest):
+        raise ManifestError(f"split '{split}' has no cases in {run.path / 'manifest.csv'}")
+    ds = _dataset(run, manifest)
+    x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    probs = run.predict(x)
+    card, df = run.card, manifest.df
+    out = pd.DataFrame({"case_id": df["case_id"].astype(str), "split": df["split"]})
+    targets = manifest.targets()
+    for k, col in enumerate(probs.columns):
+        cls = col[2:]
+        if card.task == "binary":
+            true = targets
+        elif card.task == "multiclass":
+            true = (targets == card.classes.index(cls)).astype(float)
+        else:
+            true = targets[:, k]
+        p = probs[col].to_numpy()
+        if card.task == "multiclass":
+            pred = probs.to_numpy().argmax(axis=1) == k
+        else:
+            pred = p >= card.thresholds.get(cls, 0.5)
+        out[f"true_{cls}"], out[col], out[f"pred_{cls}"] = true, p, pred.astype(int)
+    for name in SUBGROUP_FIELDS:
+        if name in df.columns:
+            out[name] = df[name].to_numpy()
+    return out.reset_index(drop=True)
+
+
+def _choose(run: Any, preds: pd.DataFrame, case_ids: Sequence[str] | None, split: str, n: int,
+            group_by: str | None) -> pd.DataFrame:
+    preds = preds.assign(case_id=preds["case_id"].astype(str))
+    if case_ids is None:
+        if "split" in preds.columns:
+            preds = preds[preds["split"] == split]
+        return select_cases(preds, n=n, group_by=group_by).drop_duplicates(["case_id", "class"])
+    unknown = sorted(set(map(str, case_ids)) - set(preds["case_id"]))
+    if unknown:
+        raise ManifestError(f"case id(s) {unknown[:5]} not found in the run's cases ({run.path / 'manifest.csv'})")
+    sub = preds[preds["case_id"].isin(set(map(str, case_ids)))]
+    classes = [c[2:] for c in preds.columns if c.startswith("p_")]
+    p = sub[[f"p_{c}" for c in classes]].to_numpy()
+    if run.card.task == "multilabel":
+        picks = [[c for c in classes if row[f"pred_{c}"] == 1] or [classes[int(np.argmax(pi))]]
+                 for (_, row), pi in zip(sub.iterrows(), p, strict=True)]
+    else:
+        picks = [[classes[int(np.argmax(pi))]] for pi in p]
+    rows = []
+    for (i, row), picked in zip(sub.iterrows(), picks, strict=True):
+        for c in picked:
+            kind = case_kind(sub.loc[[i]], c).iloc[0] if f"true_{c}" in sub.columns else ""
+            rows.append({"case_id": row["case_id"], "class": c, "kind": kind, "group": "requested",
+                         "p": float(row[f"p_{c}"])})
+    return pd.DataFrame(rows, columns=["case_id", "class", "kind", "group", "p"])
+
+
+def _read_index(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        return pd.DataFrame(columns=INDEX_COLUMNS)
+    return pd.read_csv(path, dtype={"case_id": str, "class": str, "file": str})
+
+
+def _missing(chosen: pd.DataFrame, index: pd.DataFrame, method: str, out: Path) -> pd.DataFrame:
+    done = {(r.case_id, r["class"]) for _, r in index[index["method"] == method].iterrows()
+            if isinstance(r["file"], str) and (out / r["file"]).is_file()}
+    keep = [(r.case_id, r["class"]) not in done for _, r in chosen.iterrows()]
+    return chosen[keep].reset_index(drop=True)
+
+
+def _dataset(run: Any, manifest: Any) -> Any:
+    from medtransfer.data.dataset import ScanDataset
+
+    cache = run.config.data.cache_dir or run.path / "cache"
+    return ScanDataset(manifest, run.card.input, train=False, cache_dir=cache)
+
+
+def _output_index(card: Any, cls: str) -> int:
+    return 0 if card.task == "binary" else card.classes.index(cls)
+
+
+def safe_name(text: str) -> str:
+    """``text`` with anything but letters, digits, ``.``, ``-`` and ``_`` replaced by ``_`` (file names)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(text))
+
+
+def _explain_cases(run: Any, todo: pd.DataFrame, method: str, out: Path, progress: bool) -> pd.DataFrame:
+    from medtransfer.progress import progress_bar
+
+    ds = _dataset(run, run.manifest)
+    where = {cid: i for i, cid in enumerate(run.manifest.df["case_id"].astype(str))}
+    sanity = _sanity(run, ds, where, todo, method, out)
+    rows: list[pd.DataFrame] = []
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"Saliency ({method})", total=len(todo), info="")
+        for cls, group in todo.groupby("class", sort=False):
+            for start in range(0, len(group), CHUNK):
+                chunk = group.iloc[start:start + CHUNK]
+                idx = [where[c] for c in chunk["case_id"]]
+                rows.append(_explain_chunk(run, ds, idx, chunk, str(cls), method, out, sanity))
+                bar.advance(task, len(chunk))
+    return pd.concat(rows, ignore_index=True)
+
+
+def _explain_chunk(run: Any, ds: Any, idx: list[int], chunk: pd.DataFrame, cls: str, method: str, out: Path,
+                   sanity: tuple[float, bool]) -> pd.DataFrame:
+    x = torch.stack([ds[i]["image"] for i in idx])
+    img01 = np.stack([ds.cached_image(i) for i in idx])
+    target = _output_index(run.card, cls)
+    sm = explain(run, x, method=method, target=target)
+    hints = region_hint(sm.maps, img01)
+    faith = deletion_scores(run, x, sm.maps[:, 0], target, insertion=False)
+    rows = []
+    for j, (_, sel) in enumerate(chunk.iterrows()):
+        rel = f"{method}/{safe_name(sel['case_id'])}_{safe_name(cls)}.png"
+        score, ratio = float(sm.scores[j, 0]), float(faith["deletion_ratio"].iloc[j])
+        title = (f"{sel['case_id']} · {cls} ({sel['kind'] or 'requested'}) · {method} · p={score:.2f}\n"
+                 f"sanity {sanity[0]:.2f} ({'passed' if sanity[1] else 'NOT passed'}) · deletion ratio {ratio:.2f}")
+        save_overlay(out / rel, img01[j], sm.maps[j, 0], title=title)
+        h = hints.iloc[j]
+        rows.append({"case_id": sel["case_id"], "class": cls, "kind": sel["kind"], "group": sel["group"],
+                     "method": method, "score": score, "sanity_score": sanity[0], "sanity_passed": sanity[1],
+                     "deletion_ratio": ratio, "outside_body_mass": h["outside_body_mass"],
+                     "border_mass": h["border_mass"], "corner_mass": h["corner_mass"], "corner": h["corner"],
+                     "hint": h["hint"], "file": rel})
+    return pd.DataFrame(rows, columns=INDEX_COLUMNS)
+
+
+def _sanity(run: Any, ds: Any, where: dict[str, int], todo: pd.DataFrame, method: str,
+            out: Path) -> tuple[float, bool]:
+    """(sanity_score, passed) for ``method``: read from ``sanity_<method>.csv`` or computed once and written."""
+    path = out / f"sanity_{method}.csv"
+    if path.is_file():
+        table = pd.read_csv(path)
+        return float(table["sanity_score"].iloc[-1]), bool(table["passed"].iloc[-1])
+    cls = str(todo["class"].iloc[0])
+    ids = todo.loc[todo["class"] == cls, "case_id"].head(SANITY_IMAGES)
+    x = torch.stack([ds[where[c]]["image"] for c in ids])
+    result = sanity_check(run, x, method=method, target=_output_index(run.card, cls))
+    table = result.table.assign(method=method, target_class=cls, sanity_score=result.sanity_score,
+                                passed=result.passed, threshold=result.threshold)
+    with io.atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+    return result.sanity_score, result.passed

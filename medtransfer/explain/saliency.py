@@ -1,0 +1,261 @@
+"""``explain``: where a model looks, with Captum (Grad-CAM, Integrated Gradients, occlusion, gradients).
+
+Every method attributes the model's **logit** for the target output (the pre-sigmoid/softmax score, as in
+the Grad-CAM paper), and returns maps at input resolution, scaled per image to [0, 1]:
+
+- ``gradcam``: Grad-CAM (Selvaraju et al. 2017) on ``model.cam_layer()``; positive evidence only (the
+  paper's ReLU). Captum's ``LayerGradCam(relu_attributions=False)`` is its default, so we take the signed
+  coarse map, keep it as ``raw`` (upsampled), and apply the ReLU ourselves *before* the bilinear upsampling,
+  as the paper does. ViT tokens are reshaped to a map with ``model.cam_reshape()``.
+- ``integrated_gradients``: Integrated Gradients (Sundararajan et al. 2017), ``n_steps`` (default 32) Gauss-
+  Legendre steps evaluated ``internal_batch_size`` at a time so memory stays bounded; optional SmoothGrad
+  (NoiseTunnel) with noise std = 15% of the batch's value range (Smilkov et al.). Maps: |attribution|.
+- ``occlusion``: a square window of 1/8 of the image side slid with stride 1/2 window, replaced by the
+  baseline; the map is the positive part of the logit drop (evidence *for* the target).
+- ``saliency``: vanilla gradients (Simonyan et al. 2014), absolute value (Captum's ``abs=True``).
+
+The default baseline for IG and occlusion is 0 in the *normalised* input space, i.e. a flat image at the
+normalisation mean (mid grey). A black image is the usual default in natural images, but black is
+informative in radiographs (air, collimation), so a neutral grey is a less biased reference.
+
+Multi-channel inputs are summed over channels (signed for ``raw``; ``maps`` then take ReLU or abs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+Method = Literal["gradcam", "integrated_gradients", "occlusion", "saliency"]
+METHODS: tuple[str, ...] = ("gradcam", "integrated_gradients", "occlusion", "saliency")
+
+
+@dataclass
+class SaliencyMaps:
+    """Saliency maps for N images and K targets.
+
+    Attributes:
+        maps: float tensor (N, K, H, W) in [0, 1], scaled per image and target (max = 1 unless all zero).
+        raw: float tensor (N, K, H, W), the unscaled attribution summed over input channels (signed for
+            Grad-CAM, IG and occlusion; |gradient| for ``saliency``).
+        method: the method name.
+        targets: int tensor (N, K), the model output index each map explains.
+        scores: float tensor (N, K) in [0, 1], the model's probability for each target.
+    """
+
+    maps: torch.Tensor
+    raw: torch.Tensor
+    method: str
+    targets: torch.Tensor
+    scores: torch.Tensor
+
+
+def explain(
+    run_or_model: Any,
+    images: torch.Tensor,
+    *,
+    method: Method | str = "gradcam",
+    target: int | Sequence[int] | None = None,
+    internal_batch_size: int = 8,
+    smoothgrad: bool = False,
+    baseline: float | torch.Tensor | None = None,
+    n_steps: int = 32,
+    nt_samples: int = 8,
+) -> SaliencyMaps:
+    """Saliency maps for ``images``.
+
+    Args:
+        run_or_model: a :class:`~medtransfer.training.run.Run` or a model (a :class:`Classifier`; any
+            ``nn.Module`` mapping images to logits (N, K) works for the gradient methods and occlusion).
+        images: float tensor (N, C, H, W), preprocessed with ``card.input`` (normalised).
+        method: ``gradcam``, ``integrated_gradients``, ``occlusion`` or ``saliency``.
+        target: model output index, or several (one map per index, e.g. multi-label classes). None: binary
+            the single output (index 0, the positive class); otherwise each image's highest-scoring output.
+        internal_batch_size: images evaluated per forward pass for IG (n_steps x N in total) and occlusion.
+        smoothgrad: average IG / saliency over ``nt_samples`` noisy copies (NoiseTunnel, seeded).
+        baseline: IG / occlusion reference, a float or a tensor broadcastable to ``images`` (normalised
+            space); None = 0 (see the module docstring).
+        n_steps: IG integration steps.
+        nt_samples: SmoothGrad samples.
+
+    Returns:
+        :class:`SaliencyMaps` with maps (N, K, H, W).
+
+    The model is put in eval mode and its training flag and parameters' ``requires_grad`` are restored
+    afterwards; its outputs are unchanged (gradients are taken with ``torch.autograd.grad``, never stored).
+
+    Examples:
+        >>> sm = explain(run, x, method="gradcam")  # doctest: +SKIP
+        >>> sm.maps.shape  # doctest: +SKIP
+        torch.Size([4, 1, 224, 224])
+    """
+    model, task = model_and_task(run_or_model)
+    if method not in METHODS:
+        raise ValueError(f"unknown saliency method '{method}'; expected one of {', '.join(METHODS)}")
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    x = images.detach().float()
+    with prepared(model):
+        with torch.no_grad():
+            logits = model(x)
+        targets = resolve_targets(logits, target, task)
+        raws = [_attribute(model, x, targets[:, k], method, internal_batch_size=internal_batch_size,
+                           smoothgrad=smoothgrad, baseline=baseline, n_steps=n_steps, nt_samples=nt_samples)
+                for k in range(targets.shape[1])]
+    raw = torch.stack([r[0] for r in raws], dim=1)
+    maps = torch.stack([r[1] for r in raws], dim=1)
+    scores = probabilities(logits, task).gather(1, targets)
+    return SaliencyMaps(maps=maps, raw=raw, method=str(method), targets=targets, scores=scores)
+
+
+def model_and_task(run_or_model: Any) -> tuple[nn.Module, str]:
+    """The model of a Run (or the model itself) and its task ("" when unknown: a plain module)."""
+    model = getattr(run_or_model, "model", run_or_model)
+    card = getattr(run_or_model, "card", None)
+    task = card.task if card is not None else getattr(model, "task", "")
+    return model, str(task or "")
+
+
+def resolve_targets(logits: torch.Tensor, target: int | Sequence[int] | None, task: str) -> torch.Tensor:
+    """Output indices (N, K) to explain; see :func:`explain` for the rule when ``target`` is None."""
+    n, k_out = logits.shape
+    if target is None:
+        if k_out == 1 or task == "binary":
+            return torch.zeros(n, 1, dtype=torch.long)
+        return logits.argmax(dim=1, keepdim=True)
+    idx = [int(target)] if isinstance(target, int) else [int(t) for t in target]
+    bad = [t for t in idx if not 0 <= t < k_out]
+    if bad or not idx:
+        raise ValueError(f"target {list(target) if not isinstance(target, int) else target} out of range: "
+                         f"the model has {k_out} output(s) (binary: 0 = the positive class)")
+    return torch.tensor(idx, dtype=torch.long).expand(n, len(idx)).clone()
+
+
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Probabilities (N, K): softmax for multi-class, sigmoid otherwise."""
+    if task == "multiclass" or (not task and logits.shape[1] > 1):
+        return torch.softmax(logits.float(), dim=1)
+    return torch.sigmoid(logits.float())
+
+
+@contextlib.contextmanager
+def prepared(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block; restore the training flag and every parameter's ``requires_grad`` after.
+
+    Gradients are taken with respect to the input (Captum sets ``requires_grad`` on it), so frozen
+    parameters need not change; the restore guards against any attribution code that toggles them.
+    """
+    from medtransfer.models.classifier import disable_inplace_relu
+
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    disable_inplace_relu(model)  # never changes outputs; Captum's hooks need outputs not modified in place
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def _attribute(model: nn.Module, x: torch.Tensor, target: torch.Tensor, method: str, *,
+               internal_batch_size: int, smoothgrad: bool, baseline: Any, n_steps: int,
+               nt_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw, scaled) maps (N, H, W) for one target per image."""
+    tlist = target.tolist()
+    if method == "gradcam":
+        coarse = _gradcam(model, x, tlist)  # (N, 1, h, w), signed
+        raw = _upsample(coarse, x.shape[-2:])
+        return raw[:, 0], scale_maps(_upsample(F.relu(coarse), x.shape[-2:])[:, 0])
+    base = torch.zeros((), dtype=x.dtype) if baseline is None else torch.as_tensor(baseline, dtype=x.dtype)
+    if method == "occlusion":
+        raw = _occlusion(model, x, tlist, base, internal_batch_size).sum(dim=1)
+        return raw, scale_maps(F.relu(raw))
+    attr = _gradient_method(model, x, tlist, method, base, internal_batch_size=internal_batch_size,
+                            smoothgrad=smoothgrad, n_steps=n_steps, nt_samples=nt_samples)
+    return attr.sum(dim=1), scale_maps(attr.abs().sum(dim=1))
+
+
+def _gradcam(model: nn.Module, x: torch.Tensor, target: list[int]) -> torch.Tensor:
+    from captum.attr import LayerGradCam
+
+    if not hasattr(model, "cam_layer"):
+        raise ValueError(f"gradcam needs a model with cam_layer() (a medtransfer Classifier), got "
+                         f"{type(model).__name__}; use method='integrated_gradients' or 'saliency'")
+    layer = model.cam_layer()  # type: ignore[operator]
+    reshape = model.cam_reshape() if hasattr(model, "cam_reshape") else None  # type: ignore[operator]
+    if reshape is None:
+        return LayerGradCam(model, layer).attribute(x, target=target).detach()
+    # Token layers (ViT): a tap module sees the tokens as a map (N, C, h, w) and Captum attributes to it.
+    tap = nn.Identity()
+
+    def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
+        fmap = tap(reshape(out))
+        return torch.cat([out[:, :1], fmap.flatten(2).transpose(1, 2)], dim=1)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        return LayerGradCam(model, tap).attribute(x, target=target).detach()
+    finally:
+        handle.remove()
+
+
+def _upsample(coarse: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    from captum.attr import LayerAttribution
+
+    return LayerAttribution.interpolate(coarse, tuple(size), interpolate_mode="bilinear")
+
+
+def _occlusion(model: nn.Module, x: torch.Tensor, target: list[int], base: torch.Tensor,
+               internal_batch_size: int) -> torch.Tensor:
+    from captum.attr import Occlusion
+
+    h, w = x.shape[-2:]
+    win = (max(1, round(h / 8)), max(1, round(w / 8)))
+    stride = (max(1, win[0] // 2), max(1, win[1] // 2))
+    per_eval = max(1, internal_batch_size // max(1, len(x)))
+    attr = Occlusion(model).attribute(x, sliding_window_shapes=(x.shape[1], *win), strides=(x.shape[1], *stride),
+                                      baselines=base, target=target, perturbations_per_eval=per_eval)
+    return attr.detach()
+
+
+def _gradient_method(model: nn.Module, x: torch.Tensor, target: list[int], method: str, base: torch.Tensor, *,
+                     internal_batch_size: int, smoothgrad: bool, n_steps: int, nt_samples: int) -> torch.Tensor:
+    from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+
+    is_ig = method == "integrated_gradients"
+    algo: Any = IntegratedGradients(model) if is_ig else Saliency(model)
+    kwargs: dict[str, Any] = {"target": target}
+    if is_ig:
+        kwargs.update(baselines=base.expand_as(x).contiguous(), n_steps=n_steps,
+                      internal_batch_size=max(1, internal_batch_size))
+    else:
+        kwargs["abs"] = True
+    x = x.detach().clone().requires_grad_(True)  # what Captum would do, without its warning
+    if not smoothgrad:
+        return algo.attribute(x, **kwargs).detach()
+    std = 0.15 * float(x.max() - x.min())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return NoiseTunnel(algo).attribute(x, nt_type="smoothgrad", nt_samples=nt_samples, stdevs=std,
+                                           nt_samples_batch_size=1 if is_ig else None, **kwargs).detach()
+
+
+def scale_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Scale each non-negative map (N, H, W) to [0, 1] by its maximum; all-zero maps stay zero.
+
+    Non-finite values (a diverging model) are set to 0 first, so maps are always finite.
+    """
+    m = torch.nan_to_num(maps.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0)
+    peak = m.flatten(1).amax(dim=1).clamp(min=1e-12).view(-1, *([1] * (m.ndim - 1)))
+    return (m / peak).clamp(0, 1)

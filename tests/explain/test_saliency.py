@@ -1,0 +1,118 @@
+"""explain(): closed-form attributions, batched == per image, model state untouched, DenseNet-121."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from medtransfer.explain.saliency import METHODS, explain, scale_maps
+from medtransfer.models.classifier import build_model
+
+SIZE = 16
+
+
+class LinearModel(nn.Module):
+    """logits = sum(w * x) + b: the gradient is w everywhere, IG from 0 is exactly w * x."""
+
+    def __init__(self, w: torch.Tensor, bias: float = 0.3) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w.clone(), requires_grad=False)
+        self.b = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.w).flatten(1).sum(dim=1, keepdim=True) + self.b
+
+
+@pytest.fixture()
+def linear() -> LinearModel:
+    g = torch.Generator().manual_seed(0)
+    return LinearModel(torch.randn(1, 1, SIZE, SIZE, generator=g))
+
+
+def test_saliency_of_linear_model_is_abs_weight(linear: LinearModel) -> None:
+    x = torch.randn(2, 1, SIZE, SIZE)
+    sm = explain(linear, x, method="saliency")
+    w = linear.w.detach()[0, 0]
+    torch.testing.assert_close(sm.raw[:, 0], w.abs().expand(2, SIZE, SIZE), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sm.maps[:, 0], (w.abs() / w.abs().max()).expand(2, SIZE, SIZE))
+
+
+def test_integrated_gradients_of_linear_model_is_w_times_x(linear: LinearModel) -> None:
+    x = torch.randn(3, 1, SIZE, SIZE)
+    sm = explain(linear, x, method="integrated_gradients", n_steps=8, internal_batch_size=5)
+    w = linear.w.detach()
+    torch.testing.assert_close(sm.raw[:, 0], (w * x)[:, 0], rtol=1e-5, atol=1e-6)
+    # completeness: attributions sum to f(x) - f(baseline)
+    with torch.no_grad():
+        diff = (linear(x) - linear(torch.zeros_like(x)))[:, 0]
+    torch.testing.assert_close(sm.raw.flatten(1).sum(1), diff, rtol=1e-5, atol=1e-5)
+    assert sm.maps.min() >= 0 and sm.maps.amax(dim=(1, 2, 3)).allclose(torch.ones(3))
+
+
+def test_occlusion_of_linear_model_sums_window_contributions(linear: LinearModel) -> None:
+    x = torch.randn(1, 1, SIZE, SIZE)
+    sm = explain(linear, x, method="occlusion")
+    # every pixel's attribution is the average logit drop over the windows covering it; for a linear model
+    # the total over pixels equals sum(w * x) weighted by coverage, so the sign pattern follows w * x
+    assert torch.isfinite(sm.raw).all() and sm.maps.shape == (1, 1, SIZE, SIZE)
+    top = sm.raw[0, 0].flatten().argmax()
+    wx = (linear.w.detach() * x)[0, 0]
+    assert wx.flatten()[top] > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batched_equals_per_image(method: str) -> None:
+    torch.manual_seed(0)
+    model = build_model("efficientnet_lite0", ["a", "b"], weights="none")
+    x = torch.randn(3, 1, 32, 32)
+    kw = {"n_steps": 4} if method == "integrated_gradients" else {}
+    batched = explain(model, x, method=method, **kw)
+    single = torch.cat([explain(model, x[i:i + 1], method=method, **kw).maps for i in range(3)])
+    assert batched.maps.shape == (3, 1, 32, 32)
+    torch.testing.assert_close(batched.maps, single, rtol=1e-4, atol=1e-5)
+
+
+def test_multilabel_one_map_per_requested_class() -> None:
+    model = build_model("efficientnet_lite0", ["a", "b", "c"], task="multilabel", weights="none")
+    x = torch.randn(2, 1, 32, 32)
+    sm = explain(model, x, method="saliency", target=[0, 2])
+    assert sm.maps.shape == (2, 2, 32, 32) and sm.targets.tolist() == [[0, 2], [0, 2]]
+    with torch.no_grad():
+        p = torch.sigmoid(model.eval()(x))
+    torch.testing.assert_close(sm.scores, p[:, [0, 2]])
+    with pytest.raises(ValueError, match="out of range"):
+        explain(model, x, method="saliency", target=3)
+
+
+def test_explain_restores_mode_and_requires_grad() -> None:
+    model = build_model("efficientnet_lite0", ["a", "b"], weights="none")
+    model.freeze_backbone()
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    explain(model, torch.randn(1, 1, 32, 32), method="gradcam")
+    assert model.training
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_scale_maps_handles_zero_and_nonfinite() -> None:
+    m = torch.tensor([[[0.0, 0.0]], [[float("nan"), 2.0]]])
+    out = scale_maps(m)
+    assert torch.isfinite(out).all() and out[0].eq(0).all() and out[1].tolist() == [[0.0, 1.0]]
+
+
+def test_densenet121_gradcam_and_ig_leave_outputs_unchanged() -> None:
+    torch.manual_seed(0)
+    model = build_model("densenet121", ["normal", "pneumonia"], weights="none").eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    sm = explain(model, x, method="gradcam")
+    assert torch.isfinite(sm.maps).all() and sm.maps.shape == (2, 1, 64, 64)
+    assert (sm.maps.flatten(1).std(dim=1) > 0).all(), "Grad-CAM map is constant"
+    ig = explain(model, x[:1], method="integrated_gradients", n_steps=4, internal_batch_size=4)
+    assert torch.isfinite(ig.maps).all() and ig.maps.max() == 1
+    with torch.no_grad():
+        after = model(x)
+    assert torch.equal(before, after)

@@ -45,8 +45,32 @@ SEP = "×"
 CI_METRICS = ("auroc", "sensitivity", "specificity")
 GAP_METRICS = ("auroc", "tpr", "fpr")  # auroc; equal opportunity (TPR); equalized odds' other half (FPR)
 _LOWER_IS_WORSE = {"auroc": True, "tpr": True, "fpr": False}
-GAP_COLUMNS = ("attribute", "metric", "gap", "gap_lo", "gap_hi", "ci_level", "worst_group", "worst_value",
-               "best_group", "best_value", "n_groups", "flagged", "reason")
+TABLE_COLUMNS = (
+    "attribute",
+    "group",
+    "n",
+    "n_patients",
+    "n_pos",
+    "prevalence",
+    *(f"{m}{s}" for m in CI_METRICS for s in ("", "_lo", "_hi")),
+    "ece",
+    "status",
+)
+GAP_COLUMNS = (
+    "attribute",
+    "metric",
+    "gap",
+    "gap_lo",
+    "gap_hi",
+    "ci_level",
+    "worst_group",
+    "worst_value",
+    "best_group",
+    "best_value",
+    "n_groups",
+    "flagged",
+    "reason",
+)
 _NAN = float("nan")
 _NO_GAP = {
     "gap": _NAN,
@@ -247,7 +271,7 @@ def subgroup_table(
             for m in CI_METRICS:
                 row.update({m: pt[m], f"{m}_lo": cis[m][0], f"{m}_hi": cis[m][1]})
             rows.append({**row, "ece": pt["ece"], "status": pt["status"]})
-    out = pd.DataFrame(rows)
+    out = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     return out.astype({"n": np.int64, "n_patients": np.int64, "n_pos": np.int64}) if rows else out
 
 

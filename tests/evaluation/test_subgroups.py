@@ -127,3 +127,31 @@ def test_unknown_labels_dropped_and_columns_checked():
         df.drop(columns="patient_key"), **KW, attributes=["group"], cluster_col=None, n_boot=0
     )
     assert no_ci["auroc_lo"].isna().all() and no_ci["auroc"].notna().all()
+
+
+def test_column_contract_even_without_sufficient_groups():
+    df = make_df(n_patients=12)
+    table = subgroup_table(df, **KW, attributes=["group"], n_boot=20)
+    assert list(table.columns) == [
+        "attribute", "group", "n", "n_patients", "n_pos", "prevalence",
+        "auroc", "auroc_lo", "auroc_hi", "sensitivity", "sensitivity_lo", "sensitivity_hi",
+        "specificity", "specificity_lo", "specificity_hi", "ece", "status",
+    ]  # fmt: skip
+    assert table["status"].str.startswith("insufficient").all()
+    gaps = subgroup_gaps(df, **KW, attributes=["group"], n_boot=20)
+    assert list(gaps.columns) == [
+        "attribute",
+        "metric",
+        "gap",
+        "gap_lo",
+        "gap_hi",
+        "ci_level",
+        "worst_group",
+        "worst_value",
+        "best_group",
+        "best_value",
+        "n_groups",
+        "flagged",
+        "reason",
+    ]
+    assert gaps["n_groups"].eq(0).all() and not gaps["flagged"].any()

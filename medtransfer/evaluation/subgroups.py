@@ -307,7 +307,9 @@ def _gap_rows(
     seed: int,
 ) -> list[dict]:
     """Gap rows (one per metric) for one attribute."""
-    ok = points[points["status"] == "ok"]
+    # "unknown" (missing attribute) is shown in the table but is not a population: a gap between women and
+    # "sex not recorded" says nothing about fairness, so it never takes part in gaps.
+    ok = points[(points["status"] == "ok") & (points.index.astype(str) != UNKNOWN)]
     k = len(ok)
     values = {"auroc": ok["auroc"], "tpr": ok["sensitivity"], "fpr": 1 - ok["specificity"]}
     if k < 2:

@@ -226,28 +226,32 @@ def evaluate(
 
 def _evaluation_table(result: Any) -> Any:
     """A compact rich table: per class AUROC (CI), operating point metrics, ECE; then flagged gaps."""
+    from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     m = result.meta
-    table = Table(title=f"{m.get('run_id')} on {m.get('data')} [{m.get('split')}]: {m.get('n_cases')} cases, "
-                        f"{m.get('n_patients')} patients", title_justify="left")
-    for col in ("class", "AUROC (95% CI)", "threshold", "sens", "spec", "PPV", "NPV", "ECE"):
-        table.add_column(col, justify="left" if col == "class" else "right")
+    table = Table(title=escape(f"{m.get('run_id')} on {m.get('data')} [{m.get('split')}]: {m.get('n_cases')} "
+                               f"cases, {m.get('n_patients')} patients"), title_justify="left",
+                  box=box.SIMPLE_HEAD, show_edge=False, caption_justify="left")
+    for col in ("class", f"AUROC ({100 * m.get('ci', 0.95):.0f}% CI)", "thr", "sens", "spec", "PPV", "NPV", "ECE"):
+        table.add_column(col, justify="left" if col == "class" else "right", no_wrap=True)
     ece = dict(zip(result.calibration.get("class", []), result.calibration.get("ece", []), strict=False))
 
-    def f(v: Any, ci: tuple[Any, Any] | None = None) -> str:
+    def f(v: Any, ci: tuple[Any, Any] | None = None, digits: int = 2) -> str:
         if v is None or v != v:
             return "-"
         lo, hi = ci or (None, None)
-        return f"{v:.3f} ({lo:.3f}-{hi:.3f})" if lo is not None and lo == lo and hi == hi else f"{v:.3f}"
+        return f"{v:.3f} ({lo:.3f}-{hi:.3f})" if lo is not None and lo == lo and hi == hi else f"{v:.{digits}f}"
 
     for r in result.overall.to_dict("records"):
-        table.add_row(str(r["class"]), f(r["auroc"], (r["auroc_lo"], r["auroc_hi"])), f(r["threshold"]),
-                      f(r["sensitivity"]), f(r["specificity"]), f(r["ppv"]), f(r["npv"]), f(ece.get(r["class"])))
+        table.add_row(str(r["class"]), f(r["auroc"], (r["auroc_lo"], r["auroc_hi"]), 3), f(r["threshold"]),
+                      f(r["sensitivity"]), f(r["specificity"]), f(r["ppv"]), f(r["npv"]),
+                      f(ece.get(r["class"]), digits=3))
     flagged = result.gaps[result.gaps["flagged"]] if "flagged" in result.gaps else result.gaps.iloc[0:0]
     gaps = [f"{g['class']}: {g['attribute']} {g['metric']} gap {g['gap']:.3f} ({g['gap_lo']:.3f}-{g['gap_hi']:.3f}),"
             f" worst {g['worst_group']}" for g in flagged.to_dict("records")]
-    table.caption = ("flagged subgroup gaps: " + "; ".join(gaps)) if gaps else "no subgroup gap flagged"
+    table.caption = escape(("flagged subgroup gaps: " + "; ".join(gaps)) if gaps else "no subgroup gap flagged")
     return table
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,11 +66,16 @@ def calibrate(model: torch.nn.Module, manifest_val: Manifest, card: ModelCard, c
         log.warning("no validation cases: thresholds stay at %s and no temperature is fitted", card.thresholds)
         return card
     out = infer(model, manifest_val, card.input, batch_size=cfg.train.batch_size, device=cfg.train.device,
-                cache_dir=cache_dir, progress=progress)
+                amp=cfg.train.amp, num_workers=cfg.train.num_workers, cache_dir=cache_dir, progress=progress)
     ok = out.ok
-    temperature = float(calibration.fit_temperature(out.logits[ok], out.targets[ok], card.task))
+    with warnings.catch_warnings(record=True) as caught:  # re-logged below, or replaced by our fallback message
+        warnings.simplefilter("always")
+        temperature = float(calibration.fit_temperature(out.logits[ok], out.targets[ok], card.task))
     lo, hi = calibration.T_BOUNDS
-    if not np.isfinite(temperature) or not lo * 1.01 < temperature < hi * 0.99:
+    degenerate = not np.isfinite(temperature) or not lo * 1.01 < temperature < hi * 0.99
+    for w in caught if not degenerate else ():
+        log.warning("%s", w.message)
+    if degenerate:
         # A temperature on the search boundary means a separable (T -> 0) or uninformative (T -> inf)
         # validation split: not evidence about calibration. Sharpening by 20x would also saturate float64
         # probabilities to exactly 0/1 and destroy the ranking AUROC needs, so we keep T = 1.
@@ -162,17 +168,20 @@ def evaluate(
     preds = predict_cases(run, manifest, batch_size=batch_size, device=device, cache_dir=_cache_dir(run),
                           progress=progress)
     t1 = time.perf_counter()
-    attrs, warnings = _present(preds, subgroups, intersections)
-    tables = compute_tables(preds, run.card, attributes=attrs[0], intersections=attrs[1], n_boot=n_boot, ci=ci,
+    attrs, inter, notes = _present(preds, subgroups, intersections)
+    tables = compute_tables(preds, run.card, attributes=attrs, intersections=inter, n_boot=n_boot, ci=ci,
                             min_group_size=min_group_size, seed=seed)
     tables["thresholds"] = _threshold_table(run, source)
     meta = _meta(run, preds, manifest, name, split="external" if data is not None else split,
-                 warnings=warnings, settings={"n_boot": n_boot, "ci": ci, "seed": seed,
-                                              "min_group_size": min_group_size, "subgroups": attrs[0],
-                                              "intersections": [list(i) for i in attrs[1]]})
+                 notes=notes, settings={"n_boot": n_boot, "ci": ci, "seed": seed,
+                                              "min_group_size": min_group_size, "subgroups": attrs,
+                                              "intersections": [list(i) for i in inter]})
     meta["timing"] = {"inference_s": round(t1 - t0, 3), "statistics_s": round(time.perf_counter() - t1, 3)}
     result = EvaluationResult(**tables, predictions=preds, meta=meta)
-    result.save(Path(out_dir) if out_dir is not None else default_out)
+    out = Path(out_dir) if out_dir is not None else default_out
+    if data is not None:  # the external cases' manifest + quarantine.csv: working files beside the result
+        manifest.save(out)
+    result.save(out)
     log.info("evaluation written to %s", result.saved_to)
     return result
 
@@ -212,6 +221,9 @@ def _external(run: Run, folder: Path, labels: Any, progress: bool) -> tuple[Mani
     from medtransfer.data.discovery import index_scans
 
     card = run.card
+    if card.task == "multilabel" and labels is None:
+        raise ManifestError(f"{folder.name}: this model is multi-label; pass --labels CSV with a 'path' column "
+                            f"and 0/1/blank columns {card.classes}.")
     cfg = DataConfig(val_fraction=0, test_fraction=0, age_bands=run.config.data.age_bands)
     m = index_scans(folder, labels=labels, label_columns=card.classes if card.task == "multilabel" else None,
                     config=cfg, progress=progress)
@@ -221,23 +233,21 @@ def _external(run: Run, folder: Path, labels: Any, progress: bool) -> tuple[Mani
             raise ManifestError(f"{folder.name}: labels {unknown} are not classes of this model "
                                 f"({card.classes}); rename them or evaluate only the known classes.")
     df = m.df.assign(split="external")
-    warnings = [w for w in m.warnings if not w.startswith("split '")]
-    manifest = Manifest(df, list(card.classes), card.task, m.data_dir, warnings, m.quarantine)
-    out = run.path / "external" / m.data_dir.name
-    manifest.save(out)  # the external cases' manifest + quarantine.csv: working files beside the result
-    return manifest, m.data_dir.name, out
+    kept = [w for w in m.warnings if not w.startswith("split '")]  # splits mean nothing for external data
+    manifest = Manifest(df, list(card.classes), card.task, m.data_dir, kept, m.quarantine)
+    return manifest, m.data_dir.name, run.path / "external" / m.data_dir.name
 
 
 def _present(preds: pd.DataFrame, subgroups: Sequence[str], intersections: Sequence[Sequence[str]]
-             ) -> tuple[tuple[list[str], list[tuple[str, ...]]], list[str]]:
-    """Requested subgroup attributes present in the data, and warnings for the absent ones."""
+             ) -> tuple[list[str], list[tuple[str, ...]], list[str]]:
+    """(requested attributes present in the data, usable intersections, warnings for the rest)."""
     have = [a for a in subgroups if a in preds.columns and preds[a].notna().any()]
     missing = [a for a in subgroups if a not in have]
-    warnings = [f"subgroup '{a}' is not in the data (no value for any case); it was skipped." for a in missing]
+    notes = [f"subgroup '{a}' is not in the data (no value for any case); it was skipped." for a in missing]
     inter = [tuple(i) for i in intersections if all(a in preds.columns and preds[a].notna().any() for a in i)]
-    warnings += [f"intersection {list(i)} skipped: an attribute is not in the data."
+    notes += [f"intersection {list(i)} skipped: an attribute is not in the data."
                  for i in intersections if tuple(i) not in inter]
-    return (have, inter), warnings
+    return have, inter, notes
 
 
 # -- the statistics tables ----------------------------------------------------------------------------
@@ -259,9 +269,7 @@ def compute_tables(preds: pd.DataFrame, card: ModelCard, *, attributes: Sequence
     parts: dict[str, list[pd.DataFrame]] = {k: [] for k in ("by_group", "gaps", "reliability")}
     overall, per_class, calib = [], [], []
     for c in scored_classes(card):
-        sub = preds[preds[f"true_{c}"].notna() & preds[f"p_{c}"].notna()].copy()
-        for a in attributes:
-            sub[a] = sub[a].astype(object).where(sub[a].notna(), "unknown").astype(str)
+        sub = preds[preds[f"true_{c}"].notna() & preds[f"p_{c}"].notna()]  # known label, decoded case
         y, p = sub[f"true_{c}"].to_numpy(float), sub[f"p_{c}"].to_numpy(float)
         keys = sub["patient_key"].to_numpy()
         overall.append(_overall_row(c, y, p, keys, thr[c], n_boot=n_boot, ci=ci, seed=seed))
@@ -366,7 +374,7 @@ def _threshold_table(run: Run, source: str) -> pd.DataFrame:
                          for c, v in thr.items()])
 
 
-def _meta(run: Run, preds: pd.DataFrame, manifest: Manifest, name: str, *, split: str, warnings: list[str],
+def _meta(run: Run, preds: pd.DataFrame, manifest: Manifest, name: str, *, split: str, notes: list[str],
           settings: dict[str, Any]) -> dict[str, Any]:
     """The result's ``meta``: what was evaluated, how, and a summary of the model (no paths, no PHI)."""
     from medtransfer import __version__
@@ -374,10 +382,11 @@ def _meta(run: Run, preds: pd.DataFrame, manifest: Manifest, name: str, *, split
     card = run.card
     failed = int((preds["error"] != "").sum())
     if failed:
-        warnings = [*warnings, f"{failed} case(s) could not be decoded and were left out (see predictions.csv)."]
-    prevalence = {c: float(preds[f"true_{c}"].mean()) for c in scored_classes(card)}
+        notes = [*notes, f"{failed} case(s) could not be decoded and were left out (see predictions.csv)."]
+    scored = preds[preds["error"] == ""]
+    prevalence = {c: float(scored[f"true_{c}"].mean()) for c in scored_classes(card)}
     counts = card.training.get("counts", {}).get("train", {})
-    total = sum(counts.values()) if counts else 0
+    total = sum(counts.values()) if counts and card.task != "multilabel" else 0  # multilabel: no case count
     train_prev = {c: counts.get(c, 0) / total for c in scored_classes(card)} if total else {}
     return {
         "split": split, "data": name, "run_id": run.path.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -385,7 +394,7 @@ def _meta(run: Run, preds: pd.DataFrame, manifest: Manifest, name: str, *, split
         "n_cases": int(len(preds) - failed), "n_failed": failed,
         "n_patients": int(preds.loc[preds["error"] == "", "patient_key"].nunique()),
         "prevalence": prevalence, "training_prevalence": train_prev,
-        "warnings": [*manifest.warnings, *warnings] if split == "external" else list(warnings),
+        "warnings": [*manifest.warnings, *notes] if split == "external" else list(notes),
         "model": _card_summary(card), **settings,
     }
 

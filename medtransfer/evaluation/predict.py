@@ -95,7 +95,8 @@ class _Tolerant(torch.utils.data.Dataset):
 
 
 def infer(model: torch.nn.Module, manifest: Manifest, spec: InputSpec, *, batch_size: int = 32,
-          device: str = "auto", cache_dir: str | Path | None = None, progress: bool = False) -> Inference:
+          device: str = "auto", amp: bool = True, num_workers: int = 0, cache_dir: str | Path | None = None,
+          progress: bool = False) -> Inference:
     """One batched no-grad pass (AMP and channels_last on CUDA) over every case of ``manifest``.
 
     Args:
@@ -104,6 +105,8 @@ def infer(model: torch.nn.Module, manifest: Manifest, spec: InputSpec, *, batch_
         spec: the model card's InputSpec (never the config's: the card is what the model was trained with).
         batch_size: inference batch size.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        amp: autocast on CUDA (bfloat16 where supported); ignored on CPU.
+        num_workers: data-loader worker processes for decoding.
         cache_dir: decoded-image cache (see :class:`ScanDataset`); None decodes without caching.
         progress: show a progress bar.
 
@@ -114,14 +117,15 @@ def infer(model: torch.nn.Module, manifest: Manifest, spec: InputSpec, *, batch_
     from medtransfer.training.loop import predict_batches
 
     target = dev.resolve_device(device)
-    amp = dev.amp_dtype(target, True)
+    amp_type = dev.amp_dtype(target, amp)
     home = next(model.parameters()).device
     net = dev.prepare_model(model, target, channels_last=True)
     data = _Tolerant(ScanDataset(manifest, spec, train=False, cache_dir=cache_dir))
-    loader = make_loader(data, batch_size=batch_size, shuffle=False, pin_memory=target.type == "cuda")
+    loader = make_loader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                         pin_memory=target.type == "cuda")
     errors: dict[int, str] = {}
     try:
-        out = predict_batches(net, _tap(loader, errors, progress), task=manifest.task, device=target, amp=amp,
+        out = predict_batches(net, _tap(loader, errors, progress), task=manifest.task, device=target, amp=amp_type,
                               channels_last=True)
     finally:
         model.to(home)
@@ -152,16 +156,16 @@ def scored_classes(card: ModelCard) -> list[str]:
 
 
 def probabilities(logits: np.ndarray, card: ModelCard, *, calibrated: bool = True) -> np.ndarray:
-    """Probabilities (N, len(scored_classes)) from logits (N, K), with the card's temperature when asked."""
-    from medtransfer.training.losses import logits_to_scores
+    """Probabilities (N, len(scored_classes)) from logits (N, K), with the card's temperature when asked.
+
+    Computed in float64 (sigmoid/softmax of ``logits / T``; T = 1 uncalibrated), so that calibrated and raw
+    probabilities stay exactly related.
+    """
+    from medtransfer.evaluation.calibration import apply_temperature
 
     lg = np.asarray(logits, dtype=np.float64).reshape(len(logits), -1)
-    if calibrated and card.temperature is not None:
-        from medtransfer.evaluation.calibration import apply_temperature
-
-        p = np.asarray(apply_temperature(lg, card.temperature, card.task), dtype=np.float64)
-    else:
-        p = logits_to_scores(torch.from_numpy(lg), card.task).numpy().astype(np.float64)
+    temperature = card.temperature if calibrated and card.temperature is not None else 1.0
+    p = np.asarray(apply_temperature(lg, temperature, card.task), dtype=np.float64)
     return p.reshape(len(lg), -1)
 
 
@@ -250,7 +254,8 @@ def predict_cases(run: Run, manifest: Manifest, *, batch_size: int = 32, device:
         >>> table[["case_id", "p_pneumonia", "pred_pneumonia"]].head()  # doctest: +SKIP
     """
     result = infer(run.model, manifest, run.card.input, batch_size=batch_size, device=device,
-                   cache_dir=cache_dir, progress=progress)
+                   amp=run.config.train.amp, num_workers=run.config.train.num_workers, cache_dir=cache_dir,
+                   progress=progress)
     return predictions_table(manifest, run.card, result)
 
 

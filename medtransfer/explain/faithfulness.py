@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
-from medtransfer.explain.saliency import model_and_task, prepared, probabilities
+from medtransfer.explain.saliency import model_and_task, model_device, prepared, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def deletion_scores(
         for i in range(len(images)):
             rng = np.random.default_rng(seed + i)
             orders = [_order(sal[i].numpy(), rng)] + [rng.permutation(sal.shape[1]) for _ in range(n_random)]
-            rows.append(_one_image(model, task, images[i].float(), orders, targets[i], steps=steps,
+            rows.append(_one_image(model, task, images[i].detach().float().cpu(), orders, targets[i], steps=steps,
                                    insertion=insertion, batch_size=batch_size))
     return pd.DataFrame(rows)
 
@@ -110,8 +110,8 @@ def _curve(model: torch.nn.Module, task: str, start: torch.Tensor, fill: torch.T
     masks = torch.from_numpy(rank[None, :] < ks[:, None]).view(steps + 1, 1, h, w)
     probs = []
     for j in range(0, steps + 1, batch_size):
-        batch = torch.where(masks[j:j + batch_size], fill, start)
-        probs.append(probabilities(model(batch), task)[:, target])
+        batch = torch.where(masks[j:j + batch_size], fill, start).to(model_device(model))
+        probs.append(probabilities(model(batch), task)[:, target].cpu())
     return torch.cat(probs).numpy()
 
 

@@ -92,12 +92,15 @@ def explain_run(
     index = _read_index(out / "index.csv")
     todo = _missing(chosen, index, method, out)
     log.info("%s: %d case(s) selected, %d to explain with %s", run.path, len(chosen), len(todo), method)
-    if len(todo):
-        rows = _explain_cases(run, todo, method, out, progress)
-        index = pd.concat([index, rows], ignore_index=True) if len(index) else rows
+    if len(todo) or not (out / "index.csv").is_file():
+        if len(todo):
+            rows = _explain_cases(run, todo, chosen, method, out, progress)
+            index = pd.concat([index, rows], ignore_index=True) if len(index) else rows
         index = index.drop_duplicates(["case_id", "class", "method"], keep="last")
         with io.atomic_path(out / "index.csv") as tmp:
             index.reindex(columns=INDEX_COLUMNS).to_csv(tmp, index=False)
+    if chosen.empty:
+        log.warning("%s: no %s cases to explain in split '%s' (no TP/FP/FN found)", run.path, method, split)
     return out / "index.csv"
 
 
@@ -162,7 +165,8 @@ def _choose(run: Any, preds: pd.DataFrame, case_ids: Sequence[str] | None, split
     classes = [c[2:] for c in preds.columns if c.startswith("p_")]
     p = sub[[f"p_{c}" for c in classes]].to_numpy()
     if run.card.task == "multilabel":
-        picks = [[c for c in classes if row[f"pred_{c}"] == 1] or [classes[int(np.argmax(pi))]]
+        picks = [[c for c in classes if row.get(f"pred_{c}", int(row[f"p_{c}"] >= 0.5)) == 1]
+                 or [classes[int(np.argmax(pi))]]
                  for (_, row), pi in zip(sub.iterrows(), p, strict=True)]
     else:
         picks = [[classes[int(np.argmax(pi))]] for pi in p]
@@ -204,12 +208,13 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", str(text))
 
 
-def _explain_cases(run: Any, todo: pd.DataFrame, method: str, out: Path, progress: bool) -> pd.DataFrame:
+def _explain_cases(run: Any, todo: pd.DataFrame, chosen: pd.DataFrame, method: str, out: Path,
+                   progress: bool) -> pd.DataFrame:
     from medtransfer.progress import progress_bar
 
     ds = _dataset(run, run.manifest)
     where = {cid: i for i, cid in enumerate(run.manifest.df["case_id"].astype(str))}
-    sanity = _sanity(run, ds, where, todo, method, out)
+    sanity = _sanity(run, ds, where, chosen, method, out)
     rows: list[pd.DataFrame] = []
     with progress_bar(progress) as bar:
         task = bar.add_task(f"Saliency ({method})", total=len(todo), info="")
@@ -246,15 +251,18 @@ def _explain_chunk(run: Any, ds: Any, idx: list[int], chunk: pd.DataFrame, cls: 
     return pd.DataFrame(rows, columns=INDEX_COLUMNS)
 
 
-def _sanity(run: Any, ds: Any, where: dict[str, int], todo: pd.DataFrame, method: str,
+def _sanity(run: Any, ds: Any, where: dict[str, int], chosen: pd.DataFrame, method: str,
             out: Path) -> tuple[float, bool]:
-    """(sanity_score, passed) for ``method``: read from ``sanity_<method>.csv`` or computed once and written."""
+    """(sanity_score, passed) for ``method``: read from ``sanity_<method>.csv`` or computed once and written.
+
+    Computed on up to ``SANITY_IMAGES`` selected cases of the first selected class, for that class.
+    """
     path = out / f"sanity_{method}.csv"
     if path.is_file():
         table = pd.read_csv(path)
         return float(table["sanity_score"].iloc[-1]), bool(table["passed"].iloc[-1])
-    cls = str(todo["class"].iloc[0])
-    ids = todo.loc[todo["class"] == cls, "case_id"].head(SANITY_IMAGES)
+    cls = str(chosen["class"].iloc[0])
+    ids = chosen.loc[chosen["class"] == cls, "case_id"].drop_duplicates().head(SANITY_IMAGES)
     x = torch.stack([ds[where[c]]["image"] for c in ids])
     result = sanity_check(run, x, method=method, target=_output_index(run.card, cls))
     table = result.table.assign(method=method, target_class=cls, sanity_score=result.sanity_score,

@@ -88,10 +88,11 @@ def explain(
         nt_samples: SmoothGrad samples.
 
     Returns:
-        :class:`SaliencyMaps` with maps (N, K, H, W).
+        :class:`SaliencyMaps` with maps (N, K, H, W), on the CPU (the images go to the model's device).
 
     The model is put in eval mode and its training flag and parameters' ``requires_grad`` are restored
     afterwards; its outputs are unchanged (gradients are taken with ``torch.autograd.grad``, never stored).
+    Activation modules are switched to ``inplace=False`` (permanently; this never changes outputs).
 
     Examples:
         >>> sm = explain(run, x, method="gradcam")  # doctest: +SKIP
@@ -103,7 +104,7 @@ def explain(
         raise ValueError(f"unknown saliency method '{method}'; expected one of {', '.join(METHODS)}")
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    x = images.detach().float()
+    x = images.detach().float().to(model_device(model))
     with prepared(model):
         with torch.no_grad():
             logits = model(x)
@@ -111,9 +112,9 @@ def explain(
         raws = [_attribute(model, x, targets[:, k], method, internal_batch_size=internal_batch_size,
                            smoothgrad=smoothgrad, baseline=baseline, n_steps=n_steps, nt_samples=nt_samples)
                 for k in range(targets.shape[1])]
-    raw = torch.stack([r[0] for r in raws], dim=1)
-    maps = torch.stack([r[1] for r in raws], dim=1)
-    scores = probabilities(logits, task).gather(1, targets)
+    raw = torch.stack([r[0] for r in raws], dim=1).cpu()
+    maps = torch.stack([r[1] for r in raws], dim=1).cpu()
+    scores = probabilities(logits, task).cpu().gather(1, targets)
     return SaliencyMaps(maps=maps, raw=raw, method=str(method), targets=targets, scores=scores)
 
 
@@ -125,13 +126,19 @@ def model_and_task(run_or_model: Any) -> tuple[nn.Module, str]:
     return model, str(task or "")
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameter-free module)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def resolve_targets(logits: torch.Tensor, target: int | Sequence[int] | None, task: str) -> torch.Tensor:
     """Output indices (N, K) to explain; see :func:`explain` for the rule when ``target`` is None."""
     n, k_out = logits.shape
     if target is None:
         if k_out == 1 or task == "binary":
             return torch.zeros(n, 1, dtype=torch.long)
-        return logits.argmax(dim=1, keepdim=True)
+        return logits.argmax(dim=1, keepdim=True).cpu()
     idx = [int(target)] if isinstance(target, int) else [int(t) for t in target]
     bad = [t for t in idx if not 0 <= t < k_out]
     if bad or not idx:

@@ -6,9 +6,11 @@ re-initialised in turn, cumulatively, on a **deep copy** of the model (the origi
 each step maps are computed for the same images and compared with the trained model's maps by Spearman
 rank correlation (per image, on the flattened [0, 1] maps, then averaged over images).
 
-- ``sanity_score = 1 - mean Spearman at full randomisation`` (every stage re-initialised): near 1 the map
-  depends on the weights (good), near 0 it is the same map whatever the weights (it shows the image, e.g.
-  edges, not the model).
+- ``sanity_score = 1 - mean Spearman at full randomisation`` (every stage re-initialised), clipped to
+  [0, 1]: near 1 the map depends on the weights (good), near 0 it is the same map whatever the weights (it
+  shows the image, e.g. edges, not the model). A negative correlation (the randomised map ranks pixels
+  roughly in reverse) also means the map changed with the weights, so it scores 1; the table keeps the
+  signed values.
 - ``passed = mean_spearman < 0.5``. Adebayo et al. report rank correlations near 0 for Grad-CAM and plain
   gradients after full randomisation and well above 0.5 for methods that act like edge detectors (guided
   backprop); 0.5 splits "mostly the image" from "mostly the model" and leaves room for the correlation that
@@ -54,7 +56,7 @@ class SanityResult:
         table: one row per cascade step: ``step`` (0 = head), ``randomised`` (the stage re-initialised at
             this step), ``mean_spearman``, ``std_spearman``, ``n_images``.
         mean_spearman: mean Spearman correlation at full randomisation (last row).
-        sanity_score: ``1 - mean_spearman`` (higher = the map depends on the model).
+        sanity_score: ``1 - mean_spearman`` clipped to [0, 1] (higher = the map depends on the model).
         passed: ``mean_spearman < threshold``.
         threshold: the threshold used.
         method: the saliency method name.
@@ -112,7 +114,7 @@ def sanity_check(
                          "std_spearman": float(np.std(rho)), "n_images": len(rho)})
     table = pd.DataFrame(rows)
     mean_rho = float(table["mean_spearman"].iloc[-1])
-    result = SanityResult(table=table, mean_spearman=mean_rho, sanity_score=1.0 - mean_rho,
+    result = SanityResult(table=table, mean_spearman=mean_rho, sanity_score=float(np.clip(1.0 - mean_rho, 0.0, 1.0)),
                           passed=bool(mean_rho < threshold), threshold=threshold,
                           method=method if explain_fn is None else getattr(explain_fn, "__name__", "custom"))
     log.info("sanity check (%s): mean Spearman at full randomisation %.3f -> %s", result.method, mean_rho,

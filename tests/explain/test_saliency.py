@@ -8,6 +8,7 @@ from torch import nn
 
 from medtransfer.explain.saliency import METHODS, explain, scale_maps
 from medtransfer.models.classifier import build_model
+from tests.explain import tiny_classifier
 
 SIZE = 16
 
@@ -63,8 +64,8 @@ def test_occlusion_of_linear_model_sums_window_contributions(linear: LinearModel
 
 @pytest.mark.parametrize("method", METHODS)
 def test_batched_equals_per_image(method: str) -> None:
-    torch.manual_seed(0)
-    model = build_model("efficientnet_lite0", ["a", "b"], weights="none")
+    """Per-image scaling, targets and Captum's batching must not mix images (TorchIO's assert_vectorized)."""
+    model = tiny_classifier()
     x = torch.randn(3, 1, 32, 32)
     kw = {"n_steps": 4} if method == "integrated_gradients" else {}
     batched = explain(model, x, method=method, **kw)
@@ -74,7 +75,7 @@ def test_batched_equals_per_image(method: str) -> None:
 
 
 def test_multilabel_one_map_per_requested_class() -> None:
-    model = build_model("efficientnet_lite0", ["a", "b", "c"], task="multilabel", weights="none")
+    model = tiny_classifier(("a", "b", "c"), task="multilabel")
     x = torch.randn(2, 1, 32, 32)
     sm = explain(model, x, method="saliency", target=[0, 2])
     assert sm.maps.shape == (2, 2, 32, 32) and sm.targets.tolist() == [[0, 2], [0, 2]]

@@ -1,0 +1,89 @@
+"""Predictions: the table's columns, batched = per case, the card's temperature and thresholds, new scans."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import medtransfer as mt
+from medtransfer.errors import ManifestError
+from medtransfer.evaluation.predict import predict_cases, predict_paths
+from medtransfer.evaluation.result import read_predictions
+from medtransfer.training.run import Run
+from tests.evaluation.test_evaluate import CANARY_FILE, trained_run, write_case
+from tests.factories import CANARIES
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return trained_run(tmp_path_factory, "binary")
+
+
+def test_predictions_table_columns_and_operating_point(run: Run) -> None:
+    test = run.manifest.split("test")
+    table = predict_cases(run, test)
+    assert table.columns[:5].tolist() == ["case_id", "patient_key", "split", "path", "label"]
+    assert {"true_normal", "true_pneumonia", "p_pneumonia", "p_raw_pneumonia", "pred_pneumonia", "predicted",
+            "sex", "age", "age_band", "site", "manufacturer", "view", "modality", "error"} <= set(table.columns)
+    assert "p_normal" not in table.columns  # binary: the positive class only
+    assert table["case_id"].tolist() == test.df["case_id"].tolist()
+    assert (table["true_normal"] + table["true_pneumonia"] == 1).all()
+    assert (table["true_pneumonia"] == (table["label"] == "pneumonia")).all()
+    thr = run.card.thresholds["pneumonia"]
+    assert (table["pred_pneumonia"] == (table["p_pneumonia"] >= thr).astype(int)).all()
+    assert (table["predicted"] == np.where(table["p_pneumonia"] >= thr, "pneumonia", "normal")).all()
+    # calibrated = raw logits divided by the card's temperature
+    raw = table["p_raw_pneumonia"].to_numpy()
+    logit = np.log(raw / (1 - raw))
+    np.testing.assert_allclose(table["p_pneumonia"], 1 / (1 + np.exp(-logit / run.card.temperature)), rtol=1e-5)
+    assert (table["error"] == "").all()
+
+
+def test_batched_equals_per_case(run: Run) -> None:
+    cases = run.manifest.split("val")
+    batched = predict_cases(run, cases, batch_size=16)
+    single = predict_cases(run, cases, batch_size=1)
+    np.testing.assert_allclose(batched["p_raw_pneumonia"], single["p_raw_pneumonia"], rtol=1e-4, atol=1e-6)
+    # and equal to Run.predict on the same files, the engine's own preprocessing path
+    files = [str(cases.abspath(r)[0]) for _, r in cases.df.iterrows()]
+    np.testing.assert_allclose(batched["p_raw_pneumonia"], run.predict(files)["p_pneumonia"], rtol=1e-4, atol=1e-6)
+
+
+def test_predict_with_a_manifest_writes_the_table(run: Run, tmp_path: Path) -> None:
+    cases = run.manifest.split("test")
+    table = mt.predict(run.path, cases, out=tmp_path / "p.csv")
+    pd.testing.assert_frame_equal(read_predictions(tmp_path / "p.csv"), table)
+
+
+def test_predict_paths_scores_new_scans_and_reports_unreadable_files(run: Run, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    new = tmp_path / "new_scans"
+    for i in range(3):
+        write_case(new, f"ward/{CANARY_FILE}_{i}.dcm", ("pneumonia",) if i else (), rng, patient=f"N{i}", size=64)
+    write_case(tmp_path, "one.dcm", (), rng, patient="N9")
+    (new / "ward" / "broken.dcm").write_bytes(b"DICM not really")
+    (new / "notes.txt").write_text("not a scan")
+    (new / "ward" / "truncated.dcm").write_bytes((new / "ward" / f"{CANARY_FILE}_1.dcm").read_bytes()[:400])
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "preds.csv"
+    table = predict_paths(run, ["new_scans", "one.dcm"], out=out)
+    assert table.columns.tolist() == ["case_id", "file", "p_pneumonia", "predicted", "error"]
+    by_file = table.set_index("file")
+    good = [f"new_scans/ward/{CANARY_FILE}_{i}.dcm" for i in range(3)] + ["one.dcm"]
+    assert sorted(by_file.index) == sorted([*good, "new_scans/ward/broken.dcm", "new_scans/ward/truncated.dcm"])
+    assert (by_file.loc[good, "error"] == "").all() and by_file.loc[good, "p_pneumonia"].between(0, 1).all()
+    for bad in ("new_scans/ward/broken.dcm", "new_scans/ward/truncated.dcm"):
+        assert by_file.loc[bad, "error"] and np.isnan(by_file.loc[bad, "p_pneumonia"])
+        assert by_file.loc[bad, "predicted"] == ""
+    assert table["case_id"].str.match(r"^c[0-9a-f]{10}$").all() and table["case_id"].is_unique
+    text = out.read_text()
+    assert not any(c in text for c in CANARIES) and str(tmp_path) not in text
+
+
+def test_predict_paths_refuses_a_missing_path(run: Run, tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="not found"):
+        predict_paths(run, [tmp_path / "nope"])

@@ -1,0 +1,59 @@
+"""Cascading parameter randomisation: a model-dependent map passes, an edge detector fails."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medtransfer.explain.sanity import randomise, sanity_check, spearman_per_image
+from tests.explain import tiny_classifier
+
+
+def edge_detector(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A 'saliency method' that ignores the model: gradient magnitude of the image."""
+    gx = F.pad((images[..., :, 1:] - images[..., :, :-1]).abs(), (0, 1))
+    gy = F.pad((images[..., 1:, :] - images[..., :-1, :]).abs(), (0, 0, 0, 1))
+    return (gx + gy).sum(dim=1)
+
+
+def _blobs(n: int = 3, size: int = 32) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        cx, cy = torch.rand(2, generator=g) * 0.6 + 0.2
+        out.append(torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.02) + 0.05 * torch.randn(size, size, generator=g))
+    return torch.stack(out)[:, None]
+
+
+def test_model_independent_method_is_not_passed() -> None:
+    result = sanity_check(tiny_classifier(), _blobs(), explain_fn=edge_detector)
+    assert result.mean_spearman > 0.99 and not result.passed and result.sanity_score < 0.01
+    assert list(result.table["randomised"]) == ["head", "stage1", "stage0"]
+
+
+def test_gradient_map_depends_on_the_weights_and_original_is_untouched() -> None:
+    model = tiny_classifier()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    result = sanity_check(model, _blobs(), method="saliency", target=0)
+    assert result.passed and result.mean_spearman < 0.5, result.table
+    assert 0 <= result.sanity_score <= 1
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_randomise_changes_every_parameter_of_the_stage() -> None:
+    model = tiny_classifier()
+    stage = model.stages()[0]
+    before = [p.clone() for p in stage.parameters()]
+    torch.manual_seed(3)
+    randomise(stage)
+    changed = [not torch.equal(a, b) for a, b in zip(before, stage.parameters(), strict=True)]
+    # conv weight and bias are redrawn; BatchNorm goes back to weight 1 / bias 0 (already its init here)
+    assert changed[0] and changed[1]
+
+
+def test_spearman_constant_maps_count_as_zero() -> None:
+    a = torch.rand(2, 8, 8)
+    b = torch.stack([a[0], torch.zeros(8, 8)])
+    np.testing.assert_allclose(spearman_per_image(a, b), [1.0, 0.0])

@@ -86,15 +86,16 @@ class Run:
             batch_size: inference batch size.
 
         Returns:
-            DataFrame with one probability column per class (binary: ``p_<positive class>``).
+            DataFrame with one calibrated probability column per class (binary: ``p_<positive class>``):
+            the card's temperature is applied, as in ``mt.evaluate`` and ``mt.predict``.
         """
         from medtransfer.data.dataset import preprocess
-        from medtransfer.training.losses import logits_to_scores
+        from medtransfer.evaluation.calibration import apply_temperature
 
         x = images if isinstance(images, torch.Tensor) else torch.stack([preprocess(p, self.card.input) for p in images])
         self.model.eval()
-        scores = torch.cat([logits_to_scores(self.model(x[i:i + batch_size]), self.card.task)
-                            for i in range(0, len(x), batch_size)]).numpy()
+        logits = torch.cat([self.model(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)]).numpy()
+        scores = apply_temperature(logits, self.card.temperature or 1.0, self.card.task)
         classes = self.card.classes
         if self.card.task == "binary":
             return pd.DataFrame({f"p_{classes[1]}": scores.reshape(-1)})

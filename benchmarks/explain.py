@@ -26,21 +26,21 @@ from medtransfer.models.classifier import build_model  # noqa: E402
 log = logging.getLogger("benchmarks.explain")
 
 
-def ms_per_image(fn, n: int) -> float:
-    """Milliseconds per image for ``fn()`` (which processes ``n`` images), after one warm-up call."""
-    fn()
+def ms_per_image(fn, x: torch.Tensor) -> float:
+    """Milliseconds per image for ``fn(x)``, after a warm-up call on one image."""
+    fn(x[:1])
     t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1000 / n
+    fn(x)
+    return (time.perf_counter() - t0) * 1000 / len(x)
 
 
 def bench(backbone: str, n: int, size: int, methods: list[str]) -> dict[str, float]:
     weights = "imagenet" if backbone == "efficientnet_lite0" else "none"  # timing does not depend on weights
     model = build_model(backbone, ["normal", "pneumonia"], weights=weights).eval()
     x = torch.randn(n, 1, size, size, generator=torch.Generator().manual_seed(0))
-    out = {"forward": ms_per_image(lambda: _forward(model, x), n)}
+    out = {"forward": ms_per_image(lambda t: _forward(model, t), x)}
     for method in methods:
-        out[method] = ms_per_image(lambda m=method: explain(model, x, method=m), n)
+        out[method] = ms_per_image(lambda t, m=method: explain(model, t, method=m), x)
         log.info("%s %s: %.0f ms/image", backbone, method, out[method])
     return out
 

@@ -105,6 +105,7 @@ def explain_run(
 
 
 def _predictions(run: Any, predictions: Any, split: str | None) -> pd.DataFrame:
+    """The given table, ``<run_dir>/predictions.csv``, or one inference pass over ``split`` (None: all)."""
     if isinstance(predictions, pd.DataFrame):
         return predictions
     path = Path(predictions) if predictions is not None else run.path / "predictions.csv"
@@ -112,43 +113,13 @@ def _predictions(run: Any, predictions: Any, split: str | None) -> pd.DataFrame:
         return pd.read_csv(path, dtype={"case_id": str})
     if predictions is not None:
         raise RunDirError(f"{path}: predictions file not found")
-    return compute_predictions(run, split)
-
-
-def compute_predictions(run: Any, split: str | None) -> pd.DataFrame:
-    """Predictions for ``split`` (all cases when None) in the ``predictions.csv`` format (one pass).
-
-    Decisions use the card's thresholds (0.5 where none was chosen); multi-class: the arg-max class.
-    """
-    from medtransfer.data.dataset import SUBGROUP_FIELDS
+    from medtransfer.evaluation.predict import predict_cases
 
     manifest = run.manifest if split is None else run.manifest.split(split)
     if not len(manifest):
         raise ManifestError(f"split '{split}' has no cases in {run.path / 'manifest.csv'}")
-    ds = _dataset(run, manifest)
-    x = torch.stack([ds[i]["image"] for i in range(len(ds))])
-    probs = run.predict(x)
-    card, df = run.card, manifest.df
-    out = pd.DataFrame({"case_id": df["case_id"].astype(str), "split": df["split"]})
-    targets = manifest.targets()
-    for k, col in enumerate(probs.columns):
-        cls = col[2:]
-        if card.task == "binary":
-            true = targets
-        elif card.task == "multiclass":
-            true = (targets == card.classes.index(cls)).astype(float)
-        else:
-            true = targets[:, k]
-        p = probs[col].to_numpy()
-        if card.task == "multiclass":
-            pred = probs.to_numpy().argmax(axis=1) == k
-        else:
-            pred = p >= card.thresholds.get(cls, 0.5)
-        out[f"true_{cls}"], out[col], out[f"pred_{cls}"] = true, p, pred.astype(int)
-    for name in SUBGROUP_FIELDS:
-        if name in df.columns:
-            out[name] = df[name].to_numpy()
-    return out.reset_index(drop=True)
+    log.info("%s: no predictions.csv; predicting the %s split once", run.path, split or "whole")
+    return predict_cases(run, manifest, cache_dir=run.config.data.cache_dir or run.path / "cache")
 
 
 def _choose(run: Any, preds: pd.DataFrame, case_ids: Sequence[str] | None, split: str, n: int,
@@ -162,14 +133,14 @@ def _choose(run: Any, preds: pd.DataFrame, case_ids: Sequence[str] | None, split
     if unknown:
         raise ManifestError(f"case id(s) {unknown[:5]} not found in the run's cases ({run.path / 'manifest.csv'})")
     sub = preds[preds["case_id"].isin(set(map(str, case_ids)))]
-    classes = [c[2:] for c in preds.columns if c.startswith("p_")]
-    p = sub[[f"p_{c}" for c in classes]].to_numpy()
+    classes = [c[2:] for c in preds.columns if c.startswith("p_") and not c.startswith("p_raw_")]
+    p = sub[[f"p_{c}" for c in classes]].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
     if run.card.task == "multilabel":
-        picks = [[c for c in classes if row.get(f"pred_{c}", int(row[f"p_{c}"] >= 0.5)) == 1]
-                 or [classes[int(np.argmax(pi))]]
+        picks = [[c for c in classes if _positive(row, c)] or [classes[int(np.nanargmax(pi))]]
+                 if np.isfinite(pi).any() else []
                  for (_, row), pi in zip(sub.iterrows(), p, strict=True)]
     else:
-        picks = [[classes[int(np.argmax(pi))]] for pi in p]
+        picks = [[classes[int(np.nanargmax(pi))]] if np.isfinite(pi).any() else [] for pi in p]
     rows = []
     for (i, row), picked in zip(sub.iterrows(), picks, strict=True):
         for c in picked:
@@ -177,6 +148,11 @@ def _choose(run: Any, preds: pd.DataFrame, case_ids: Sequence[str] | None, split
             rows.append({"case_id": row["case_id"], "class": c, "kind": kind, "group": "requested",
                          "p": float(row[f"p_{c}"])})
     return pd.DataFrame(rows, columns=["case_id", "class", "kind", "group", "p"])
+
+
+def _positive(row: pd.Series, cls: str) -> bool:
+    v = row.get(f"pred_{cls}", row[f"p_{cls}"] >= 0.5)
+    return bool(pd.notna(v) and v == 1)
 
 
 def _read_index(path: Path) -> pd.DataFrame:
@@ -238,7 +214,7 @@ def _explain_chunk(run: Any, ds: Any, idx: list[int], chunk: pd.DataFrame, cls: 
     rows = []
     for j, (_, sel) in enumerate(chunk.iterrows()):
         rel = f"{method}/{safe_name(sel['case_id'])}_{safe_name(cls)}.png"
-        score, ratio = float(sm.scores[j, 0]), float(faith["deletion_ratio"].iloc[j])
+        score, ratio = float(sel["p"]), float(faith["deletion_ratio"].iloc[j])  # p as in predictions.csv
         title = (f"{sel['case_id']} · {cls} ({sel['kind'] or 'requested'}) · {method} · p={score:.2f}\n"
                  f"sanity {sanity[0]:.2f} ({'passed' if sanity[1] else 'NOT passed'}) · deletion ratio {ratio:.2f}")
         save_overlay(out / rel, img01[j], sm.maps[j, 0], title=title)

@@ -49,7 +49,8 @@ class SaliencyMaps:
             Grad-CAM, IG and occlusion; |gradient| for ``saliency``).
         method: the method name.
         targets: int tensor (N, K), the model output index each map explains.
-        scores: float tensor (N, K) in [0, 1], the model's probability for each target.
+        scores: float tensor (N, K) in [0, 1], the model's probability for each target (calibrated with
+            the card's temperature when a Run is given, as in ``predictions.csv``).
     """
 
     maps: torch.Tensor
@@ -114,7 +115,8 @@ def explain(
                 for k in range(targets.shape[1])]
     raw = torch.stack([r[0] for r in raws], dim=1).cpu()
     maps = torch.stack([r[1] for r in raws], dim=1).cpu()
-    scores = probabilities(logits, task).cpu().gather(1, targets)
+    temperature = getattr(getattr(run_or_model, "card", None), "temperature", None) or 1.0
+    scores = probabilities(logits / temperature, task).cpu().gather(1, targets)
     return SaliencyMaps(maps=maps, raw=raw, method=str(method), targets=targets, scores=scores)
 
 
@@ -184,7 +186,7 @@ def _attribute(model: nn.Module, x: torch.Tensor, target: torch.Tensor, method: 
         coarse = _gradcam(model, x, tlist)  # (N, 1, h, w), signed
         raw = _upsample(coarse, x.shape[-2:])
         return raw[:, 0], scale_maps(_upsample(F.relu(coarse), x.shape[-2:])[:, 0])
-    base = torch.zeros((), dtype=x.dtype) if baseline is None else torch.as_tensor(baseline, dtype=x.dtype)
+    base = torch.as_tensor(0.0 if baseline is None else baseline, dtype=x.dtype, device=x.device)
     if method == "occlusion":
         raw = _occlusion(model, x, tlist, base, internal_batch_size).sum(dim=1)
         return raw, scale_maps(F.relu(raw))

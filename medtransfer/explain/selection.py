@@ -9,7 +9,8 @@ class's columns only. Per class (and group) we take:
 - **FP**: false positives with the highest ``p`` (confidently wrong: where shortcuts show);
 - **FN**: false negatives with the lowest ``p`` (missed worst).
 
-Rows with an unknown label (blank ``true_<class>``) are skipped for that class. When ``pred_<class>`` is
+Rows with an unknown label (blank ``true_<class>``) or no score (a case that could not be decoded) are
+skipped for that class. When ``pred_<class>`` is
 absent, decisions are ``p >= 0.5`` (logged).
 """
 
@@ -27,8 +28,9 @@ SELECTION_COLUMNS = ["case_id", "class", "kind", "group", "p"]
 
 
 def prediction_classes(predictions: pd.DataFrame) -> list[str]:
-    """Classes that have both ``p_<class>`` and ``true_<class>`` columns, in column order."""
-    return [c[2:] for c in predictions.columns if c.startswith("p_") and f"true_{c[2:]}" in predictions.columns]
+    """Classes that have both ``p_<class>`` and ``true_<class>`` columns, in column order (not ``p_raw_``)."""
+    return [c[2:] for c in predictions.columns
+            if c.startswith("p_") and not c.startswith("p_raw_") and f"true_{c[2:]}" in predictions.columns]
 
 
 def select_cases(
@@ -95,8 +97,8 @@ def _decisions(predictions: pd.DataFrame, cls: str) -> pd.Series:
 
 
 def _select(df: pd.DataFrame, cls: str, group: str, n: int, kinds: Sequence[str]) -> pd.DataFrame:
-    kind = case_kind(df, cls)
     p = pd.to_numeric(df[f"p_{cls}"], errors="coerce")
+    kind = case_kind(df, cls).where(p.notna(), "")  # cases that could not be scored (``error``) are skipped
     parts = []
     for k in KINDS:
         if k not in kinds:

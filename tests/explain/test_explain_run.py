@@ -28,13 +28,14 @@ SIZE = 128
 
 # ---------------------------------------------------------------------------------------------- selection
 
-PREDICTIONS = pd.DataFrame({
-    "case_id": [f"c{i}" for i in range(8)],
-    "split": ["test"] * 8,
-    "true_pneu": [1, 1, 1, 0, 0, 0, 1, 0],
-    "p_pneu": [0.95, 0.70, 0.10, 0.90, 0.20, 0.60, 0.40, 0.05],
-    "pred_pneu": [1, 1, 0, 1, 0, 1, 0, 0],
-    "sex": ["F", "M", "F", "M", "F", "F", "M", "M"],
+PREDICTIONS = pd.DataFrame({  # the predictions.csv format; c8 could not be decoded (no score)
+    "case_id": [f"c{i}" for i in range(9)],
+    "split": ["test"] * 9,
+    "true_pneu": [1, 1, 1, 0, 0, 0, 1, 0, 1],
+    "p_pneu": [0.95, 0.70, 0.10, 0.90, 0.20, 0.60, 0.40, 0.05, np.nan],
+    "p_raw_pneu": [0.99, 0.80, 0.05, 0.95, 0.10, 0.70, 0.30, 0.01, np.nan],
+    "pred_pneu": pd.array([1, 1, 0, 1, 0, 1, 0, 0, pd.NA], dtype="Int64"),
+    "sex": ["F", "M", "F", "M", "F", "F", "M", "M", "F"],
 })
 
 
@@ -46,6 +47,7 @@ def test_selection_picks_most_confident_tp_fp_and_worst_fn() -> None:
     two = select_cases(PREDICTIONS, n=2)
     assert list(two.loc[two["kind"] == "FP", "case_id"]) == ["c3", "c5"]
     assert list(two.loc[two["kind"] == "FN", "case_id"]) == ["c2", "c6"]  # lowest p first
+    assert "c8" not in set(select_cases(PREDICTIONS, n=10)["case_id"])
 
 
 def test_selection_per_subgroup_and_multiclass_columns() -> None:

@@ -35,6 +35,9 @@ _PUBLIC = {
     "evaluate": "medtransfer.evaluation.evaluate",
     "EvaluationResult": "medtransfer.evaluation.result",
     "predict": "medtransfer.evaluation.predict",
+    "explain": "medtransfer.explain.saliency",
+    "explain_run": "medtransfer.explain.run",
+    "render_report": "medtransfer.reports.render",
 }
 
 __all__ = [
@@ -53,12 +56,15 @@ __all__ = [
     "WeightsUnavailable",
     "build_model",
     "evaluate",
+    "explain",
+    "explain_run",
     "fine_tune",
     "generate_sample_data",
     "index_scans",
     "load_config",
     "load_run",
     "predict",
+    "render_report",
     "train",
 ]
 
@@ -81,8 +87,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from medtransfer.evaluation.evaluate import evaluate
     from medtransfer.evaluation.predict import predict
     from medtransfer.evaluation.result import EvaluationResult
+    from medtransfer.explain.run import explain_run
+    from medtransfer.explain.saliency import explain
     from medtransfer.models.card import ModelCard
     from medtransfer.models.classifier import build_model
+    from medtransfer.reports.render import render_report
     from medtransfer.sample_data import generate_sample_data
     from medtransfer.training.fine_tune import fine_tune
     from medtransfer.training.run import load_run, train

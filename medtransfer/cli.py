@@ -273,6 +273,44 @@ def predict(
     say(f"predicted {len(table) - failed} scan(s){note}; wrote {out}")
 
 
+@app.command()
+@user_errors
+def explain(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by 'medtransfer train'.")],
+    method: Annotated[str, typer.Option(help="gradcam, integrated_gradients, occlusion or saliency.")] = "gradcam",
+    cases: Annotated[int, typer.Option(help="Cases per class and kind (TP/FP/FN).")] = 4,
+    case_id: Annotated[list[str] | None, typer.Option("--case-id", help="Explain this case (repeatable).")] = None,
+    split: Annotated[str, typer.Option(help="Split to select cases from.")] = "test",
+    group_by: Annotated[str | None, typer.Option(help="Select cases per subgroup, e.g. sex or site.")] = None,
+) -> None:
+    """Saliency maps with sanity and faithfulness scores for selected cases; writes RUN_DIR/saliency/."""
+    from medtransfer.explain.run import explain_run
+
+    index = explain_run(run_dir, method=method, cases=cases, case_ids=case_id, split=split, group_by=group_by,
+                        progress=not quiet())
+    say(f"wrote {index} and overlays in {index.parent / method}")
+
+
+@app.command()
+@user_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (after 'medtransfer evaluate').")],
+    format: Annotated[list[str] | None, typer.Option("--format", "-f", help="html and/or pdf (repeatable); default both.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for report.html / report.pdf; default RUN_DIR.")] = None,
+) -> None:
+    """Render the clinician-facing report (HTML + PDF) from a run's saved files; no model is loaded."""
+    from medtransfer.reports.render import PdfUnavailable, render_report
+
+    try:
+        outputs = render_report(run_dir, out, formats=format or ("html", "pdf"))
+    except PdfUnavailable as exc:
+        say(f"wrote {exc.outputs['html']}")
+        err_console.print(f"[yellow]PDF not written:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    for path in outputs.values():
+        say(f"wrote {path}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

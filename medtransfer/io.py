@@ -17,6 +17,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``.
@@ -36,6 +45,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_file(tmp)
+        if tmp.exists():  # mkstemp makes 0600; give the final file the mode a plain open() would (umask)
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
     except BaseException:

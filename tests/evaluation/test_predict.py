@@ -47,9 +47,10 @@ def test_batched_equals_per_case(run: Run) -> None:
     batched = predict_cases(run, cases, batch_size=16)
     single = predict_cases(run, cases, batch_size=1)
     np.testing.assert_allclose(batched["p_raw_pneumonia"], single["p_raw_pneumonia"], rtol=1e-4, atol=1e-6)
-    # and equal to Run.predict on the same files, the engine's own preprocessing path
+    # and equal to Run.predict on the same files, the engine's own preprocessing path;
+    # Run.predict returns calibrated probabilities, like the evaluation table's p_<class>
     files = [str(cases.abspath(r)[0]) for _, r in cases.df.iterrows()]
-    np.testing.assert_allclose(batched["p_raw_pneumonia"], run.predict(files)["p_pneumonia"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(batched["p_pneumonia"], run.predict(files)["p_pneumonia"], rtol=1e-4, atol=1e-6)
 
 
 def test_predict_with_a_manifest_writes_the_table(run: Run, tmp_path: Path) -> None:

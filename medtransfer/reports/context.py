@@ -1,0 +1,391 @@
+"""The template context: every number the report shows, read from a run directory (no torch).
+
+:func:`load_run_files` reads what a run directory holds (each piece optional: a missing file becomes
+``None`` and the report says "not provided"); :func:`build_context` turns it into plain dicts and strings
+for the Jinja2 template, section by section. Values are formatted here so the template has no logic
+beyond loops and ``if``; nothing is ever invented: absent data is :data:`NOT_PROVIDED`.
+
+Privacy: only the data folder's *name* is shown, config values that are absolute paths are reduced to their
+last component, and cases appear by pseudonymous ``case_id`` only (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from medtransfer.config import ReportConfig
+from medtransfer.data.manifest import SPLITS, Manifest
+from medtransfer.reports import figures
+
+if TYPE_CHECKING:
+    from medtransfer.evaluation.result import EvaluationResult
+    from medtransfer.reports.render import RunFiles
+
+log = logging.getLogger(__name__)
+
+NOT_PROVIDED = "not provided"
+DEMOGRAPHICS = ("sex", "age_band", "site", "manufacturer", "view", "modality")
+
+
+# -- formatting -------------------------------------------------------------------------------------------
+def is_num(v: Any) -> bool:
+    """True for a finite int/float (NaN, None, text: False)."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def num(v: Any, digits: int = 3) -> str:
+    """``v`` with ``digits`` decimals, or :data:`NOT_PROVIDED`."""
+    return f"{float(v):.{digits}f}" if is_num(v) else NOT_PROVIDED
+
+
+def with_ci(v: Any, lo: Any, hi: Any, digits: int = 3) -> str:
+    """``0.812 (0.701–0.903)``; the point alone when the CI is missing; :data:`NOT_PROVIDED` when all are."""
+    if not is_num(v):
+        return NOT_PROVIDED
+    if is_num(lo) and is_num(hi):
+        return f"{v:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+    return f"{v:.{digits}f} (no CI)"
+
+
+def pct(v: Any) -> str:
+    """``41.7%`` or :data:`NOT_PROVIDED`."""
+    return f"{100 * float(v):.1f}%" if is_num(v) else NOT_PROVIDED
+
+
+def plain_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with absolute paths reduced to their last component (``/data/site/cxr`` -> ``cxr``)."""
+    def walk(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, str) and (v.startswith(("/", "~", "\\")) or (len(v) > 2 and v[1] == ":" and v[2] in "/\\")):
+            return f"<{Path(v.replace(chr(92), '/')).name}>"
+        return v
+    return walk(config)
+
+
+# -- the context ------------------------------------------------------------------------------------------
+def build_context(files: RunFiles) -> dict[str, Any]:
+    """The whole template context (see the module docstring)."""
+    from medtransfer.reports import checklist  # it formats with this module's helpers
+
+    report = _report_config(files.config)
+    result = files.result
+    ctx: dict[str, Any] = {
+        "title": report.title, "banner": report.banner, "contact": report.contact or NOT_PROVIDED,
+        "intended_use": report.intended_use or NOT_PROVIDED, "not_provided": NOT_PROVIDED,
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "evaluated": result is not None, "run_id": files.run_dir.name,
+    }
+    ctx["model"] = model_section(files)
+    ctx["data"] = data_section(files)
+    ctx["training"] = training_section(files)
+    ctx["performance"] = performance_section(result) if result is not None else None
+    ctx["subgroups"] = subgroup_section(result) if result is not None else None
+    ctx["explain"] = figures.gallery(files.run_dir / "saliency", files.saliency, files.sanity)
+    ctx["evaluation"] = evaluation_summary(result)
+    ctx["biggest_gap"] = biggest_gap(result)
+    ctx["checks"] = checklist.warnings(files, ctx)
+    ctx["limitations"] = checklist.limitations(files, ctx)
+    ctx["checklist"] = checklist.checklist_items(files, ctx)
+    ctx["audit"] = files.audit
+    ctx["repro"] = repro_section(files)
+    return ctx
+
+
+def _report_config(config: dict[str, Any]) -> ReportConfig:
+    try:
+        return ReportConfig.model_validate(config.get("report") or {})
+    except ValueError as exc:
+        log.warning("config.yaml report: section not used (%s)", exc)
+        return ReportConfig()
+
+
+def model_section(files: RunFiles) -> dict[str, Any]:
+    """Backbone, pretraining source, strategy, task sentence, input spec and training summary."""
+    card = files.card
+    if card is None:
+        return {"present": False}
+    w, t, d, spec = card.weights, card.training, card.data, card.input
+    source = w.get("source") or w.get("weights") or NOT_PROVIDED
+    modalities = ", ".join(d.get("modalities") or []) or "scan"
+    size = "×".join(str(s) for s in spec.size)
+    window = (f"DICOM window/VOI LUT when present, else {spec.percentiles[0]}–{spec.percentiles[1]} percentile "
+              "clipping" if spec.window == "file" else f"{spec.window} intensity scaling")
+    return {
+        "present": True, "name": card.name, "created": card.created[:10], "backbone": card.backbone,
+        "pretraining": source, "pretrained_file": w.get("file") or NOT_PROVIDED,
+        "pretrained_sha256": w.get("sha256") or NOT_PROVIDED, "strategy": card.strategy, "task": card.task,
+        "task_sentence": task_sentence(card.task, card.classes, modalities), "classes": card.classes,
+        "input": f"{modalities}; {spec.channels} channel(s) resized to {size} px"
+                 f"{' (aspect kept by padding)' if spec.keep_aspect else ''}; {window}; "
+                 f"normalised with mean {list(spec.mean)}, std {list(spec.std)}",
+        "temperature": num(card.temperature, 3) if card.temperature else "none (uncalibrated)",
+        "thresholds": {c: num(v, 3) for c, v in card.thresholds.items()},
+        "epochs_run": t.get("epochs_run", NOT_PROVIDED), "best_epoch": t.get("best_epoch", NOT_PROVIDED),
+        "best_val_auroc": num(t.get("best_val_auroc")), "seconds": num(t.get("seconds"), 1),
+        "device": (t.get("device") or {}).get("device", NOT_PROVIDED), "seed": t.get("seed", NOT_PROVIDED),
+        "stopped_early": t.get("stopped_early"),
+        "population": _population(d), "version": files.weights_sha256[:12] if files.weights_sha256 else NOT_PROVIDED,
+        "versions": card.versions,
+    }
+
+
+def task_sentence(task: str, classes: list[str], modality: str) -> str:
+    """One plain sentence describing what the model outputs."""
+    if task == "binary":
+        return (f"Estimates the probability that a {modality} image shows {classes[1]} (rather than {classes[0]}),"
+                " and flags it when that probability reaches the stored threshold.")
+    if task == "multiclass":
+        return f"Assigns a {modality} image to one of {len(classes)} classes: {', '.join(classes)}."
+    return f"Estimates, for each of {', '.join(classes)}, the probability that it is present in a {modality} image."
+
+
+def _population(d: dict[str, Any]) -> dict[str, str]:
+    ages = d.get("age_range") or []
+    return {
+        "modalities": ", ".join(d.get("modalities") or []) or NOT_PROVIDED,
+        "views": ", ".join(d.get("views") or []) or NOT_PROVIDED,
+        "sites": f"{len(d['sites'])}: " + ", ".join(d["sites"]) if d.get("sites") else NOT_PROVIDED,
+        "sexes": ", ".join(d.get("sexes") or []) or NOT_PROVIDED,
+        "ages": f"{ages[0]:g}–{ages[1]:g} years" if len(ages) == 2 and all(map(is_num, ages)) else NOT_PROVIDED,
+    }
+
+
+def data_section(files: RunFiles) -> dict[str, Any]:
+    """Counts per split, demographics per split, the leakage proof and quarantine counts (no paths)."""
+    m = files.manifest
+    if m is None:
+        return {"present": False}
+    df = m.df
+    splits = [s for s in SPLITS if "split" in df.columns and (df["split"] == s).any()]
+    parts = {s: df[df["split"] == s] for s in splits}
+    rows = [("patients", [int(p["patient_key"].nunique()) for p in parts.values()]),
+            ("studies", [int(p["study_key"].nunique()) if "study_key" in p else NOT_PROVIDED for p in parts.values()]),
+            ("images", [_images(p) for p in parts.values()]), ("cases", [len(p) for p in parts.values()])]
+    for cls in m.classes:
+        name = f"positives: {cls}" if m.task == "multilabel" else f"labelled {cls}"
+        rows.append((name, [_positives(p, m, cls) for p in parts.values()]))
+    per_patient = df.groupby("patient_key")["split"].nunique() if "split" in df.columns else pd.Series(dtype=int)
+    q = m.quarantine
+    return {
+        "present": True, "folder": Path(str(m.data_dir)).name or NOT_PROVIDED, "task": m.task,
+        "classes": m.classes, "splits": splits, "counts": rows,
+        "demographics": _demographics(parts), "ages": _age_summary(parts),
+        "leaked_patients": int((per_patient > 1).sum()), "n_patients": int(df["patient_key"].nunique()),
+        "quarantine": {str(k): int(v) for k, v in q["problem"].value_counts().items()} if len(q) else {},
+        "quarantine_total": len(q), "warnings": list(m.warnings),
+        "modalities": sorted(df["modality"].dropna().astype(str).unique()) if "modality" in df else [],
+    }
+
+
+def _images(part: pd.DataFrame) -> int:
+    if "files" not in part.columns:
+        return len(part)
+    return int(sum(len([f for f in str(v).split(";") if f]) or 1 for v in part["files"].fillna("")))
+
+
+def _positives(part: pd.DataFrame, m: Manifest, cls: str) -> int:
+    if m.task == "multilabel":
+        return int(pd.to_numeric(part[cls], errors="coerce").eq(1).sum())
+    return int((part["label"].astype(str) == cls).sum())
+
+
+def _demographics(parts: dict[str, pd.DataFrame]) -> list[dict[str, Any]]:
+    """Rows ``{attribute, value, cells: [(count, pct) per split]}``; blank values count as ``unknown``."""
+    rows = []
+    for col in DEMOGRAPHICS:
+        if not any(col in p.columns for p in parts.values()):
+            continue
+        values = sorted({_cat(v) for p in parts.values() for v in p.get(col, pd.Series(dtype=object))})
+        for i, value in enumerate(values):
+            cells = []
+            for p in parts.values():
+                n = int(sum(_cat(v) == value for v in p.get(col, pd.Series(dtype=object))))
+                cells.append(f"{n} ({100 * n / len(p):.0f}%)" if len(p) else "0")
+            rows.append({"attribute": col if i == 0 else "", "value": value, "cells": cells, "first": i == 0})
+    return rows
+
+
+def _cat(v: Any) -> str:
+    return "unknown" if v is None or (isinstance(v, float) and math.isnan(v)) or str(v) == "" else str(v)
+
+
+def _age_summary(parts: dict[str, pd.DataFrame]) -> list[str]:
+    out = []
+    for p in parts.values():
+        ages = pd.to_numeric(p.get("age", pd.Series(dtype=float)), errors="coerce").dropna()
+        out.append(f"{ages.median():.0f} ({ages.min():.0f}–{ages.max():.0f})" if len(ages) else NOT_PROVIDED)
+    return out
+
+
+def training_section(files: RunFiles) -> dict[str, Any]:
+    """The training curves figure and the per-epoch table."""
+    hist = files.history
+    best = files.card.training.get("best_epoch") if files.card else None
+    fig = figures.history_figure(hist, best) if hist is not None else None
+    rows = []
+    if hist is not None:
+        for r in hist.to_dict("records"):
+            rows.append({"epoch": r.get("epoch"), "phase": r.get("phase", ""), "lr": f"{r.get('lr', float('nan')):.2e}",
+                         "train_loss": num(r.get("train_loss"), 4), "val_loss": num(r.get("val_loss"), 4),
+                         "val_auroc": num(r.get("val_auroc")), "best": r.get("epoch") == best})
+    return {"figure": fig, "rows": rows}
+
+
+def evaluation_summary(result: EvaluationResult | None) -> dict[str, Any] | None:
+    """Which data the metrics come from, how many cases and patients, prevalence, bootstrap settings."""
+    if result is None:
+        return None
+    m = result.meta
+    split = m.get("split", NOT_PROVIDED)
+    where = ("external data set" if split == "external" else f"internal '{split}' split")
+    return {
+        "where": f"{where} of '{m.get('data', NOT_PROVIDED)}'", "split": split, "external": split == "external",
+        "n_cases": m.get("n_cases", NOT_PROVIDED), "n_patients": m.get("n_patients", NOT_PROVIDED),
+        "n_failed": m.get("n_failed", 0), "n_boot": m.get("n_boot", NOT_PROVIDED),
+        "ci": f"{100 * m['ci']:.0f}%" if is_num(m.get("ci")) else "95%",
+        "prevalence": {c: pct(v) for c, v in (m.get("prevalence") or {}).items()},
+        "training_prevalence": {c: pct(v) for c, v in (m.get("training_prevalence") or {}).items()},
+        "min_group_size": m.get("min_group_size", NOT_PROVIDED), "warnings": list(m.get("warnings") or []),
+        "date": str(m.get("created", NOT_PROVIDED))[:10],
+    }
+
+
+def repro_section(files: RunFiles) -> dict[str, Any]:
+    """Config (paths reduced to names), its hash, versions, seeds, manifest digest, weights hashes."""
+    cfg = plain_config(files.config)
+    card, meta = files.card, (files.result.meta if files.result is not None else {})
+    seeds = {"data split seed": (files.config.get("data") or {}).get("seed", NOT_PROVIDED),
+             "training seed": (files.config.get("train") or {}).get("seed", NOT_PROVIDED),
+             "bootstrap seed": meta.get("seed", NOT_PROVIDED)}
+    return {
+        "config_yaml": yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True) if cfg else NOT_PROVIDED,
+        "config_sha256": files.config_sha256 or NOT_PROVIDED, "seeds": seeds,
+        "versions": dict(card.versions) if card else {},
+        "manifest_digest": (card.data.get("manifest_digest") if card else None) or NOT_PROVIDED,
+        "weights_sha256": files.weights_sha256 or NOT_PROVIDED,
+        "pretrained_sha256": (card.weights.get("sha256") if card else None) or NOT_PROVIDED,
+        "n_boot": meta.get("n_boot", NOT_PROVIDED), "run_id": files.run_dir.name,
+    }
+
+
+# -- performance and subgroups ---------------------------------------------------------------------------
+PERF_METRICS = (("auroc", "AUROC"), ("auprc", "AUPRC"), ("sensitivity", "Sensitivity"),
+                ("specificity", "Specificity"), ("ppv", "PPV"), ("npv", "NPV"), ("f1", "F1"),
+                ("accuracy", "Accuracy"))
+
+
+def performance_section(result: EvaluationResult) -> dict[str, Any]:
+    """Per-class metrics with CIs, confusion counts, ROC/PR and reliability figures, calibration table."""
+    per_class = {r["class"]: r for r in result.per_class.to_dict("records")}
+    calib = {r["class"]: r for r in result.calibration.to_dict("records")}
+    classes = []
+    for r in result.overall.to_dict("records"):
+        cls, pc, cal = r["class"], per_class.get(r["class"], {}), calib.get(r["class"], {})
+        entry = {"name": cls, "n": r.get("n"), "n_pos": r.get("n_pos"), "prevalence": pct(r.get("prevalence")),
+                 "threshold": num(r.get("threshold")),
+                 "metrics": [(label, with_ci(r.get(k), r.get(f"{k}_lo"), r.get(f"{k}_hi"))) for k, label in PERF_METRICS],
+                 "confusion": {k: int(pc[k]) if is_num(pc.get(k)) else NOT_PROVIDED for k in ("tp", "fp", "tn", "fn")},
+                 "calibration": _calibration_row(cal), "figures": []}
+        entry["metric_map"] = dict(entry["metrics"])
+        if cls != "macro":
+            entry["figures"] = _class_figures(result, cls, pc, cal)
+        classes.append(entry)
+    return {"classes": classes, "multiclass_confusion": _multiclass_confusion(result),
+            "thresholds": [{"class": t.get("class"), "threshold": num(t.get("threshold")), "method": t.get("method"),
+                            "source": t.get("source") or NOT_PROVIDED} for t in result.thresholds.to_dict("records")]}
+
+
+def _calibration_row(cal: dict[str, Any]) -> dict[str, str]:
+    return {"temperature": num(cal.get("temperature")), "ece": num(cal.get("ece")),
+            "ece_uncalibrated": num(cal.get("ece_uncalibrated")), "brier": num(cal.get("brier")),
+            "brier_uncalibrated": num(cal.get("brier_uncalibrated"))}
+
+
+def _class_figures(result: EvaluationResult, cls: str, pc: dict[str, Any], cal: dict[str, Any]) -> list:
+    preds, out = result.predictions, []
+    if f"true_{cls}" in preds.columns and f"p_{cls}" in preds.columns:
+        ok = preds.get("error", pd.Series("", index=preds.index)).fillna("") == ""
+        y = pd.to_numeric(preds.loc[ok, f"true_{cls}"], errors="coerce").to_numpy(dtype=float)
+        p = pd.to_numeric(preds.loc[ok, f"p_{cls}"], errors="coerce").to_numpy(dtype=float)
+        out.append(figures.roc_pr_figure(y, p, cls, sensitivity=pc.get("sensitivity"),
+                                         specificity=pc.get("specificity"), ppv=pc.get("ppv"),
+                                         threshold=pc.get("threshold")))
+    rel = result.reliability
+    if len(rel) and "class" in rel.columns:
+        out.append(figures.reliability_figure(rel[rel["class"] == cls], cls, ece=cal.get("ece"),
+                                              ece_uncalibrated=cal.get("ece_uncalibrated")))
+    return [f for f in out if f is not None]
+
+
+def _multiclass_confusion(result: EvaluationResult) -> dict[str, Any] | None:
+    """K x K counts (rows: true label, columns: predicted) for multi-class tasks, from predictions.csv."""
+    preds = result.predictions
+    if result.meta.get("task") != "multiclass" or not {"label", "predicted"} <= set(preds.columns):
+        return None
+    classes = list(result.meta.get("classes") or [])
+    table = pd.crosstab(preds["label"].astype(str), preds["predicted"].astype(str))
+    table = table.reindex(index=classes, columns=classes, fill_value=0)
+    return {"classes": classes, "rows": [(c, [int(v) for v in table.loc[c]]) for c in classes]}
+
+
+def subgroup_section(result: EvaluationResult) -> dict[str, Any]:
+    """Subgroup rows (flagged / insufficient marked), gap rows with CIs, one forest plot per class."""
+    by_group, gaps = result.by_group, result.gaps
+    flagged = gaps[gaps["flagged"].fillna(False).astype(bool)] if "flagged" in gaps.columns else gaps.iloc[0:0]
+    worst = {(g["class"], g["attribute"], str(g["worst_group"])) for g in flagged.to_dict("records")}
+    rows = []
+    for r in by_group.to_dict("records"):
+        ok = r.get("status") == "ok"
+        ci = with_ci if ok else _not_assessed
+        rows.append({"class": r.get("class"), "attribute": r["attribute"], "group": r["group"], "n": r["n"],
+                     "n_patients": r.get("n_patients"), "n_pos": r.get("n_pos"), "prevalence": pct(r.get("prevalence")),
+                     "auroc": ci(r.get("auroc"), r.get("auroc_lo"), r.get("auroc_hi")),
+                     "sensitivity": ci(r.get("sensitivity"), r.get("sensitivity_lo"), r.get("sensitivity_hi")),
+                     "specificity": ci(r.get("specificity"), r.get("specificity_lo"), r.get("specificity_hi")),
+                     "ece": num(r.get("ece")) if ok else "–",
+                     "status": str(r.get("status") or NOT_PROVIDED).replace("min_group_size", "minimum"), "ok": ok,
+                     "flagged": (r.get("class"), r["attribute"], str(r["group"])) in worst})
+    gap_rows = [{"class": g.get("class"), "attribute": g["attribute"], "metric": g["metric"],
+                 "gap": with_ci(g.get("gap"), g.get("gap_lo"), g.get("gap_hi")) if is_num(g.get("gap")) else "not computed",
+                 "worst": f"{g['worst_group']} ({num(g.get('worst_value'))})" if is_num(g.get("gap")) else "–",
+                 "best": f"{g['best_group']} ({num(g.get('best_value'))})" if is_num(g.get("gap")) else "–",
+                 "flagged": bool(g.get("flagged")), "reason": g.get("reason") if isinstance(g.get("reason"), str) else ""}
+                for g in gaps.to_dict("records")]
+    overall = {r["class"]: r for r in result.overall.to_dict("records")}
+    figs = []
+    if len(by_group) and "class" in by_group.columns:
+        for cls, part in by_group.groupby("class", sort=False):
+            o = overall.get(cls, {})
+            figs.append(figures.forest_figure(part.reset_index(drop=True), str(cls),
+                                              overall={"auroc": o.get("auroc"), "sensitivity": o.get("sensitivity")}))
+    return {"rows": rows, "gaps": gap_rows, "figures": [f for f in figs if f is not None],
+            "n_flagged": len(flagged), "any": bool(rows)}
+
+
+def _not_assessed(*_: Any) -> str:
+    return "not assessed"
+
+
+def biggest_gap(result: EvaluationResult | None) -> dict[str, Any] | None:
+    """The largest computed subgroup gap (flagged ones first), formatted; None when none was computed."""
+    if result is None or result.gaps.empty or "gap" not in result.gaps.columns:
+        return None
+    gaps = result.gaps[pd.to_numeric(result.gaps["gap"], errors="coerce").notna()]
+    if gaps.empty:
+        return None
+    g = gaps.assign(_f=gaps["flagged"].fillna(False).astype(bool)).sort_values(["_f", "gap"], ascending=False).iloc[0]
+    return {"text": f"{g['metric'].upper()} gap {with_ci(g['gap'], g['gap_lo'], g['gap_hi'])} by {g['attribute']}: "
+                    f"{g['worst_group']} ({num(g['worst_value'])}) vs {g['best_group']} ({num(g['best_value'])})"
+                    f"{' for ' + str(g['class']) if 'class' in g else ''}",
+            "flagged": bool(g["_f"])}

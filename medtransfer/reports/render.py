@@ -1,0 +1,256 @@
+"""``render_report``: a run directory (or an evaluation) -> ``report.html`` (+ ``report.pdf``).
+
+Pure rendering: it reads the files a run directory holds (``evaluation.json``, ``predictions.csv``,
+``model_card.json``, ``config.yaml``, ``manifest.csv``, ``history.csv``, ``saliency/``, optional
+``audit.json``) and never imports torch, MONAI or Captum, so a report rebuilds in seconds on any machine.
+The HTML is one self-contained file (CSS inline, figures as base64 PNG); the PDF is the same HTML through
+WeasyPrint (the ``pdf`` extra). Both are written atomically.
+
+A run without ``evaluation.json`` still renders: every performance field says "not provided" and the
+report tells the reader to run ``medtransfer evaluate RUN_DIR`` (a red warning on page 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from medtransfer import io
+from medtransfer._optional import require
+from medtransfer.data.manifest import Manifest
+from medtransfer.errors import ConfigError, MedtransferError, MissingDependency, RunDirError
+from medtransfer.evaluation.result import EvaluationResult
+from medtransfer.models.card import ModelCard
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("html", "pdf")
+TEMPLATES = Path(__file__).parent / "templates"
+PDF_HINT = 'pip install "medtransfer[pdf]"'
+_DATA_URI = re.compile(r"(data:image/[a-z]+;base64,[A-Za-z0-9+/=]+)")
+
+
+class PdfUnavailable(MissingDependency):
+    """The PDF could not be made (WeasyPrint or its system libraries missing); ``outputs`` holds what was written.
+
+    Attributes:
+        outputs: format -> path of the files that were written (the HTML).
+    """
+
+    def __init__(self, message: str, outputs: dict[str, Path]) -> None:
+        super().__init__(message)
+        self.outputs = outputs
+
+
+def render_report(
+    result_or_run_dir: EvaluationResult | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    formats: Sequence[str] = FORMATS,
+) -> dict[str, Path]:
+    """Render the clinician-facing report of a run.
+
+    Args:
+        result_or_run_dir: a run directory (written by ``medtransfer train``; ``medtransfer evaluate`` adds
+            the metrics), or an :class:`EvaluationResult` (its run is found from ``result.saved_to``: the run
+            directory or ``<run>/external/<name>``).
+        out_dir: folder for ``report.html`` / ``report.pdf``; default: the run directory (or where the
+            result was saved).
+        formats: any of ``"html"``, ``"pdf"``. The HTML is always built; it is written when asked for,
+            or when the PDF cannot be made.
+
+    Returns:
+        Format -> path written, e.g. ``{"html": Path("runs/cxr1/report.html"), "pdf": ...}``.
+
+    Raises:
+        RunDirError: not a run directory (no ``model_card.json`` nor ``evaluation.json``).
+        ConfigError: an unknown format.
+        PdfUnavailable: ``pdf`` asked for but WeasyPrint (``pip install "medtransfer[pdf]"``) or its system
+            libraries are missing; the HTML was written first and ``exc.outputs`` names it.
+
+    Examples:
+        >>> render_report("runs/cxr1")  # doctest: +SKIP
+        {'html': PosixPath('runs/cxr1/report.html'), 'pdf': PosixPath('runs/cxr1/report.pdf')}
+    """
+    from medtransfer.reports.context import build_context
+
+    wanted = _check_formats(formats)
+    started = time.perf_counter()
+    run_dir, result = _resolve(result_or_run_dir)
+    out = Path(out_dir) if out_dir is not None else (result.saved_to if result is not None and result.saved_to
+                                                     else run_dir)
+    files = load_run_files(run_dir, result)
+    html = scrub(render_html(build_context(files)), _private_paths(files))
+    outputs: dict[str, Path] = {}
+    if "html" in wanted:
+        outputs["html"] = io.write_text(out / "report.html", html)
+    if "pdf" in wanted:
+        try:
+            weasyprint = _weasyprint()
+        except MissingDependency as exc:  # the HTML is still worth having: write it, then say what is missing
+            html_path = outputs.get("html") or io.write_text(out / "report.html", html)
+            raise PdfUnavailable(f"{exc} The HTML report was written to {html_path}.", {"html": html_path}) from exc
+        outputs["pdf"] = write_pdf(html, out / "report.pdf", weasyprint)
+    log.info("report for %s rendered in %.1f s: %s", run_dir.name, time.perf_counter() - started,
+             ", ".join(str(p) for p in outputs.values()))
+    return outputs
+
+
+def _check_formats(formats: Sequence[str]) -> set[str]:
+    wanted = {str(f).lower() for f in ([formats] if isinstance(formats, str) else formats)}
+    unknown = sorted(wanted - set(FORMATS))
+    if unknown or not wanted:
+        raise ConfigError(f"unknown report format(s) {unknown or '(none given)'}; expected one or both of "
+                          f"{', '.join(FORMATS)}")
+    return wanted
+
+
+def _resolve(arg: EvaluationResult | str | os.PathLike[str]) -> tuple[Path, EvaluationResult | None]:
+    """(run directory, result or None): a result's run is the first folder up from ``saved_to`` with a card."""
+    if isinstance(arg, EvaluationResult):
+        if arg.saved_to is None:
+            raise RunDirError("this evaluation was never saved, so its run directory is unknown; save it first "
+                              "(result.save(DIR)) or pass the run directory")
+        here = Path(arg.saved_to)
+        for folder in (here, here.parent, here.parent.parent):
+            if (folder / "model_card.json").is_file():
+                return folder, arg
+        return here, arg
+    run_dir = Path(arg)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: not a folder; give a run directory written by 'medtransfer train'")
+    if not (run_dir / "model_card.json").is_file() and not (run_dir / "evaluation.json").is_file():
+        raise RunDirError(f"{run_dir}: neither model_card.json nor evaluation.json found; give a run directory "
+                          "written by 'medtransfer train' (then 'medtransfer evaluate RUN_DIR')")
+    return run_dir, None
+
+
+def _weasyprint() -> Any:
+    """The weasyprint module, or MissingDependency naming the extra (and the system libraries it needs)."""
+    try:
+        return require("weasyprint", extra="pdf", purpose="the PDF report")
+    except OSError as exc:  # weasyprint installed but pango/cairo system libraries missing
+        raise MissingDependency(f"WeasyPrint is installed but cannot load its system libraries ({exc}). Install "
+                                "them (Debian/Ubuntu: apt-get install libpango-1.0-0 libpangoft2-1.0-0), or "
+                                f"reinstall with {PDF_HINT}.") from exc
+
+
+def render_html(context: dict[str, Any]) -> str:
+    """The report as one HTML string (Jinja2, autoescaped, undefined names are errors)."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                             autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template("report.html.j2").render(**context)
+
+
+def write_pdf(html: str, path: Path, weasyprint: Any) -> Path:
+    """Write ``html`` as a PDF to ``path`` atomically with WeasyPrint (``@page`` rules in report.css)."""
+    with io.atomic_path(path) as tmp:
+        weasyprint.HTML(string=html, base_url=str(TEMPLATES)).write_pdf(str(tmp))
+    return path
+
+
+def scrub(text: str, private: Sequence[str]) -> str:
+    """``text`` with each absolute path in ``private`` replaced by its last component (longest first).
+
+    Embedded ``data:`` URIs are left alone: base64 text can contain ``/root`` by chance.
+    """
+    ordered = sorted({p for p in private if p and len(p) > 1}, key=len, reverse=True)
+    parts = _DATA_URI.split(text)
+    for i in range(0, len(parts), 2):  # even items: text between data URIs (the split keeps the URIs)
+        for p in ordered:
+            parts[i] = parts[i].replace(p, Path(p).name or "folder")
+    return "".join(parts)
+
+
+def _private_paths(files: RunFiles) -> list[str]:
+    """Absolute paths that must not appear in a report: run and data folders, config paths, home."""
+    paths = [str(files.run_dir.resolve()), os.path.abspath(files.run_dir), str(Path.home())]
+    if files.manifest is not None:
+        paths.append(str(files.manifest.data_dir))
+    for section in files.config.values():
+        if isinstance(section, dict):
+            paths += [v for v in section.values() if isinstance(v, str) and os.path.isabs(v)]
+    return [p for p in paths if p not in ("/", "")]
+
+
+@dataclass
+class RunFiles:
+    """What a run directory holds; every field but ``run_dir`` may be missing (None / empty)."""
+
+    run_dir: Path
+    result: EvaluationResult | None = None
+    card: ModelCard | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    config_sha256: str | None = None
+    manifest: Manifest | None = None
+    history: pd.DataFrame | None = None
+    saliency: pd.DataFrame | None = None
+    sanity: dict[str, pd.DataFrame] = field(default_factory=dict)
+    audit: dict[str, Any] | None = None
+    weights_sha256: str | None = None
+
+
+def load_run_files(run_dir: Path, result: EvaluationResult | None = None) -> RunFiles:
+    """Read the files a report renders from; missing ones stay None (corrupt ones are logged and skipped).
+
+    Args:
+        run_dir: the run directory (``model_card.json``, ``config.yaml``, ``manifest.csv``, ...).
+        result: an evaluation already in memory; default ``<run_dir>/evaluation.json`` when present.
+    """
+    files = RunFiles(run_dir=run_dir, result=result)
+    if result is None and (run_dir / "evaluation.json").is_file():
+        files.result = EvaluationResult.load(run_dir)
+    files.card = _optional(lambda: ModelCard.load(run_dir / "model_card.json"), run_dir / "model_card.json")
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        raw = cfg.read_bytes()
+        files.config_sha256 = hashlib.sha256(raw).hexdigest()
+        files.config = _optional(lambda: yaml.safe_load(raw) or {}, cfg) or {}
+    if (run_dir / "manifest.csv").is_file():
+        files.manifest = _optional(lambda: Manifest.load(run_dir), run_dir / "manifest.csv")
+    if (run_dir / "history.csv").is_file():
+        files.history = _optional(lambda: pd.read_csv(run_dir / "history.csv"), run_dir / "history.csv")
+    sal = run_dir / "saliency"
+    if (sal / "index.csv").is_file():
+        files.saliency = _optional(lambda: pd.read_csv(sal / "index.csv", dtype={"case_id": str, "hint": str}),
+                                   sal / "index.csv")
+        for path in sorted(sal.glob("sanity_*.csv")):
+            table = _optional(lambda p=path: pd.read_csv(p), path)
+            if table is not None:
+                files.sanity[path.stem.removeprefix("sanity_")] = table
+    if (run_dir / "audit.json").is_file():
+        files.audit = _optional(lambda: json.loads((run_dir / "audit.json").read_text("utf-8")), run_dir / "audit.json")
+    if (run_dir / "model.safetensors").is_file():
+        files.weights_sha256 = sha256_file(run_dir / "model.safetensors")
+    return files
+
+
+def _optional(read: Any, path: Path) -> Any:
+    """``read()``, or None (logged) when the file is missing or cannot be parsed."""
+    try:
+        return read()
+    except (OSError, ValueError, yaml.YAMLError, MedtransferError) as exc:
+        log.warning("%s: not used in the report (%s)", path.name, exc)
+        return None
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -139,7 +139,7 @@ class _Trainer:
             f = cached_features(self.model, m, loader, spec=self.spec, cache_dir=self.cache_dir,
                                 device=self.device, amp=self.amp, channels_last=self.channels_last,
                                 progress=self.progress, description=f"features ({split})")
-            self._feats[split] = (f, torch.as_tensor(m.targets()))
+            self._feats[split] = (f, torch.tensor(np.array(m.targets())))
         return self._feats[split]
 
     def head_passes(self) -> int:

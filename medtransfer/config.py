@@ -95,6 +95,12 @@ class TrainConfig(_Frozen):
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     lr_decay: float = Field(default=0.5, gt=0, le=1)
+    # gradual only: after unfreezing, every group's LR is multiplied by this (fastai halves its base LR)
+    unfreeze_lr_factor: float = Field(default=0.3, gt=0, le=1)
+    # BatchNorm while the backbone trains: "frozen" keeps ImageNet running statistics (eval mode), "train"
+    # updates them; "auto" = frozen for gradual from pretrained weights (the head was fitted on features made
+    # with those statistics), train otherwise (scratch must learn its statistics). See docs/decisions.md.
+    bn: Literal["auto", "frozen", "train"] = "auto"
     weight_decay: float = Field(default=1e-4, ge=0)
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     scheduler: Literal["cosine", "onecycle", "plateau", "none"] = "cosine"
@@ -149,7 +155,8 @@ class RunConfig(_Frozen):
     report: ReportConfig = ReportConfig()
 
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# medtransfer/configs is a symlink to the repository's configs/, so wheels ship the presets too.
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def resolve_config_path(name: str | Path | None) -> Path | None:
@@ -172,7 +179,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     """Load a YAML config (or the defaults), apply ``key=value`` overrides, and validate.
 
     Args:
-        path: YAML file; ``None`` starts from the defaults.
+        path: YAML file or a preset name (``quickstart``, ``chexnet``, ``linear-probe``); ``None`` starts
+            from the defaults.
         overrides: ``["train.epochs=3", "model.backbone=resnet18"]`` (values parsed as YAML) or a nested dict.
 
     Raises:
@@ -185,7 +193,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     """
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        p = resolve_config_path(path) or Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found. Pass an existing YAML file, e.g. configs/quickstart.yaml")
         try:

@@ -91,6 +91,7 @@ class Classifier(nn.Module):
         self.spec = spec
         self.num_outputs = int(num_outputs)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.feature_dim, self.num_outputs))
+        self.bn_frozen = False  # set by fine-tuning (train.bn); see train()
         self._check_stages()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,13 +150,15 @@ class Classifier(nn.Module):
         """Set training mode, keeping frozen BatchNorm layers in eval mode (fastai's ``bn_splitter`` idea).
 
         A frozen BatchNorm in train mode would still update its running statistics from the new domain's
-        batches, silently changing the "frozen" backbone.
+        batches, silently changing the "frozen" backbone. With ``self.bn_frozen`` set, every BatchNorm stays
+        in eval mode (its affine parameters still train): the pretrained running statistics are kept.
         """
         super().train(mode)
         if mode:
+            keep_all = self.bn_frozen
             for m in self.modules():
                 params = list(m.parameters(recurse=False))
-                if isinstance(m, _BatchNorm) and params and not any(p.requires_grad for p in params):
+                if isinstance(m, _BatchNorm) and (keep_all or (params and not any(p.requires_grad for p in params))):
                     m.eval()
         return self
 

@@ -118,6 +118,10 @@ class _Trainer:
         self.loss_fn = build_loss(self.task, self.train_m.targets(), self.n_classes,
                                   class_weights=self.tc.class_weights,
                                   label_smoothing=self.tc.label_smoothing).to(self.device)
+        bn = self.tc.bn
+        if bn == "auto":
+            bn = "frozen" if self.tc.strategy == "gradual" and cfg.model.weights != "none" else "train"
+        self.bn_frozen = bn == "frozen"
         self.history: list[dict[str, Any]] = []
         self.best_metric, self.best_epoch, self.bad_epochs = -np.inf, 0, 0
         self._feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -167,9 +171,11 @@ class _Trainer:
             steps = -(-len(self.train_m) // self.tc.batch_size) * self.head_passes()
             net = self.model.head
         else:
+            self.model.bn_frozen = self.bn_frozen
             self.model.unfreeze()
-            decay = self.tc.lr_decay if (self.tc.strategy == "gradual" or self.tc.lr_decay < 1) else 1.0
-            groups = self.model.param_groups(self.tc.lr, decay)
+            gradual = self.tc.strategy == "gradual"
+            decay = self.tc.lr_decay if (gradual or self.tc.lr_decay < 1) else 1.0
+            groups = self.model.param_groups(self.tc.lr * (self.tc.unfreeze_lr_factor if gradual else 1.0), decay)
             steps = len(self._loader(self._dataset(self.train_m, train=True), shuffle=True))
             net = self.model
         opt = build_optimizer(groups, self.tc)

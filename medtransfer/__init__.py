@@ -38,6 +38,7 @@ _PUBLIC = {
     "explain": "medtransfer.explain.saliency",
     "explain_run": "medtransfer.explain.run",
     "render_report": "medtransfer.reports.render",
+    "run_demo": "medtransfer.demo",
 }
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "load_run",
     "predict",
     "render_report",
+    "run_demo",
     "train",
 ]
 
@@ -76,6 +78,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from medtransfer.data.discovery import index_scans
     from medtransfer.data.manifest import Manifest
     from medtransfer.data.spec import InputSpec
+    from medtransfer.demo import run_demo
     from medtransfer.errors import (
         CheckpointError,
         ConfigError,

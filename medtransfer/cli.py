@@ -133,7 +133,7 @@ def backbones() -> None:
 @user_errors
 def sample_data(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("sample_data/generated"),
-    n: Annotated[int, typer.Option(help="Number of radiographs.")] = 300,
+    n: Annotated[int, typer.Option(help="Number of radiographs.")] = 400,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
     size: Annotated[int, typer.Option(help="Image size in pixels.")] = 256,
     overwrite: Annotated[bool, typer.Option(help="Regenerate even if a complete dataset is there.")] = False,
@@ -309,6 +309,21 @@ def report(
         raise typer.Exit(1) from None
     for path in outputs.values():
         say(f"wrote {path}")
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Run directory for the demo.")] = Path("runs/demo"),
+    fast: Annotated[bool, typer.Option(help="Fewer epochs and saliency maps (about half the time).")] = False,
+    data: Annotated[Path, typer.Option(help="Where the synthetic sample scans are (made if missing).")] = Path(
+        "sample_data/generated"),
+) -> None:
+    """The whole pipeline offline on bundled synthetic DICOMs: train, evaluate, explain, report."""
+    from medtransfer.demo import run_demo
+
+    result = run_demo(out, fast=fast, data_dir=data, progress=not quiet())
+    console.print(result.summary(), highlight=False, soft_wrap=True)
 
 
 def main() -> None:

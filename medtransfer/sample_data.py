@@ -45,7 +45,7 @@ from medtransfer.errors import ConfigError, MedtransferError
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 _MARKER = ".complete"
 _CORNERS = ("tl", "tr", "bl", "br")
 # Laterality glyphs on a 5x7 grid: (x0, y0, width, height) rectangles.
@@ -87,7 +87,7 @@ SITES: dict[str, SiteProfile] = {
 class SampleDataConfig:
     """All knobs of the generator; the fingerprint of this object decides whether a folder is up to date."""
 
-    n: int = 300
+    n: int = 400
     seed: int = 0
     size: int = 256
     shortcut: bool = True
@@ -95,9 +95,10 @@ class SampleDataConfig:
     sites: tuple[str, ...] = ("A", "B", "C")
     extras: bool = True
     second_study_fraction: float = 0.15  # of patients who get a second study
-    shortcut_strength: float = 0.45  # P(positive gets its marker moved top-left)
-    weak_contrast: float = 0.5  # opacity contrast multiplier at the weak site
+    shortcut_strength: float = 0.8  # P(positive gets its marker moved top-left)
+    weak_contrast: float = 0.35  # opacity contrast multiplier at the weak site
     weak_noise: float = 1.7  # noise multiplier at the weak site
+    opacity_contrast: float = 0.3  # median peak contrast of an opacity (log-normal; attenuation units)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.sites if s not in SITES]
@@ -105,6 +106,11 @@ class SampleDataConfig:
             raise ConfigError(f"sites={self.sites!r}: choose from {sorted(SITES)}")
         if self.weak_site is not None and self.weak_site not in self.sites:
             raise ConfigError(f"weak_site={self.weak_site!r} is not one of sites={self.sites!r} (or use None)")
+        if not (0 <= self.shortcut_strength <= 1 and self.weak_contrast >= 0 and self.weak_noise >= 0
+                and 0 < self.opacity_contrast <= 1):
+            raise ConfigError(f"shortcut_strength={self.shortcut_strength} must be in [0, 1]; weak_contrast="
+                              f"{self.weak_contrast} and weak_noise={self.weak_noise} must be >= 0; opacity_contrast="
+                              f"{self.opacity_contrast} must be in (0, 1]")
         if self.n < 2 or not 32 <= self.size <= 2048:
             raise ConfigError(f"n={self.n}, size={self.size}: need n >= 2 and 32 <= size <= 2048")
 
@@ -117,7 +123,7 @@ class SampleDataConfig:
 def generate_sample_data(
     out_dir: str | os.PathLike[str],
     *,
-    n: int = 300,
+    n: int = 400,
     seed: int = 0,
     size: int = 256,
     shortcut: bool = True,
@@ -125,6 +131,10 @@ def generate_sample_data(
     sites: tuple[str, ...] = ("A", "B", "C"),
     extras: bool = True,
     overwrite: bool = False,
+    shortcut_strength: float = 0.8,
+    weak_contrast: float = 0.35,
+    weak_noise: float = 1.7,
+    opacity_contrast: float = 0.3,
 ) -> Path:
     """Write a synthetic multi-site chest X-ray DICOM data set to ``out_dir`` and return the folder.
 
@@ -142,13 +152,17 @@ def generate_sample_data(
         sites: which of the simulated sites (``SITES``) to use.
         extras: also write NIfTI volumes and a CT series under ``extras/`` for ingestion tests.
         overwrite: regenerate even when an up-to-date data set is present.
+        shortcut_strength: probability that a positive's marker is moved to the top-left (with ``shortcut``).
+        weak_contrast, weak_noise: opacity-contrast and noise multipliers at ``weak_site``.
+        opacity_contrast: median peak contrast of an opacity; higher makes the task easier.
 
     Raises:
         ConfigError: invalid knobs.
         MedtransferError: ``out_dir`` is a non-empty folder that was not made by this function.
     """
     cfg = SampleDataConfig(n=n, seed=seed, size=size, shortcut=shortcut, weak_site=weak_site,
-                           sites=tuple(sites), extras=extras)
+                           sites=tuple(sites), extras=extras, shortcut_strength=shortcut_strength,
+                           weak_contrast=weak_contrast, weak_noise=weak_noise, opacity_contrast=opacity_contrast)
     out = Path(out_dir)
     key = cfg.fingerprint()
     marker = out / _MARKER
@@ -258,7 +272,8 @@ def _write_case(root: Path, row: Any, cfg: SampleDataConfig) -> dict[str, Any]:
     x, y = _grid(cfg.size, rng, row.sex)
     att, lung = _anatomy(x, y, rng, cfg.size, row.sex, row.age)
     weak = row.site == cfg.weak_site
-    truth = _opacities(att, lung, rng, cfg.size, row.label, cfg.weak_contrast if weak else 1.0)
+    truth = _opacities(att, lung, rng, cfg.size, row.label, cfg.opacity_contrast,
+                       cfg.weak_contrast if weak else 1.0)
     img = _acquire(att, site, rng, cfg.size, cfg.weak_noise if weak else 1.0)
     letter = "R" if row.corner in ("tl", "bl") else "L"  # patient's right is on the image left
     _burn_marker(img, row.corner, letter)
@@ -401,7 +416,7 @@ def _upsampler(size: int, cells: int) -> np.ndarray:
 
 
 def _opacities(att: np.ndarray, lung: np.ndarray, rng: np.random.Generator, size: int, positive: bool,
-               gain: float) -> dict[str, Any]:
+               median: float, gain: float) -> dict[str, Any]:
     """Add 1-3 soft, patchy consolidations confined to the lungs (in place); return their ground truth.
 
     Contrast is log-normal (many subtle, a few dense) and scaled by ``gain`` (< 1 at the weak site).
@@ -414,7 +429,7 @@ def _opacities(att: np.ndarray, lung: np.ndarray, rng: np.random.Generator, size
         found = []
         for r0, c0 in zip(*np.divmod(rng.choice(candidates, size=count), size), strict=True):
             rad = rng.uniform(0.07, 0.2)
-            c = float(np.clip(rng.lognormal(np.log(0.16), 0.6), 0.04, 0.45)) * gain
+            c = float(np.clip(rng.lognormal(np.log(median), 0.6), median / 4, min(0.9, median * 2.8))) * gain
             ry, rx = rad * rng.uniform(0.7, 1.4, 2)
             blob = np.exp(-((((yy - r0 / size) / ry) ** 2 + ((xx - c0 / size) / rx) ** 2) ** 2))
             total = np.maximum(total, c * blob * expit(1.2 * _smooth_noise(rng, size, 14) + 1.5))

@@ -6,8 +6,8 @@ most frequent class, ties going to the globally rarer class; multi-label: the ra
 positive for, or "none"), and the patients of each stratum are shuffled with the seed and dealt out greedily
 to the split that is furthest below its target share of *cases*. Before that, when a stratum has enough
 patients, each split with a non-zero fraction is given one patient first (train, then test, then val), so tiny
-datasets still get every class in every split. The result depends only on the seed, the fractions and the
-pseudonymous patient keys.
+datasets still get every class in every split. The result depends only on the seed, the fractions, and the
+files' relative paths (not on the pseudonymisation salt), so a folder splits the same way on every machine.
 """
 
 from __future__ import annotations
@@ -55,9 +55,14 @@ def assign_splits(df: pd.DataFrame, classes: list[str], task: Task, *, val_fract
     strata = patient_strata(df, classes, task)
     sizes = df.groupby("patient_key").size()
     rng = np.random.default_rng(seed)
+    # Patients are ordered by their first file's relative path (when known) before the seeded shuffle, not by
+    # their pseudonymous key: keys depend on the machine's secret salt, and the same folder and seed must give
+    # the same split on every machine (reproducible runs, the demo).
+    first_path = (df.groupby("patient_key")["path"].min().astype(str) if "path" in df
+                  else pd.Series(strata.index, index=strata.index))
     assignment: dict[str, str] = {}
     for stratum in sorted(strata.unique()):
-        patients = sorted(strata.index[strata == stratum])
+        patients = sorted(strata.index[strata == stratum], key=lambda k: (first_path.get(k, ""), k))
         order = [patients[i] for i in rng.permutation(len(patients))]
         assignment.update(_deal(order, sizes, fractions))
     return df["patient_key"].map(assignment).astype(str)

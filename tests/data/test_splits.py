@@ -150,3 +150,26 @@ def test_split_without_positives_is_warned_in_the_manifest(tmp_path: Path) -> No
     m = index_scans(data, labels=csv, config=DataConfig(verify_pixels=False))
     assert any("split 'test' has no cases of class(es) ['b']" in w for w in m.warnings)
     assert any("split 'val' has no cases of class(es) ['b']" in w for w in m.warnings)
+
+
+def test_split_does_not_depend_on_the_machine_salt(tmp_path: Path) -> None:
+    # Patient keys are salted per machine; the split must not be, or the same folder and seed would split
+    # differently on a colleague's machine (and the demo's results would depend on who runs it).
+    import os
+    import subprocess
+    import sys
+
+    _two_study_folder(tmp_path / "data")
+    code = ("import sys; from medtransfer.config import DataConfig; from medtransfer.data.discovery import "
+            "index_scans; m = index_scans(sys.argv[1], config=DataConfig(verify_pixels=False, seed=3)); "
+            "print(m.df.patient_key.iloc[0], ','.join(m.df.sort_values('path')['split']))")
+    splits, keys = [], []
+    for salt in ("salt-one", "salt-two"):
+        env = {**os.environ, "MEDTRANSFER_SALT": salt}
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "data")], capture_output=True, text=True,
+                             env=env, check=True)
+        key, split = out.stdout.split()
+        keys.append(key)
+        splits.append(split)
+    assert keys[0] != keys[1]  # the salt did change the pseudonyms
+    assert splits[0] == splits[1]

@@ -2,7 +2,8 @@
 
 sample data (DICOM, 3 sites) -> index -> train (EfficientNet-Lite0, ImageNet weights shipped in a package,
 gradual unfreezing) -> evaluate (CIs, calibration, subgroups by sex / age band / site) -> explain (Grad-CAM
-for the gallery; occlusion on the most confident errors, which is what finds a burned-in marker) -> report.
+for the gallery; occlusion on the most confident errors, which is what finds a burned-in marker) -> shortcut
+audit (site probe, leave-one-site-out, prevalence by site) -> report.
 
 The sample data plant a weak site and a marker shortcut (``sample_data/README.md``), so the report has
 something real to find; the summary says whether it was found rather than assuming it.
@@ -48,6 +49,7 @@ class DemoResult:
         flagged_gaps: one line per subgroup gap whose CI excludes 0.
         shortcut_hints: method -> (maps with a corner/border/outside-body hint, maps).
         seconds: wall time per stage.
+        site_probe: (balanced accuracy, chance) of predicting the site from the model's features.
         warnings: anything that did not go as planned (e.g. PDF unavailable).
     """
 
@@ -59,6 +61,7 @@ class DemoResult:
     shortcut_hints: dict[str, tuple[int, int]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    site_probe: tuple[float, float] | None = None
 
     def summary(self) -> str:
         """A few lines for the terminal: headline, what was flagged, where the report is."""
@@ -67,6 +70,9 @@ class DemoResult:
         lines += [f"flagged gap: {g}" for g in self.flagged_gaps] or ["no subgroup gap flagged"]
         for method, (hinted, total) in self.shortcut_hints.items():
             lines.append(f"{method}: {hinted} of {total} heat maps concentrate on corners/borders (shortcut hint)")
+        if self.site_probe is not None:
+            lines.append(f"site probe: the model's features tell the sites apart with balanced accuracy "
+                         f"{self.site_probe[0]:.2f} (chance {self.site_probe[1]:.2f})")
         lines += [f"warning: {w}" for w in self.warnings]
         total = sum(self.seconds.values())
         lines.append(f"done in {total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()) + ")")
@@ -97,6 +103,7 @@ def run_demo(
     Raises:
         RunDirError: ``out`` is a non-empty folder that the demo did not make.
     """
+    from medtransfer.audit.shortcuts import audit_shortcuts
     from medtransfer.evaluation.evaluate import evaluate
     from medtransfer.evaluation.result import EvaluationResult
     from medtransfer.explain.run import explain_run
@@ -134,6 +141,11 @@ def run_demo(
     explain_run(run_dir, method="occlusion", cases=settings["occlusion_cases"], progress=progress)
     seconds["explain"] = time.perf_counter() - t
 
+    t = time.perf_counter()
+    if not (run_dir / "audit" / "shortcuts.json").is_file():
+        audit_shortcuts(run_dir, progress=progress)
+    seconds["shortcut audit"] = time.perf_counter() - t
+
     demo = DemoResult(run_dir=run_dir, data_dir=data, seconds=seconds)
     t = time.perf_counter()
     try:
@@ -143,6 +155,11 @@ def run_demo(
         demo.warnings.append(f"PDF not written: {exc}")
     seconds["report"] = time.perf_counter() - t
     _fill_findings(demo, result)
+    audit = run_dir / "audit" / "shortcuts.json"
+    if audit.is_file():
+        probe = [r for r in io.read_json(audit).get("probe", []) if r.get("attribute") == "site"]
+        if probe and probe[0].get("balanced_accuracy") is not None:
+            demo.site_probe = (float(probe[0]["balanced_accuracy"]), float(probe[0]["chance"]))
     return demo
 
 

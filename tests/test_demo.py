@@ -81,6 +81,16 @@ def test_occlusion_finds_the_planted_marker_shortcut(demo) -> None:
     assert "occlusion:" in proc.stdout
 
 
+def test_shortcut_audit_sees_the_sites(demo) -> None:
+    cwd, proc = demo
+    audit = json.loads((cwd / "runs" / "demo" / "audit" / "shortcuts.json").read_text())
+    (site,) = [r for r in audit["probe"] if r["attribute"] == "site"]
+    assert site["flagged"] and site["balanced_accuracy"] > 0.8  # scanners differ: the features see the site
+    assert "site probe:" in proc.stdout
+    html = (cwd / "runs" / "demo" / "report.html").read_text(encoding="utf-8")
+    assert "Is the model learning the hospital?" in html
+
+
 def test_rerun_reuses_the_finished_stages(demo) -> None:
     cwd, _ = demo
     before = (cwd / "runs" / "demo" / "model.safetensors").stat().st_mtime_ns

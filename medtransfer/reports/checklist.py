@@ -35,8 +35,38 @@ def _check(level: str, title: str, detail: str, meaning: str = "", action: str =
 def warnings(files: RunFiles, ctx: dict[str, Any]) -> list[dict[str, str]]:
     """Every check with its light, worst first (see the module docstring)."""
     checks = [*_evaluation_checks(files), _leakage_check(ctx["data"]), _quarantine_check(ctx["data"]),
-              *_saliency_checks(ctx["explain"], files.run_dir.name)]
+              *_saliency_checks(ctx["explain"], files.run_dir.name), *_audit_checks(ctx.get("audit"))]
     return sorted(checks, key=lambda c: LEVEL_ORDER[c["level"]])
+
+
+def _audit_checks(audit: dict[str, Any] | None) -> list[dict[str, str]]:
+    """Negative transfer, a model that can see the site, a leave-one-site-out drop (only when audited)."""
+    if not audit:
+        return []
+    out = []
+    t = audit.get("transfer")
+    if t:
+        negative = [w for w in t["warnings"] if w.startswith("Negative transfer")]
+        out.append(_check("amber", "Negative transfer", negative[0],
+                          "ImageNet pretraining buys nothing here; a simpler model may be as good.",
+                          "See 'Does transfer help'; check the preprocessing or prefer the scratch model.")
+                   if negative else _check("green", "Pretraining helps", "The best pretrained strategy beats "
+                                           "training from scratch with all the data (transfer audit)."))
+    s = audit.get("shortcuts")
+    if s:
+        seen = [r for r in s["probe"] if r["flagged"]]
+        drops = [r for r in s["loso"] if r["flagged"]]
+        if seen or drops:
+            detail = "; ".join([f"features predict {r['attribute']} (balanced accuracy {r['bacc']})" for r in seen]
+                               + [f"AUROC at {r['site']} drops when it is left out of training: {r['drop']}"
+                                  for r in drops])
+            out.append(_check("amber", "Hospital signal", detail + ".",
+                              "The model can tell hospitals apart and may not perform the same at a new one.",
+                              "Validate on an external site before use; see 'Is the model learning the hospital?'."))
+        else:
+            out.append(_check("green", "No hospital signal found", "Site probe and leave-one-site-out checks "
+                              "did not flag anything."))
+    return out
 
 
 def _evaluation_checks(files: RunFiles) -> list[dict[str, str]]:

@@ -94,10 +94,10 @@ def build_context(files: RunFiles) -> dict[str, Any]:
     ctx["explain"] = figures.gallery(files.run_dir / "saliency", files.saliency, files.sanity)
     ctx["evaluation"] = evaluation_summary(result)
     ctx["biggest_gap"] = biggest_gap(result)
+    ctx["audit"] = audit_section(files.audit)
     ctx["checks"] = checklist.warnings(files, ctx)
     ctx["limitations"] = checklist.limitations(files, ctx)
     ctx["checklist"] = checklist.checklist_items(files, ctx)
-    ctx["audit"] = files.audit
     ctx["repro"] = repro_section(files)
     return ctx
 
@@ -389,3 +389,56 @@ def biggest_gap(result: EvaluationResult | None) -> dict[str, Any] | None:
                     f"{g['worst_group']} ({num(g['worst_value'])}) vs {g['best_group']} ({num(g['best_value'])})"
                     f"{' for ' + str(g['class']) if 'class' in g else ''}",
             "flagged": bool(g["_f"])}
+
+
+def audit_section(audit: dict[str, Any] | None) -> dict[str, Any] | None:
+    """"Does transfer help, and does it generalise?": learning curve, time-to-target, probe, LOSO tables."""
+    if not audit:
+        return None
+    out: dict[str, Any] = {"transfer": None, "shortcuts": None}
+    t = audit.get("transfer")
+    if t and t.get("curve"):
+        curve = pd.DataFrame(t["curve"])
+        cells = pd.DataFrame(t.get("cells") or [])
+        summ = t.get("summary") or {}
+        eff = [{"strategy": s, "fraction": _pct(d.get("fraction_to_match")), "gain": _x(d.get("gain")),
+                "reference": num(d.get("scratch_auroc_at_full"))} for s, d in (summ.get("data_efficiency") or {}).items()]
+        speed = [{"strategy": s, "seconds": num(d.get("seconds_to_target"), 0), "scratch": num(d.get("scratch_seconds_to_target"), 0), "speedup": _x(d.get("speedup"))} for s, d in (summ.get("speedup") or {}).items()]
+        rows = [{"strategy": r["strategy"], "fraction": _pct(r["fraction"]), "auroc": num(r["test_auroc"]),
+                 "ci": with_ci(r["test_auroc"], r.get("test_lo"), r.get("test_hi")), "sd": num(r.get("sd")),
+                 "seeds": r.get("seeds"), "seconds": num(r.get("seconds"), 0)} for r in curve.to_dict("records")]
+        out["transfer"] = {"curve_figure": figures.learning_curve_figure(curve),
+                           "ttt_figure": figures.time_to_target_figure(cells, summ.get("target_auroc")),
+                           "rows": rows, "efficiency": eff, "speed": speed, "warnings": t.get("warnings") or [],
+                           "target": num(summ.get("target_auroc")), "settings": summ.get("settings") or {}}
+    sc = audit.get("shortcuts")
+    if sc:
+        probe = [{"attribute": r["attribute"], "n": r.get("n"), "bacc": num(r.get("balanced_accuracy")),
+                  "chance": num(r.get("chance")), "flagged": bool(r.get("flagged")), "status": r.get("status")}
+                 for r in sc.get("probe") or []]
+        loso = [{"site": r["site"], "n": r.get("n_test"), "all": _ci(r, "auroc_all_sites", "all_lo", "all_hi"),
+                 "out": _ci(r, "auroc_left_out", "out_lo", "out_hi"), "drop": _ci(r, "drop", "drop_lo", "drop_hi"),
+                 "flagged": bool(r.get("flagged")), "status": r.get("status")} for r in sc.get("loso") or []]
+        prev = [{"site": r["site"], "n": r.get("n"), "prevalence": num(r.get("prevalence")),
+                 "mean_p": num(r.get("mean_probability")), "rate": num(r.get("predicted_positive_rate"))}
+                for r in sc.get("prevalence") or []]
+        sal = [{"method": r["method"], "site": r["site"], "maps": r.get("maps"), "border": num(r.get("border_mass")),
+                "corner": num(r.get("corner_mass")), "hint_rate": _pct(r.get("hint_rate"))}
+               for r in sc.get("saliency") or []]
+        out["shortcuts"] = {"probe": probe, "loso": loso, "prevalence": prev, "saliency": sal,
+                            "warnings": sc.get("warnings") or [], "notes": sc.get("notes") or []}
+    return out
+
+
+def _pct(v: Any) -> str:
+    return "—" if v is None or v != v else f"{100 * float(v):.0f}%"
+
+
+def _x(v: Any) -> str:
+    return "—" if v is None or v != v else f"{float(v):.1f}×"
+
+
+def _ci(r: dict[str, Any], k: str, lo: str, hi: str) -> str:
+    if r.get(k) is None:
+        return "—"
+    return with_ci(r.get(k), r.get(lo), r.get(hi))

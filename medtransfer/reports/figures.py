@@ -196,6 +196,54 @@ KIND_TEXT = {"TP": "true positive", "FP": "false positive", "FN": "false negativ
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+STRATEGY_COLOURS = {"scratch": GREY, "linear-probe": BLUE, "gradual": ORANGE, "fine-tune": GREEN}
+
+
+def learning_curve_figure(curve: pd.DataFrame) -> Figure | None:
+    """Test AUROC vs training fraction per strategy (mean over seeds, band = mean bootstrap CI)."""
+    if curve is None or curve.empty:
+        return None
+    fig, (ax,) = _new(6.0, 3.2)
+    alts = []
+    for strategy, rows in curve.groupby("strategy", sort=False):
+        rows = rows.sort_values("fraction")
+        colour = STRATEGY_COLOURS.get(str(strategy), VERMILLION)
+        x = rows["fraction"].to_numpy(float) * 100
+        ax.plot(x, rows["test_auroc"], marker="o", ms=4, color=colour, label=str(strategy),
+                linestyle="--" if strategy == "scratch" else "-")
+        ax.fill_between(x, rows["test_lo"].to_numpy(float), rows["test_hi"].to_numpy(float), color=colour,
+                        alpha=0.15, linewidth=0)
+        alts.append(f"{strategy}: " + ", ".join(f"{f:g}% {a:.2f}" for f, a in zip(x, rows["test_auroc"], strict=True)))
+    ax.set_xscale("log")
+    ticks = sorted(curve["fraction"].unique() * 100)
+    ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+    ax.set(xlabel="training patients used", ylabel="test AUROC", title="Learning curve: pretrained vs scratch")
+    ax.legend(frameon=False, fontsize=8)
+    return Figure(to_data_uri(fig), "Test AUROC by fraction of training data. " + "; ".join(alts),
+                  "Mean over seeds; shaded: mean 95% bootstrap CI of the cells.")
+
+
+def time_to_target_figure(cells: pd.DataFrame, target: float | None) -> Figure | None:
+    """Mean wall seconds to reach the target validation AUROC with all training data, per strategy."""
+    if cells is None or cells.empty or "seconds_to_target" not in cells or target is None:
+        return None
+    full = cells[cells["fraction"] == cells["fraction"].max()]
+    means = full.groupby("strategy", sort=False)["seconds_to_target"].mean()
+    reached = full.groupby("strategy", sort=False)["seconds_to_target"].apply(lambda s: int(s.notna().sum()))
+    seeds = full.groupby("strategy", sort=False).size()
+    fig, (ax,) = _new(6.0, 2.4)
+    names = list(means.index)
+    vals = [0.0 if not np.isfinite(v) else float(v) for v in means.to_numpy(float)]
+    ax.barh(names, vals, color=[STRATEGY_COLOURS.get(n, VERMILLION) for n in names])
+    for i, n in enumerate(names):
+        label = f"{vals[i]:.0f} s ({reached[n]}/{seeds[n]} seeds)" if reached[n] else "not reached"
+        ax.text(vals[i], i, " " + label, va="center", fontsize=8)
+    ax.set(xlabel=f"seconds to validation AUROC ≥ {target:.3f}", title="Time to target (all training data)")
+    ax.invert_yaxis()
+    alt = "; ".join(f"{n}: " + (f"{vals[i]:.0f} s" if reached[n] else "not reached") for i, n in enumerate(names))
+    return Figure(to_data_uri(fig), f"Seconds to reach validation AUROC {target:.3f}: {alt}", "")
+
+
 def hint_text(hint: object) -> str:
     """A plain-language reading of an ``index.csv`` ``hint`` (``corner:top_left;border;outside_body``)."""
     if not isinstance(hint, str) or not hint.strip():

@@ -2,7 +2,7 @@
 
 Pure rendering: it reads the files a run directory holds (``evaluation.json``, ``predictions.csv``,
 ``model_card.json``, ``config.yaml``, ``manifest.csv``, ``history.csv``, ``saliency/``, optional
-``audit.json``) and never imports torch, MONAI or Captum, so a report rebuilds in seconds on any machine.
+``audit/transfer.json``, ``audit/shortcuts.json``) and never imports torch, MONAI or Captum, so a report rebuilds in seconds on any machine.
 The HTML is one self-contained file (CSS inline, figures as base64 PNG); the PDF is the same HTML through
 WeasyPrint (the ``pdf`` extra). Both are written atomically.
 
@@ -231,8 +231,9 @@ def load_run_files(run_dir: Path, result: EvaluationResult | None = None) -> Run
             table = _optional(lambda p=path: pd.read_csv(p), path)
             if table is not None:
                 files.sanity[path.stem.removeprefix("sanity_")] = table
-    if (run_dir / "audit.json").is_file():
-        files.audit = _optional(lambda: json.loads((run_dir / "audit.json").read_text("utf-8")), run_dir / "audit.json")
+    audit = {name: _optional(lambda p=path: json.loads(p.read_text("utf-8")), path)
+             for name in ("transfer", "shortcuts") if (path := run_dir / "audit" / f"{name}.json").is_file()}
+    files.audit = {k: v for k, v in audit.items() if v is not None} or None
     if (run_dir / "model.safetensors").is_file():
         files.weights_sha256 = sha256_file(run_dir / "model.safetensors")
     return files

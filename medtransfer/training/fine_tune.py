@@ -37,7 +37,7 @@ from medtransfer.models import checkpoint
 from medtransfer.progress import progress_bar
 from medtransfer.training import device as dev
 from medtransfer.training.features import cached_features
-from medtransfer.training.loop import Stepper, predict_batches, train_epoch
+from medtransfer.training.loop import Stepper, predict_batches, recompute_bn_stats, train_epoch
 from medtransfer.training.losses import build_loss
 from medtransfer.training.optim import build_optimizer, build_scheduler, current_lr
 from medtransfer.training.tracking import is_rank_zero
@@ -122,6 +122,8 @@ class _Trainer:
         if bn == "auto":
             bn = "frozen" if self.tc.strategy == "gradual" and cfg.model.weights != "none" else "train"
         self.bn_frozen = bn == "frozen"
+        precise = self.tc.precise_bn
+        self.precise_bn = (cfg.model.weights == "none") if precise is None else precise
         self.history: list[dict[str, Any]] = []
         self.best_metric, self.best_epoch, self.bad_epochs = -np.inf, 0, 0
         self._feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -132,8 +134,11 @@ class _Trainer:
                            cache_dir=self.cache_dir)
 
     def _loader(self, ds: ScanDataset, *, shuffle: bool, epoch: int = 0) -> torch.utils.data.DataLoader:
+        # A last training batch of one case stops BatchNorm in training mode ("Expected more than 1 value per
+        # channel"): drop it (the order is shuffled, so a different case sits out each epoch).
+        drop_last = shuffle and len(ds) > 1 and len(ds) % self.tc.batch_size == 1
         return make_loader(ds, batch_size=self.tc.batch_size, shuffle=shuffle, num_workers=self.tc.num_workers,
-                           seed=self.tc.seed + epoch)
+                           seed=self.tc.seed + epoch, drop_last=drop_last)
 
     def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached frozen features and targets of the train or val split."""
@@ -201,6 +206,9 @@ class _Trainer:
         lr = current_lr(st.optimizer)
         train_loss = train_epoch(st, batches, on_batch=lambda loss: bar.update(
             task_id, advance=1, info=f"loss {loss:.3f}"))
+        if not phase.frozen and self.precise_bn:
+            self.model.train()
+            recompute_bn_stats(self.model, batches, device=self.device, channels_last=st.channels_last)
         pred = predict_batches(val_net, val_batches, task=self.task, device=self.device, amp=self.amp,
                                channels_last=st.channels_last, loss_fn=self.loss_fn)
         auroc = macro_auroc(pred["targets"], pred["scores"], self.task, self.n_classes)

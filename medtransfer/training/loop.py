@@ -149,3 +149,33 @@ def predict_batches(
         result["loss"] = float(loss_fn.to("cpu")(lg, tg))
         loss_fn.to(device)
     return result
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, batches: Iterable[Any], *, device: torch.device,
+                       channels_last: bool = False) -> int:
+    """Re-estimate every training BatchNorm's running statistics as the exact average over ``batches``.
+
+    "Precise BN" (Wu & Johnson, 2021): running statistics kept with momentum 0.1 lag the weights, and after
+    few steps from random initialisation they are mostly the initial (0, 1), so an eval-mode model can
+    saturate and give every image the same score. One extra forward pass over the training data fixes it.
+    Only BatchNorm layers currently in train mode are touched; returns how many were.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if not bns:
+        return 0
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    try:
+        for batch in batches:
+            x, _ = batch_xy(batch)
+            x = x.to(device, non_blocking=True)
+            if channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            model(x)
+    finally:
+        for m, mom in zip(bns, saved, strict=True):
+            m.momentum = mom
+    return len(bns)

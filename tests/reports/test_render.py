@@ -92,10 +92,25 @@ def test_pdf_unavailable_still_writes_html(run_copy: Path, monkeypatch: pytest.M
     assert (run_copy / "report.html").is_file() and not (run_copy / "report.pdf").exists()
 
 
-def test_audit_slot_renders_only_with_audit_json(run_copy: Path) -> None:
-    (run_copy / "audit.json").write_text(json.dumps({"summary": "audit summary text"}))
+def test_audit_section_renders_from_the_audit_folder(run_copy: Path) -> None:
+    from medtransfer.audit.transfer import summarise
+    from tests.audit.test_audit import _cells
+
+    audit = run_copy / "audit"
+    audit.mkdir()
+    summarise(*_cells(scratch=0.95, pretrained=0.80)).save(audit / "transfer.json")  # negative transfer
+    (audit / "shortcuts.json").write_text(json.dumps({
+        "probe": [{"attribute": "site", "n": 120, "balanced_accuracy": 0.97, "chance": 0.33, "flagged": True,
+                   "status": "ok"}],
+        "loso": [{"site": "Northside", "n_test": 40, "auroc_all_sites": 0.9, "all_lo": 0.8, "all_hi": 0.97,
+                  "auroc_left_out": 0.84, "out_lo": 0.7, "out_hi": 0.93, "drop": 0.06, "drop_lo": 0.01,
+                  "drop_hi": 0.14, "flagged": True, "status": "ok"}],
+        "warnings": ["the site can be read from the features (probe warning text)"]}))
     html = render_report(run_copy, formats=["html"])["html"].read_text("utf-8")
-    assert 'id="audit"' in html and "Transfer and shortcut audit" in html and "audit summary text" in html
+    assert 'id="audit"' in html and "Does transfer help, and does it generalise?" in html
+    assert "Negative transfer (strong)" in html  # the transfer warning, from transfer.json
+    assert "probe warning text" in html and "Northside" in html and "0.97" in html
+    assert "Test AUROC by fraction of training data" in html  # the learning-curve figure (alt text)
 
 
 def test_leakage_and_quarantine_become_warnings(run_copy: Path) -> None:

@@ -39,10 +39,15 @@ _PUBLIC = {
     "explain_run": "medtransfer.explain.run",
     "render_report": "medtransfer.reports.render",
     "run_demo": "medtransfer.demo",
+    "audit_transfer": "medtransfer.audit.transfer",
+    "audit_shortcuts": "medtransfer.audit.shortcuts",
+    "AuditResult": "medtransfer.audit.transfer",
+    "ShortcutAudit": "medtransfer.audit.shortcuts",
 }
 
 __all__ = [
     "__version__",
+    "AuditResult",
     "CheckpointError",
     "ConfigError",
     "EvaluationResult",
@@ -54,7 +59,10 @@ __all__ = [
     "RunConfig",
     "ScanDataset",
     "ScanReadError",
+    "ShortcutAudit",
     "WeightsUnavailable",
+    "audit_shortcuts",
+    "audit_transfer",
     "build_model",
     "evaluate",
     "explain",
@@ -73,6 +81,8 @@ __all__ = [
 assert set(__all__[1:]) == set(_PUBLIC), "keep __all__ and _PUBLIC in step"
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from medtransfer.audit.shortcuts import ShortcutAudit, audit_shortcuts
+    from medtransfer.audit.transfer import AuditResult, audit_transfer
     from medtransfer.config import RunConfig, load_config
     from medtransfer.data.dataset import ScanDataset
     from medtransfer.data.discovery import index_scans

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from medtransfer.errors import MedtransferError
 
@@ -41,7 +43,23 @@ def _main(
     _STATE["debug"] = debug
     _STATE["quiet"] = quiet
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt) if debug else _NoTracebackFormatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+class _NoTracebackFormatter(logging.Formatter):
+    """Log lines without tracebacks: libraries log the errors they recover from with one (pydicom's decoders
+    do, for every file we then quarantine), and the CLI shows no traceback without ``--debug``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
 
 
 def user_errors(fn: F) -> F:
@@ -54,13 +72,28 @@ def user_errors(fn: F) -> F:
         except MedtransferError as exc:
             if _STATE["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+            _print_error(exc)
+            raise typer.Exit(1) from None
+        except OSError as exc:  # a disk filled by a write outside medtransfer.io (a lock file, a log)
+            from medtransfer.io import disk_full_errno, disk_full_error
+
+            code = disk_full_errno(exc)
+            if code is None or _STATE["debug"]:
+                raise
+            _print_error(disk_full_error(exc.filename or "an output file", code))
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("interrupted.")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _print_error(exc: BaseException) -> None:
+    """One line on stderr: messages quoting a library's text can hold newlines, and file names or CSV cells
+    can hold '[/x]', which rich would read as markup (escaped)."""
+    text = " ".join(str(exc).split())
+    err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def say(message: str) -> None:
@@ -171,6 +204,7 @@ def train(
 ) -> None:
     """Fine-tune a pretrained backbone on a scan folder and write a run directory."""
     from medtransfer.config import resolve_config_path
+    from medtransfer.training.run import default_run_dir
     from medtransfer.training.run import train as train_run
 
     flags = {"model.backbone": backbone, "model.weights": str(weights_file) if weights_file else weights,
@@ -181,6 +215,7 @@ def train(
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_ or [])
     if resume and out is None:
         raise typer.BadParameter("--resume needs --out RUN_DIR (the interrupted run)")
+    out = out or default_run_dir()  # chosen here so that an interrupted run can print its resume command
     cols = [c.strip() for c in label_columns.split(",") if c.strip()] if label_columns else None
 
     def show(row: dict) -> None:
@@ -191,7 +226,8 @@ def train(
         run = train_run(data, labels=labels, label_columns=cols, config=resolve_config_path(config),
                         overrides=overrides, out=out, resume=resume, progress=not quiet(), on_epoch=show)
     except KeyboardInterrupt:
-        err_console.print(f"interrupted; continue with: medtransfer train --resume --out {out or '<run dir>'}")
+        err_console.print(f"interrupted; continue with: medtransfer train --resume --out {shlex.quote(str(out))}",
+                          highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(130) from None
     t = run.card.training
     say(f"best epoch {t['best_epoch']} (val AUROC {t['best_val_auroc']:.4f}); run written to {run.path}")
@@ -219,7 +255,7 @@ def evaluate(
                           min_group_size=min_group_size, device=device, out_dir=out, progress=not quiet())
     console.print(_evaluation_table(result))
     for warning in result.meta.get("warnings", []):
-        err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
+        err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True, markup=False)
     where = result.saved_to
     say(f"wrote {where / 'evaluation.json'} and {where / 'predictions.csv'}" if where else "nothing written")
 
@@ -245,7 +281,7 @@ def _evaluation_table(result: Any) -> Any:
         return f"{v:.3f} ({lo:.3f}-{hi:.3f})" if lo is not None and lo == lo and hi == hi else f"{v:.{digits}f}"
 
     for r in result.overall.to_dict("records"):
-        table.add_row(str(r["class"]), f(r["auroc"], (r["auroc_lo"], r["auroc_hi"]), 3), f(r["threshold"]),
+        table.add_row(escape(str(r["class"])), f(r["auroc"], (r["auroc_lo"], r["auroc_hi"]), 3), f(r["threshold"]),
                       f(r["sensitivity"]), f(r["specificity"]), f(r["ppv"]), f(r["npv"]),
                       f(ece.get(r["class"]), digits=3))
     flagged = result.gaps[result.gaps["flagged"]] if "flagged" in result.gaps else result.gaps.iloc[0:0]
@@ -305,10 +341,77 @@ def report(
         outputs = render_report(run_dir, out, formats=format or ("html", "pdf"))
     except PdfUnavailable as exc:
         say(f"wrote {exc.outputs['html']}")
-        err_console.print(f"[yellow]PDF not written:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]PDF not written:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     for path in outputs.values():
         say(f"wrote {path}")
+
+
+@app.command()
+@user_errors
+def audit(
+    data: Annotated[Path, typer.Argument(help="A scan folder, or a run directory (its data, splits and config).")],
+    labels: Annotated[Path | None, typer.Option(help="Labels CSV ('path' relative to DATA).")] = None,
+    config: Annotated[str | None, typer.Option(help="YAML config or preset (default: the run's, else quickstart).")
+                      ] = None,
+    out: Annotated[Path | None, typer.Option(help="Audit folder (default RUN/audit, else runs/audit).")] = None,
+    run: Annotated[Path | None, typer.Option(help="Trained run for the shortcut audit (default: DATA if a run).")
+                   ] = None,
+    strategy: Annotated[list[str] | None, typer.Option(
+        help="scratch, linear-probe, gradual, fine-tune (repeatable).")] = None,
+    fraction: Annotated[list[float] | None, typer.Option(help="Training-patient fractions (repeatable).")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per cell.")] = 3,
+    epochs: Annotated[int, typer.Option(help="Epoch budget of every cell.")] = 6,
+    shortcuts: Annotated[bool, typer.Option(help="Also run the shortcut / domain-shift audit.")] = True,
+    transfer: Annotated[bool, typer.Option(help="Run the transfer (pretrained vs scratch) audit.")] = True,
+) -> None:
+    """Does pretraining help on this data, and is the model learning the hospital? Resumable."""
+    from medtransfer.audit.shortcuts import audit_shortcuts
+    from medtransfer.audit.transfer import audit_transfer
+    from medtransfer.config import load_config
+    from medtransfer.training.run import load_run
+
+    is_run = (data / "model_card.json").is_file()
+    run_dir = run or (data if is_run else None)
+    target = out or (run_dir / "audit" if run_dir else Path("runs/audit"))
+    if transfer:
+        if is_run:
+            loaded = load_run(data)
+            cfg = load_config(config) if config else loaded.config
+            source: Any = loaded.manifest
+        else:
+            cfg, source = load_config(config or "quickstart"), data
+        result = audit_transfer(source, labels=labels, config=cfg, strategies=strategy or
+                                ("scratch", "linear-probe", "gradual"), fractions=fraction or (0.1, 0.25, 0.5, 1.0),
+                                seeds=seeds, budget_epochs=epochs, out=target, progress=not quiet())
+        console.print(_audit_table(result), highlight=False)
+        for w in result.warnings:
+            err_console.print(f"warning: {w}", highlight=False, soft_wrap=True)
+        say(f"wrote {target / 'transfer.json'}")
+    if shortcuts:
+        if run_dir is None:
+            say("shortcut audit skipped: pass a trained run (--run RUN_DIR, or a run directory as DATA)")
+            return
+        sc = audit_shortcuts(run_dir, out=target, progress=not quiet())
+        for r in sc.probe.to_dict("records"):
+            if r.get("balanced_accuracy") is not None:
+                say(f"{r['attribute']} probe: balanced accuracy {r['balanced_accuracy']:.2f} (chance {r['chance']:.2f})")
+        for w in sc.warnings:
+            err_console.print(f"warning: {w}", highlight=False, soft_wrap=True)
+        say(f"wrote {target / 'shortcuts.json'}; re-render the report to include the audit")
+
+
+def _audit_table(result: Any) -> str:
+    lines = ["strategy       " + "  ".join(f"{f:>6g}" for f in sorted(result.curve["fraction"].unique()))]
+    for s, rows in result.curve.groupby("strategy", sort=False):
+        vals = dict(zip(rows["fraction"], rows["test_auroc"], strict=True))
+        lines.append(f"{s:<14} " + "  ".join(f"{vals.get(f, float('nan')):6.3f}"
+                                             for f in sorted(result.curve["fraction"].unique())))
+    for s, d in result.summary.get("data_efficiency", {}).items():
+        frac = d.get("fraction_to_match")
+        lines.append(f"{s}: matches scratch@100% with " + (f"{frac:.0%} of the data (gain {d['gain']:.1f}x)"
+                                                           if frac else "no fraction tried"))
+    return "test AUROC (mean over seeds) by training fraction\n" + "\n".join(lines)
 
 
 @app.command()

@@ -64,11 +64,16 @@ class DataConfig(_Frozen):
 class AugmentConfig(_Frozen):
     """Train-only augmentation (never applied at evaluation). Probabilities are per image."""
 
-    flip_prob: float = Field(default=0.5, ge=0, le=1)
-    rotate_degrees: float = Field(default=10.0, ge=0, le=180)
-    zoom: tuple[float, float] = (0.9, 1.1)
-    intensity_prob: float = Field(default=0.3, ge=0, le=1)
-    enabled: bool = True
+    flip_prob: float = Field(default=0.5, ge=0, le=1, description=(
+        "Probability of a left-right flip (never up-down). Set 0 where laterality matters."))
+    rotate_degrees: float = Field(default=10.0, ge=0, le=180, description=(
+        "Rotation angle drawn uniformly in +/- this many degrees for every image, in plane; 0 turns it off."))
+    zoom: tuple[float, float] = Field(default=(0.9, 1.1), description=(
+        "Zoom factor range `[low, high]`, drawn uniformly for every image, size kept; `[1.0, 1.0]` turns it off."))
+    intensity_prob: float = Field(default=0.3, ge=0, le=1, description=(
+        "Probability of each intensity change: a gamma in (0.7, 1.5) (contrast) and a shift of +/-0.1 "
+        "(brightness), then clamped to [0, 1]; 0 turns them off."))
+    enabled: bool = Field(default=True, description="Master switch: `false` turns every augmentation off.")
 
 
 class ModelConfig(_Frozen):
@@ -87,61 +92,119 @@ class ModelConfig(_Frozen):
 
 
 class TrainConfig(_Frozen):
-    """How to fine-tune. Presets live in ``configs/`` (chexnet, quickstart, linear-probe)."""
+    """How to fine-tune. Presets live in ``configs/`` (quickstart, chexnet, linear-probe, demo)."""
 
-    strategy: Literal["linear-probe", "fine-tune", "gradual"] = "gradual"
-    epochs: int = Field(default=8, ge=1)
-    freeze_epochs: int = Field(default=2, ge=0)
-    batch_size: int = Field(default=32, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
-    lr_decay: float = Field(default=0.5, gt=0, le=1)
+    strategy: Literal["linear-probe", "fine-tune", "gradual"] = Field(default="gradual", description=(
+        "`linear-probe`: backbone frozen, only the new head trains, on features cached once; `fine-tune`: all "
+        "layers train from the first epoch; `gradual`: the head trains on cached features for `freeze_epochs`, "
+        "then all layers with discriminative LRs (fastai)."))
+    epochs: int = Field(default=8, ge=1, description=(
+        "Maximum number of epochs in all (gradual: head epochs included); early stopping may end sooner."))
+    freeze_epochs: int = Field(default=2, ge=0, description=(
+        "`gradual` only: head-only epochs before the backbone unfreezes; `>= epochs` makes it a linear probe."))
+    batch_size: int = Field(default=32, ge=1, description=(
+        "Images per batch for training, and for validation and calibration inference."))
+    lr: float = Field(default=1e-3, gt=0, description=(
+        "Base learning rate: the head's; backbone stages get lower LRs under `lr_decay`."))
+    lr_decay: float = Field(default=0.5, gt=0, le=1, description=(
+        "Discriminative LRs: backbone stage k below the head gets `lr * lr_decay**k` (`gradual`; `fine-tune` "
+        "when below 1); 1 gives every layer the same LR."))
     # gradual only: after unfreezing, every group's LR is multiplied by this (fastai halves its base LR)
     unfreeze_lr_factor: float = Field(default=0.3, gt=0, le=1)
     # BatchNorm while the backbone trains: "frozen" keeps ImageNet running statistics (eval mode), "train"
     # updates them; "auto" = frozen for gradual from pretrained weights (the head was fitted on features made
     # with those statistics), train otherwise (scratch must learn its statistics). See docs/decisions.md.
     bn: Literal["auto", "frozen", "train"] = "auto"
-    weight_decay: float = Field(default=1e-4, ge=0)
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    scheduler: Literal["cosine", "onecycle", "plateau", "none"] = "cosine"
-    warmup_epochs: float = Field(default=0.5, ge=0)
-    plateau_factor: float = Field(default=0.1, gt=0, lt=1)
-    plateau_patience: int = Field(default=1, ge=0)
-    plateau_on: Literal["val_auroc", "val_loss"] = "val_auroc"
-    patience: int = Field(default=5, ge=1)
-    grad_clip: float | None = Field(default=1.0)
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    class_weights: bool = True
-    device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
-    num_workers: int = Field(default=0, ge=0)
-    seed: int = 0
-    deterministic: bool = True
+    # Re-estimate BatchNorm statistics over the training data after each epoch ("precise BN"); None = auto:
+    # on when training from scratch, where momentum-averaged statistics are still mostly the random init's.
+    precise_bn: bool | None = None
+    weight_decay: float = Field(default=1e-4, ge=0, description=(
+        "Weight decay of weight tensors (never of biases and normalisation parameters): decoupled under `adamw`, "
+        "an L2 penalty under `adam` and `sgd`."))
+    optimizer: Literal["adamw", "adam", "sgd"] = Field(default="adamw", description=(
+        "`adamw`, `adam`, or `sgd` (momentum 0.9, Nesterov)."))
+    scheduler: Literal["cosine", "onecycle", "plateau", "none"] = Field(default="cosine", description=(
+        "`cosine`: linear warmup, then cosine decay to 1% (stepped per batch); `onecycle`: one-cycle (per batch); "
+        "`plateau`: multiply the LR by `plateau_factor` when `plateau_on` stops improving (per epoch, CheXNet); "
+        "`none`: constant LR. Each phase of `gradual` gets its own schedule."))
+    warmup_epochs: float = Field(default=0.5, ge=0, description=(
+        "`cosine` only: epochs (fractions allowed) of linear warmup at the start of each phase."))
+    plateau_factor: float = Field(default=0.1, gt=0, lt=1, description=(
+        "`plateau` only: LR multiplier applied when the watched metric stops improving."))
+    plateau_patience: int = Field(default=1, ge=0, description=(
+        "`plateau` only: epochs without improvement before the LR is reduced."))
+    plateau_on: Literal["val_auroc", "val_loss"] = Field(default="val_auroc", description=(
+        "`plateau` only: the metric watched, `val_auroc` (higher is better) or `val_loss` (lower is better)."))
+    patience: int = Field(default=5, ge=1, description=(
+        "Early stopping: stop after this many epochs without a better validation AUROC (checked in the last "
+        "phase only); the best epoch's weights are kept."))
+    grad_clip: float | None = Field(default=1.0, description=(
+        "Clip the global gradient norm to this value; `null` turns clipping off."))
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description=(
+        "Label smoothing: targets move towards 0.5 (binary, multi-label) or uniform (multi-class)."))
+    class_weights: bool = Field(default=True, description=(
+        "Weight rare classes up: pos_weight = negatives/positives in BCE (binary, per class for multi-label), "
+        "inverse-frequency weights in cross-entropy (multi-class)."))
+    device: str = Field(default="auto", description=(
+        "`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."))
+    amp: bool = Field(default=True, description=(
+        "Mixed precision on CUDA: bfloat16 where supported, else float16 with loss scaling; off on CPU."))
+    channels_last: bool = Field(default=True, description=(
+        "`channels_last` memory format on CUDA (faster convolutions under AMP); ignored on CPU."))
+    num_workers: int = Field(default=0, ge=0, description=(
+        "DataLoader worker processes; 0 loads images in the main process."))
+    seed: int = Field(default=0, description=(
+        "Training seed: head initialisation, shuffling, augmentation. Every epoch is reseeded from "
+        "(seed, epoch), so a resumed run repeats an uninterrupted one."))
+    deterministic: bool = Field(default=True, description=(
+        "Ask torch for deterministic kernels (a warning, not an error, where an operation has none)."))
     augment: AugmentConfig = AugmentConfig()
-    tensorboard: bool = False
-    mlflow: bool = False
+    tensorboard: bool = Field(default=False, description=(
+        "Also write TensorBoard event files to `<run>/tensorboard` (`tensorboard` extra)."))
+    mlflow: bool = Field(default=False, description=(
+        "Also log parameters and per-epoch metrics to MLflow (`mlflow` extra; MLflow's own tracking URI)."))
 
 
 class EvalConfig(_Frozen):
-    """How to evaluate: which split, which subgroups, how many bootstrap resamples."""
+    """How to evaluate. Only ``threshold`` and ``target`` are read yet: at the end of training, on validation.
 
-    split: str = "test"
-    subgroups: tuple[str, ...] = ("sex", "age_band", "site")
-    n_boot: int = Field(default=1000, ge=0)
-    ci: float = Field(default=0.95, gt=0, lt=1)
-    min_group_size: int = Field(default=10, ge=1)
-    threshold: Literal["youden", "sensitivity", "specificity"] = "youden"
-    target: float | None = Field(default=None, gt=0, lt=1)
+    ``split``, ``subgroups``, ``n_boot``, ``ci`` and ``min_group_size`` are saved with the run but not read yet:
+    ``medtransfer evaluate`` / ``mt.evaluate`` take them as options.
+    """
+
+    split: str = Field(default="test", description=(
+        "The run's split to evaluate (test, val, train). Not read yet: `medtransfer evaluate --split` and "
+        "`mt.evaluate(split=)` decide."))
+    subgroups: tuple[str, ...] = Field(default=("sex", "age_band", "site"), description=(
+        "Manifest columns to break metrics down by. Not read yet: `medtransfer evaluate --subgroups` and "
+        "`mt.evaluate(subgroups=)` decide."))
+    n_boot: int = Field(default=1000, ge=0, description=(
+        "Bootstrap resamples (by patient) for CIs; 0 = no CIs. Not read yet: `medtransfer evaluate --n-boot` "
+        "and `mt.evaluate(n_boot=)` decide."))
+    ci: float = Field(default=0.95, gt=0, lt=1, description=(
+        "Confidence level of the intervals. Not read yet: `mt.evaluate(ci=)` decides (the CLI uses 0.95)."))
+    min_group_size: int = Field(default=10, ge=1, description=(
+        "Subgroups with fewer patients are listed but not assessed. Not read yet: `medtransfer evaluate "
+        "--min-group-size` and `mt.evaluate(min_group_size=)` decide."))
+    threshold: Literal["youden", "sensitivity", "specificity"] = Field(default="youden", description=(
+        "How the operating point is chosen on the validation split at the end of training (stored in the "
+        "model card): `youden` maximises sensitivity + specificity - 1; `sensitivity` takes the highest "
+        "threshold with validation sensitivity >= `target`; `specificity` the lowest with specificity >= `target`."))
+    target: float | None = Field(default=None, gt=0, lt=1, description=(
+        "The sensitivity or specificity to reach; required when `threshold` is `sensitivity` or `specificity`."))
 
 
 class ReportConfig(_Frozen):
     """What the report says about itself."""
 
-    title: str = "medtransfer model report"
-    banner: str = "Research use only — not for clinical decision making"
-    contact: str = "not provided"
-    intended_use: str = "not provided"
+    title: str = Field(default="medtransfer model report", description=(
+        "Report title; also the model name in the model card."))
+    banner: str = Field(default="Research use only — not for clinical decision making", description=(
+        "Status line at the top of the report, in the Model Facts label and in the footer."))
+    contact: str = Field(default="not provided", description=(
+        "Who to contact about the model (Model Facts label and footer)."))
+    intended_use: str = Field(default="not provided", description=(
+        "Intended use statement (Model Facts label and the data section)."))
 
 
 class RunConfig(_Frozen):

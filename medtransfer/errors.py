@@ -47,5 +47,13 @@ class RunDirError(MedtransferError):
     """A run directory is missing files, or is locked by another process."""
 
 
+class DiskFullError(MedtransferError, OSError):
+    """An output could not be written: the disk (or quota, or file-size limit) is full.
+
+    Raised by the atomic writers in :mod:`medtransfer.io`, so the previous version of the file is intact.
+    It is an ``OSError`` too, so code that tolerates failed writes (the image cache) keeps doing so.
+    """
+
+
 class MissingDependency(MedtransferError, ImportError):
     """An optional dependency is needed for a feature; the message names the extra to install."""

@@ -3,18 +3,31 @@
 Every output medtransfer writes (manifests, checkpoints, reports, PNGs) goes through these helpers:
 the content is written to a temporary file in the same folder, flushed and fsynced, then renamed over
 the final name (``os.replace`` is atomic on POSIX and Windows). A crash or a full disk leaves the previous
-version intact and at most a ``.tmp-*`` file behind, which the next write cleans up.
+version intact and at most a ``.tmp-<name>.<pid>.*`` file behind, which the next successful write of that
+name deletes (once process ``pid`` is gone).
+
+A write that fails because the disk, the quota or the file-size limit is full raises
+:class:`~medtransfer.errors.DiskFullError` naming the file (the CLI prints it as one line and exits 1),
+whichever library did the writing: safetensors reports it as ``SafetensorError("... (os error 28)")``,
+not as an ``OSError``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
+import glob
 import json
 import os
+import re
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from medtransfer.errors import DiskFullError
 
 
 def _current_umask() -> int:
@@ -24,6 +37,44 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it
+
+#: errno values that mean "no room for this write": disk full, quota exceeded, file-size limit (RLIMIT_FSIZE).
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# Libraries that write through Rust (safetensors) report the OS error in their message only.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+# Fault injection for the crash tests (tests/reliability): with MEDTRANSFER_FAULT_KILL_IN_WRITE="PATTERN[:N]"
+# the process sends itself SIGKILL during its N-th (default: first) atomic write of a file whose name matches
+# the fnmatch PATTERN, after the temporary file is written and before it is renamed, the worst moment for a
+# crash. The variable is read once at import and never set outside tests.
+_KILL_IN_WRITE = os.environ.get("MEDTRANSFER_FAULT_KILL_IN_WRITE", "")
+_kill_matches = 0
+
+
+def _maybe_kill_in_write(final: Path) -> None:
+    global _kill_matches
+    pattern, _, nth = _KILL_IN_WRITE.partition(":")
+    if pattern and fnmatch.fnmatch(final.name, pattern):
+        _kill_matches += 1
+        if _kill_matches == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def disk_full_errno(exc: BaseException) -> int | None:
+    """The errno of ``exc`` when it means the disk/quota/file-size limit is full, else None."""
+    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    if code is None:
+        match = _RUST_OS_ERROR.search(str(exc))
+        code = int(match.group(1)) if match else None
+    return code if code in DISK_FULL_ERRNOS else None
+
+
+def disk_full_error(path: str | os.PathLike[str], code: int) -> DiskFullError:
+    """The DiskFullError for a failed write of ``path`` (errno ``code``), saying what to do."""
+    what = "the file-size limit (ulimit -f) was reached" if code == errno.EFBIG else (
+        "the disk quota is exceeded" if code == errno.EDQUOT else "no space left on the device")
+    return DiskFullError(f"{path}: could not be written: {what}. The previous version of the file, if any, "
+                         "is intact. Free some space (or write to another folder) and run the command again.")
 
 
 @contextlib.contextmanager
@@ -38,21 +89,59 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         ...     save_file(tensors, str(tmp))
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{final.name}.", dir=final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{final.name}.{os.getpid()}.", dir=final.parent)
+    except OSError as exc:
+        code = disk_full_errno(exc)
+        if code is not None:
+            raise disk_full_error(final, code) from exc
+        raise
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         _fsync_file(tmp)
+        if _KILL_IN_WRITE:
+            _maybe_kill_in_write(final)
         if tmp.exists():  # mkstemp makes 0600; give the final file the mode a plain open() would (umask)
             os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+        _remove_stale_temporaries(final)
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        code = disk_full_errno(exc) if not isinstance(exc, DiskFullError) else None
+        if code is not None:
+            raise disk_full_error(final, code) from exc
         raise
+
+
+def _remove_stale_temporaries(final: Path) -> None:
+    """Delete ``.tmp-<name>.<pid>.*`` left beside ``final`` by writers that died (killed, power cut).
+
+    The temporary's name carries its writer's process id, so a write still in progress in a live process is
+    never touched.
+    """
+    if os.name != "posix":  # os.kill(pid, 0) is a liveness probe on POSIX only (on Windows it terminates)
+        return
+    prefix = f".tmp-{final.name}."
+    for leftover in final.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = leftover.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -88,6 +88,7 @@ class ScanDataset(torch.utils.data.Dataset):
         self._finalise = finalise_transforms(spec)
         self.cache_dir = Path(cache_dir) / spec_digest(spec) if cache_dir is not None else None
         self._memory: dict[int, np.ndarray] | None = {} if memory_cache else None
+        self._seed = 0  # base of the per-item augmentation seeds (set_random_state)
         self.decode_count = 0  # cache misses decoded by this process (benchmarks and tests read it)
 
     def __len__(self) -> int:
@@ -98,6 +99,9 @@ class ScanDataset(torch.utils.data.Dataset):
         image = self.cached_image(i)
         data: dict[str, Any] = {"image": image}  # the transforms never write into their input
         if self._random is not None:
+            # Seeded per item from (loader seed, index), not drawn from one stream: the augmentation of a case
+            # is then the same whichever worker loads it, so num_workers does not change the trained weights.
+            self._random.set_random_state(seed=(self._seed * 1_000_003 + i) % (2**32))
             data = self._random({"image": torch.from_numpy(image.copy())})
         data = self._finalise(data)
         row = self.manifest.df.iloc[i]
@@ -108,9 +112,12 @@ class ScanDataset(torch.utils.data.Dataset):
         return item
 
     def set_random_state(self, seed: int) -> None:
-        """Seed the augmentation (``make_loader`` calls this in the main process and in every worker)."""
-        if self._random is not None:
-            self._random.set_random_state(seed=seed % (2**32))
+        """Seed the augmentation: item ``i`` is augmented with a seed made from (``seed``, ``i``).
+
+        ``make_loader`` calls it with the loader's seed before any worker starts, so every worker holds the
+        same seed and an item's augmentation does not depend on which process loads it.
+        """
+        self._seed = int(seed) % (2**32)
 
     def cached_image(self, index: int) -> np.ndarray:
         """The deterministic part for case ``index``: float32 (1, *spec.size) in [0, 1], from cache or decoded.
@@ -206,8 +213,9 @@ def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, shuffle: 
                 distributed: bool = False) -> DataLoader:
     """The one place data loaders and samplers are made.
 
-    Deterministic for a given ``seed``: the shuffling generator is seeded, and the augmentation is seeded in
-    the main process (``num_workers=0``) or per worker from the loader's seed (``worker_init_fn``). With
+    Deterministic for a given ``seed``: the shuffling generator is seeded, and the augmentation of each item
+    is seeded from (``seed``, item index), the same with any ``num_workers`` (numpy and ``random`` are
+    seeded per worker by ``worker_init_fn`` for any other use). With
     ``distributed`` and an initialised process group a :class:`DistributedSampler` shards the data: call
     ``loader.sampler.set_epoch(epoch)`` every epoch. Batches are made by :func:`collate_cases`.
 
@@ -221,7 +229,7 @@ def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, shuffle: 
         logger.warning("distributed=True but torch.distributed is not initialised; using one process")
     generator = torch.Generator()
     generator.manual_seed(seed)
-    if num_workers == 0 and hasattr(dataset, "set_random_state"):
+    if hasattr(dataset, "set_random_state"):
         dataset.set_random_state(seed)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
@@ -253,13 +261,14 @@ def collate_cases(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Seed numpy, random and the dataset's augmentation from the worker's torch seed (loader seed + id)."""
+    """Seed numpy and random from the worker's torch seed (loader seed + id).
+
+    The dataset's augmentation is not reseeded here: it is seeded per item (see ``ScanDataset``).
+    """
     info = torch.utils.data.get_worker_info()
     seed = (info.seed if info is not None else torch.initial_seed()) % (2**32)
     np.random.seed(seed)
     random.seed(seed)
-    if info is not None and hasattr(info.dataset, "set_random_state"):
-        info.dataset.set_random_state(seed)
 
 
 def warm_cache(dataset: ScanDataset, *, progress: bool = False) -> list[tuple[int, str]]:

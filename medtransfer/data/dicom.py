@@ -19,8 +19,10 @@ Only this module reads pixel data; headers are read elsewhere with ``stop_before
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,11 +85,46 @@ def read_dicom_pixels(paths: Sequence[Path] | Path, spec: InputSpec) -> tuple[np
         ``frames``, ``modality_lut``, ``transfer_syntax`` and ``sorted_by``.
 
     Raises:
-        ScanReadError: unreadable, truncated, non-image, undecodable, constant or unsupported data.
+        ScanReadError: unreadable, truncated, non-image, undecodable, constant or unsupported data, or a header
+            value the pipeline needs that pydicom cannot convert (``WindowCenter = "abc"``).
     """
     files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not files:
         raise ScanReadError("<no files>", "no DICOM files were given for this case")
+    with quiet_pydicom():
+        try:
+            return _read_dicom_pixels(files, spec)
+        except ScanReadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see below
+            # pydicom parses elements lazily, so a damaged file fails wherever a value is first used, with any
+            # exception type (ValueError for WindowCenter "abc", NotImplementedError for a garbled VR...).
+            # It is the file that is unreadable; its message can quote raw bytes (PHI), so only the type is kept.
+            where = files[0] if len(files) == 1 else files[0].parent
+            raise ScanReadError(str(where), f"the DICOM header is damaged or holds invalid values "
+                                f"({type(exc).__name__}); re-export the file") from exc
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Mute pydicom's warnings and log records while medtransfer reads a file; restored afterwards.
+
+    pydicom's validation messages quote raw element values, and in a damaged file (a wrong element length)
+    a "value" can run over the neighbouring elements: names, IDs, birth dates. What is wrong with a file is
+    reported by the ScanReadError raised instead. Local to the read, never global.
+    """
+    log = logging.getLogger("pydicom")
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def _read_dicom_pixels(files: list[Path], spec: InputSpec) -> tuple[np.ndarray, dict]:
     if len(files) == 1:
         ref = read_dataset(files[0])
         check_dataset(ref, files[0])

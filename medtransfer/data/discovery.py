@@ -110,6 +110,7 @@ def index_scans(
     config: DataConfig | None = None,
     out_dir: str | Path | None = None,
     strict: bool | None = None,
+    spatial_dims: int | None = None,
     progress: bool = False,
 ) -> Manifest:
     """Index a scan folder into a :class:`Manifest`: cases, labels, demographics, pseudonymous keys, split.
@@ -122,6 +123,8 @@ def index_scans(
         out_dir: when given, ``manifest.csv``, ``manifest.json``, ``quarantine.csv`` and ``summary.json`` are
             written there atomically (``quarantine.csv`` also when indexing fails).
         strict: raise at the first unusable file instead of quarantining it; None uses ``config.strict``.
+        spatial_dims: 2 or 3 to keep only images or only volumes (``input.size`` of the model they are for);
+            the others are quarantined (problem ``dims``) instead of failing training later. None keeps both.
         progress: show rich progress bars (the CLI passes True unless ``--quiet``).
 
     Returns:
@@ -146,7 +149,10 @@ def index_scans(
         df = _cases(_read_headers(state, progress), state)
         df = _attach_labels(df, table, state)
         if cfg.verify_pixels:
-            df = _verify_pixels(df, state, progress)
+            df = _verify_pixels(df, state, progress, spatial_dims)
+        elif spatial_dims is not None:
+            df = _keep_dims(df, df["frames"].fillna(1).astype(int).gt(1).map({True: 3, False: 2}), state,
+                            spatial_dims)
         manifest = _finish(df, table, cfg, state)
     except ManifestError:
         if out_dir is not None:
@@ -235,6 +241,12 @@ def _consider(rel: str, path: Path, size: int, state: _State) -> None:
     state.existing.add(rel)
     if posixpath.basename(rel).upper() == "DICOMDIR" or _suffix(rel) in SKIP_SUFFIXES:
         state.ignored += 1
+        return
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in the name: manifest.csv (UTF-8) could not name the file
+        shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        state.reject(HeaderProblem(shown, "the file or folder name is not valid UTF-8; rename it", "bad_name"))
         return
     looks_like_image = _suffix(rel) in IMAGE_SUFFIXES or _suffix(path.name) in IMAGE_SUFFIXES
     state.candidates.append((rel, path, size, looks_like_image))
@@ -351,18 +363,20 @@ def _attach_labels(df: pd.DataFrame, table: LabelTable | None, state: _State) ->
     return out
 
 
-def _verify_pixels(df: pd.DataFrame, state: _State, progress: bool) -> pd.DataFrame:
+def _verify_pixels(df: pd.DataFrame, state: _State, progress: bool, spatial_dims: int | None = None
+                   ) -> pd.DataFrame:
     """Decode every case once (``loading.load_case``) and quarantine those whose pixels are unusable."""
     from medtransfer.data.loading import load_case
     from medtransfer.data.spec import InputSpec
 
     spec = InputSpec()
     keep: list[int] = []
+    dims: list[int] = []
     for i, path, files, fmt in _track(list(zip(range(len(df)), df["path"], df["files"], df["format"], strict=True)),
                                       "checking pixels", progress):
         targets: list[Path] | Path = [state.root / f for f in files.split(";")] if files else state.root / path
         try:
-            load_case(targets, fmt, spec)
+            array = load_case(targets, fmt, spec)
         except ScanReadError as exc:
             state.reject(ScanReadError(path, exc.reason), "pixels")
             continue
@@ -371,7 +385,21 @@ def _verify_pixels(df: pd.DataFrame, state: _State, progress: bool) -> pd.DataFr
             state.reject(ScanReadError(path, f"pixel data could not be decoded ({type(exc).__name__})"), "pixels")
             continue
         keep.append(i)
-    return df.iloc[keep].reset_index(drop=True)
+        dims.append(array.ndim - 1)
+    df = df.iloc[keep].reset_index(drop=True)
+    return _keep_dims(df, pd.Series(dims, dtype=int), state, spatial_dims) if spatial_dims else df
+
+
+def _keep_dims(df: pd.DataFrame, dims: pd.Series, state: _State, spatial_dims: int | None) -> pd.DataFrame:
+    """Quarantine the cases whose dimensionality (``dims``: 2 or 3 per row) is not ``spatial_dims``."""
+    if spatial_dims is None:
+        return df
+    ok = dims.to_numpy() == spatial_dims
+    for path, d in zip(df.loc[~ok, "path"], dims[~ok], strict=True):
+        kind, want = ("a volume", "images (H, W)") if d == 3 else ("a 2D image", "volumes (D, H, W)")
+        state.reject(ScanReadError(path, f"{kind}, but input.size is for {want}; it was left out. Train a "
+                                         f"{d}D model (input.size with {d} numbers) to use it"), "dims")
+    return df[ok].reset_index(drop=True)
 
 
 def _track(items: Sequence[T], description: str, enabled: bool) -> Iterable[T]:

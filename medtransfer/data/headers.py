@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import re
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -167,9 +166,10 @@ def read_dicom_header(path: Path, rel: str, size: int) -> ScanHeader | None:
     """
     import pydicom
 
+    from medtransfer.data.dicom import quiet_pydicom
+
     try:
-        with open(path, "rb") as fp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warnings can quote raw (PHI) values; local, not global
+        with open(path, "rb") as fp, quiet_pydicom():  # pydicom's warnings and logs can quote raw (PHI) values
             ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
             if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == _MEDIA_DIRECTORY:
                 return None

@@ -68,7 +68,7 @@ def read_labels_csv(csv_path: str | Path, data_dir: str | Path, *, label_columns
         ManifestError: unreadable or non-UTF-8 file, missing ``path``/label column, blank or duplicate path,
             path escaping the data folder, label value not 0/1/blank (multi-label), bad ``split`` value.
     """
-    csv = Path(csv_path)
+    csv = Path(csv_path).expanduser()
     if not csv.is_file():
         raise ManifestError(f"{csv}: labels CSV not found. Pass an existing file with --labels.")
     df = _read_text_csv(csv)
@@ -131,6 +131,9 @@ def _check_paths(paths: pd.Series, data_dir: Path, name: str) -> list[str]:
         text = raw.replace("\\", "/")
         if not text:
             raise ManifestError(f"{_where(name, i)}: the path is blank. Fill it in or remove the row.")
+        if any(ord(ch) < 32 for ch in text):  # a NUL stops path functions with ValueError; no file has one
+            raise ManifestError(f"{_where(name, i)}: the path {text!r} holds a control character (NUL, tab, line "
+                                "break...). Fix the cell.")
         norm = posixpath.normpath(text)
         escapes = posixpath.isabs(norm) or norm == ".." or norm.startswith("../")
         if not escapes:

@@ -139,7 +139,7 @@ def _load_nifti(path: Path, spec: InputSpec) -> np.ndarray:
     except ScanReadError:
         raise
     except Exception as exc:  # nibabel raises assorted types for corrupt or truncated files
-        raise ScanReadError(str(path), f"not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+        raise ScanReadError(str(path), f"not a readable NIfTI file ({type(exc).__name__}: {_why(exc, path)})") from exc
     volume = _ras_to_dhw(data)
     volume = _replace_non_finite(volume, path)
     if float(volume.max()) == float(volume.min()):
@@ -181,7 +181,7 @@ def _load_picture(path: Path, spec: InputSpec) -> np.ndarray:
             im.load()
             values, natural_max = _picture_values(im)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
-        raise ScanReadError(str(path), f"not a readable image ({type(exc).__name__}: {exc})") from exc
+        raise ScanReadError(str(path), f"not a readable image ({type(exc).__name__}: {_why(exc, path)})") from exc
     if float(values.max()) == float(values.min()):
         raise ScanReadError(str(path), f"constant image: every pixel is {float(values.min()):g}")
     scaled, _ = scale_intensity(values, spec, natural_max=natural_max)
@@ -197,6 +197,12 @@ def _picture_values(im: object) -> tuple[np.ndarray, float | None]:
         return np.asarray(im.convert("L"), dtype=np.float32), 255.0  # type: ignore[attr-defined]
     rgb = np.asarray(im.convert("RGB"), dtype=np.float32)  # type: ignore[attr-defined]
     return rgb @ LUMA, 255.0
+
+
+def _why(exc: BaseException, path: Path) -> str:
+    """A library's error text on one line, with the file's absolute path (the data folder's location, which
+    reasons in quarantine.csv never show) cut down to its name."""
+    return " ".join(str(exc).replace(str(path), path.name).split())
 
 
 def _is_nifti_header(head: bytes) -> bool:
@@ -222,8 +228,11 @@ def _parses_as_dicom(path: Path) -> bool:
     """A raw dataset (no preamble) counts as DICOM when pydicom parses it and it names a SOP class or image."""
     import pydicom
 
+    from medtransfer.data.dicom import quiet_pydicom
+
     try:
-        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
-        return any(k in ds for k in ("SOPClassUID", "Modality", "Rows", "StudyInstanceUID"))
+        with quiet_pydicom():  # its messages can quote raw (PHI) values
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+            return any(k in ds for k in ("SOPClassUID", "Modality", "Rows", "StudyInstanceUID"))
     except Exception:  # anything pydicom cannot parse is simply not DICOM here
         return False

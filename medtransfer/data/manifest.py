@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,9 +123,21 @@ class Manifest:
         return Manifest(sub.copy(), list(self.classes), self.task, self.data_dir, list(self.warnings))
 
     def abspath(self, row: pd.Series | dict) -> list[Path]:
-        """Absolute file paths of one case (several for a multi-file series)."""
+        """Absolute file paths of one case (several for a multi-file series).
+
+        Raises:
+            ManifestError: a path that is absolute or climbs out of the data folder (``..``). Indexing never
+                writes one, so the manifest was edited: nothing outside the data folder is read because a
+                CSV said so.
+        """
         files = row.get("files") if isinstance(row, dict) else row.get("files", "")
         rels = [f for f in str(files).split(";") if f] if isinstance(files, str) and files else [row["path"]]
+        for r in rels:
+            norm = posixpath.normpath(str(r).replace("\\", "/"))
+            if posixpath.isabs(norm) or norm == ".." or norm.startswith("../") or Path(str(r)).is_absolute():
+                raise ManifestError(f"manifest path '{r}' (case {row.get('case_id', '?')}) points outside the data "
+                                    "folder; manifest.csv was edited. Index the data again with "
+                                    "'medtransfer index'.")
         return [self.data_dir / r for r in rels]
 
     def digest(self) -> str:

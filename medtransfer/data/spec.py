@@ -42,9 +42,13 @@ class InputSpec(BaseModel):
     channels: Literal[1, 3] = 1
     size: tuple[int, ...] = (224, 224)
     window: Literal["file", "fixed", "minmax", "percentile"] = "file"
-    window_center: float | None = None
-    window_width: float | None = Field(default=None, gt=0)
-    percentiles: tuple[float, float] = (0.5, 99.5)
+    window_center: float | None = Field(
+        default=None, description="Window centre for window: fixed, in modality units (e.g. 40 HU).")
+    window_width: float | None = Field(default=None, gt=0,
+                                       description="Window width for window: fixed (e.g. 400 HU).")
+    percentiles: tuple[float, float] = Field(
+        default=(0.5, 99.5),
+        description="Low/high percentiles clipped to 0/1 for window: percentile (and the file fallback).")
     invert_monochrome1: bool = True
     keep_aspect: bool = False
     mean: tuple[float, ...] = IMAGENET_GREY_MEAN

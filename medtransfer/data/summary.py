@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from medtransfer.data.manifest import SPLITS, Manifest
@@ -66,8 +67,10 @@ def render_summary(manifest: Manifest, console: Console) -> None:
         >>> render_summary(index_scans("scans/"), Console())  # doctest: +SKIP
     """
     info = summary_dict(manifest)
+    # Class names, subgroup values and warnings come from the user's folders, CSV and DICOM headers: escaped,
+    # since a '[/x]' in one would be read as rich markup (and stop the CLI with a MarkupError).
     console.print(f"[bold]{info['n_cases']} cases[/] from {info['n_patients']} patients; task {manifest.task}, "
-                  f"classes {', '.join(manifest.classes)}", highlight=False, soft_wrap=True)
+                  f"classes {escape(', '.join(manifest.classes))}", highlight=False, soft_wrap=True)
     console.print(_split_table(info, manifest))
     console.print(_subgroup_table(info))
     if info["quarantine"]["total"]:
@@ -75,10 +78,10 @@ def render_summary(manifest: Manifest, console: Console) -> None:
         table.add_column("problem")
         table.add_column("files", justify="right")
         for problem, n in sorted(info["quarantine"]["by_problem"].items(), key=lambda kv: -kv[1]):
-            table.add_row(problem, str(n))
+            table.add_row(escape(str(problem)), str(n))
         console.print(table)
     for message in info["warnings"]:
-        console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _split_table(info: dict[str, Any], manifest: Manifest) -> Table:
@@ -89,7 +92,7 @@ def _split_table(info: dict[str, Any], manifest: Manifest) -> Table:
         table.add_column(split, justify="right")
     for cls in manifest.classes:
         per = [info["splits"][s]["per_class"][cls] for s in SPLITS]
-        table.add_row(cls, *map(str, per), str(sum(per)))
+        table.add_row(escape(cls), *map(str, per), str(sum(per)))
     cases = [info["splits"][s]["cases"] for s in SPLITS]
     table.add_row("[bold]cases[/]", *map(str, cases), str(sum(cases)), end_section=False)
     table.add_row("[bold]patients[/]", *(str(info["splits"][s]["patients"]) for s in SPLITS), str(info["n_patients"]))
@@ -107,5 +110,5 @@ def _subgroup_table(info: dict[str, Any]) -> Table:
             rest = sum(n for _, n in items[_MAX_VALUES - 1:])
             items = [*items[: _MAX_VALUES - 1], ("(other)", rest)]
         for i, (value, n) in enumerate(items):
-            table.add_row(col if i == 0 else "", value, str(n), end_section=i == len(items) - 1)
+            table.add_row(col if i == 0 else "", escape(str(value)), str(n), end_section=i == len(items) - 1)
     return table

@@ -226,7 +226,7 @@ def _external(run: Run, folder: Path, labels: Any, progress: bool) -> tuple[Mani
                             f"and 0/1/blank columns {card.classes}.")
     cfg = DataConfig(val_fraction=0, test_fraction=0, age_bands=run.config.data.age_bands)
     m = index_scans(folder, labels=labels, label_columns=card.classes if card.task == "multilabel" else None,
-                    config=cfg, progress=progress)
+                    config=cfg, spatial_dims=card.input.spatial_dims, progress=progress)
     if card.task != "multilabel":
         unknown = sorted(set(m.df["label"].dropna().astype(str)) - set(card.classes))
         if unknown:

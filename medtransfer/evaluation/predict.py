@@ -89,7 +89,7 @@ class _Tolerant(torch.utils.data.Dataset):
         except Exception as exc:  # noqa: BLE001 - any decoder failure makes a row with an error, never a crash
             error = getattr(exc, "reason", None) or f"could not be decoded ({type(exc).__name__})"
             image = torch.zeros((self.ds.spec.channels, *self.ds.spec.size), dtype=torch.float32)
-        label = torch.as_tensor(np.asarray(self.targets[i]), dtype=self.dtype)
+        label = torch.as_tensor(np.array(self.targets[i]), dtype=self.dtype)
         return {"image": image, "label": label, "case_id": str(self.ds.manifest.df.iloc[i]["case_id"]),
                 "index": i, "error": error}
 
@@ -346,16 +346,22 @@ def _case_id(shown: str) -> str:
 
 
 def _unlabelled_manifest(cases: list[tuple[str, Path, str | None]], card: ModelCard) -> Manifest:
-    """A Manifest for unlabelled files (absolute paths); labels are placeholders that are never used."""
-    rows = [{"case_id": _case_id(shown), "patient_key": "", "path": str(path), "files": "", "format": fmt,
-             "split": "new"} for shown, path, fmt in cases]
+    """A Manifest for unlabelled files; labels are placeholders that are never used.
+
+    The files are resolved absolute paths (the user named them); they are stored relative to the filesystem
+    root, which is the manifest's data folder, because manifests refuse absolute paths (a manifest naming
+    ``/etc/passwd`` was edited by someone, not written by medtransfer).
+    """
+    anchor = Path(cases[0][1].anchor) if cases else Path("/")
+    rows = [{"case_id": _case_id(shown), "patient_key": "", "path": path.relative_to(path.anchor).as_posix(),
+             "files": "", "format": fmt, "split": "new"} for shown, path, fmt in cases]
     df = pd.DataFrame(rows, columns=["case_id", "patient_key", "path", "files", "format", "split"])
     if card.task == "multilabel":
         for c in card.classes:
             df[c] = np.nan
     else:
         df["label"] = card.classes[0]
-    return Manifest(df, list(card.classes), card.task, Path("/"))
+    return Manifest(df, list(card.classes), card.task, anchor)
 
 
 def predict(run: Run | str | os.PathLike[str],

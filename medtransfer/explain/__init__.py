@@ -13,6 +13,10 @@ Importing this package imports torch (not Captum, which loads on first use).
 
 from __future__ import annotations
 
+import sys
+import types
+from typing import Any
+
 from medtransfer.explain.faithfulness import deletion_scores
 from medtransfer.explain.overlay import save_overlay
 from medtransfer.explain.regions import body_mask, region_hint
@@ -34,3 +38,14 @@ __all__ = [
     "save_overlay",
     "select_cases",
 ]
+
+
+class _CallablePackage(types.ModuleType):
+    """``import medtransfer.explain`` sets the attribute ``medtransfer.explain`` to this package, shadowing the
+    public function ``mt.explain``; making the package callable keeps ``mt.explain(run, images)`` working."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SaliencyMaps:
+        return explain(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

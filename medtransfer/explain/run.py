@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from medtransfer import io
-from medtransfer.errors import ManifestError, RunDirError
+from medtransfer.errors import ConfigError, ManifestError, RunDirError
 from medtransfer.explain.faithfulness import deletion_scores
 from medtransfer.explain.overlay import save_overlay
 from medtransfer.explain.regions import region_hint
@@ -82,7 +82,7 @@ def explain_run(
     from medtransfer.training.run import load_run
 
     if method not in METHODS:
-        raise ValueError(f"unknown saliency method '{method}'; expected one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown saliency method '{method}'; expected one of {', '.join(METHODS)}")
     run = load_run(run_dir)
     if run.manifest is None:
         raise RunDirError(f"{run.path}: no manifest.csv, so the cases cannot be found")

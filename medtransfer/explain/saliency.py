@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medtransfer.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 Method = Literal["gradcam", "integrated_gradients", "occlusion", "saliency"]
@@ -102,7 +104,7 @@ def explain(
     """
     model, task = model_and_task(run_or_model)
     if method not in METHODS:
-        raise ValueError(f"unknown saliency method '{method}'; expected one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown saliency method '{method}'; expected one of {', '.join(METHODS)}")
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
     x = images.detach().float().to(model_device(model))

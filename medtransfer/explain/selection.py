@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from medtransfer.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 KINDS = ("TP", "FP", "FN")
@@ -60,7 +62,7 @@ def select_cases(
     if "case_id" not in predictions.columns:
         raise ValueError("predictions need a 'case_id' column")
     if group_by is not None and group_by not in predictions.columns:
-        raise ValueError(f"no subgroup column '{group_by}' in predictions; columns: {list(predictions.columns)}")
+        raise ConfigError(f"no subgroup column '{group_by}' in predictions; columns: {list(predictions.columns)}")
     bad = set(kinds) - set(KINDS)
     if bad:
         raise ValueError(f"unknown kinds {sorted(bad)}; expected some of {KINDS}")

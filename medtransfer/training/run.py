@@ -140,27 +140,35 @@ def train(
         labels, label_columns: labels CSV and multi-label columns (see ``index_scans``).
         config: a RunConfig, a YAML path, or None for the defaults; ``overrides`` apply on top.
         out: the run directory (default ``runs/<timestamp>``).
-        resume: continue an interrupted run in ``out`` from ``checkpoints/last``.
+        resume: continue an interrupted run in ``out`` from ``checkpoints/last``. Without it, an interrupted
+            run in ``out`` with the same resolved config is resumed too, and one with another config refused.
         progress: progress bars on stderr.
         on_epoch: called with each history row.
 
     Returns:
         The finished :class:`Run`.
     """
-    run_dir = Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(out) if out else default_run_dir()
     with run_lock(run_dir):
-        cfg, manifest = _prepare(run_dir, data, labels, label_columns, config, overrides, resume, progress)
+        cfg, manifest, resume = _prepare(run_dir, data, labels, label_columns, config, overrides, resume, progress)
         return _fit_and_save(run_dir, cfg, manifest, resume, progress, on_epoch)
 
 
+def default_run_dir() -> Path:
+    """``runs/<timestamp>``: where a run goes when no ``out`` is given."""
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
 def _prepare(run_dir: Path, data: Any, labels: Any, label_columns: Any, config: Any, overrides: Sequence[str],
-             resume: bool, progress: bool) -> tuple[RunConfig, Manifest]:
+             resume: bool, progress: bool) -> tuple[RunConfig, Manifest, bool]:
+    """(config, manifest, resume): a new run is indexed; an interrupted one is read back from ``run_dir``."""
     from medtransfer.data.discovery import index_scans
+    from medtransfer.models.checkpoint import training_state_exists
 
     if resume:
         if not (run_dir / "config.yaml").is_file() or not (run_dir / "manifest.csv").is_file():
             raise RunDirError(f"{run_dir}: nothing to resume (no config.yaml/manifest.csv); start a new run")
-        return load_config(run_dir / "config.yaml"), Manifest.load(run_dir)
+        return load_config(run_dir / "config.yaml"), Manifest.load(run_dir), True
     if (run_dir / "model_card.json").is_file():
         raise RunDirError(f"{run_dir} already holds a finished run; choose another --out or delete it")
     if isinstance(config, RunConfig):
@@ -169,15 +177,25 @@ def _prepare(run_dir: Path, data: Any, labels: Any, label_columns: Any, config: 
         cfg = load_config(config, list(overrides))
     if data is None and cfg.data.data_dir is None:
         raise ManifestError("no data folder given: pass DATA or set data.data_dir in the config")
-    data_dir = Path(data) if data is not None else Path(cfg.data.data_dir)
+    data_dir = Path(data).expanduser() if data is not None else Path(cfg.data.data_dir).expanduser()
     lab = labels if labels is not None else cfg.data.labels
     cols = list(label_columns) if label_columns else (list(cfg.data.label_columns) if cfg.data.label_columns else None)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"data_dir": data_dir, "labels": lab}),
                                  "input": resolve_input_spec(cfg)})
+    if training_state_exists(run_dir / "checkpoints" / "last"):
+        # Re-running the command of a crashed or killed run resumes it rather than silently starting over;
+        # another configuration in the same folder is refused rather than mixed with the checkpoint.
+        saved = run_dir / "config.yaml"
+        if saved.is_file() and saved.read_text(encoding="utf-8") == dump_config(cfg):
+            log.warning("%s holds an interrupted run with this configuration: resuming it from checkpoints/last "
+                        "(choose another --out to start over)", run_dir)
+            return _prepare(run_dir, None, None, None, None, (), True, progress)
+        raise RunDirError(f"{run_dir} holds an interrupted run with another configuration; continue it with "
+                          f"'medtransfer train --resume --out {run_dir}', or choose another --out to start over")
     io.write_text(run_dir / "config.yaml", dump_config(cfg))
     manifest = index_scans(data_dir, labels=lab, label_columns=cols, config=cfg.data, out_dir=run_dir,
-                           progress=progress)
-    return cfg, manifest
+                           spatial_dims=cfg.input.spatial_dims, progress=progress)
+    return cfg, manifest, False
 
 
 def resolve_input_spec(cfg: RunConfig) -> InputSpec:

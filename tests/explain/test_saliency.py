@@ -117,3 +117,12 @@ def test_densenet121_gradcam_and_ig_leave_outputs_unchanged() -> None:
     with torch.no_grad():
         after = model(x)
     assert torch.equal(before, after)
+
+
+def test_mt_explain_stays_callable_after_the_subpackage_is_imported() -> None:
+    import medtransfer as mt
+    import medtransfer.explain.run  # noqa: F401  (sets the attribute medtransfer.explain to the subpackage)
+
+    model = mt.build_model("efficientnet_lite0", ["a", "b"], in_channels=1, weights="none").eval()
+    maps = mt.explain(model, torch.rand(2, 1, 32, 32), method="saliency")
+    assert tuple(maps.maps.shape) == (2, 1, 32, 32)

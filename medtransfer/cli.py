@@ -215,6 +215,12 @@ def train(
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_ or [])
     if resume and out is None:
         raise typer.BadParameter("--resume needs --out RUN_DIR (the interrupted run)")
+    if resume and (overrides or config or labels or label_columns):
+        given = [o.split("=", 1)[0] for o in overrides] + [n for n, v in (("--config", config), ("--labels", labels),
+                                                                         ("--label-columns", label_columns)) if v]
+        raise typer.BadParameter(f"--resume continues the run with the configuration saved in {out}/config.yaml; "
+                                 f"it cannot change {', '.join(given)}. Drop those options, or start a new run "
+                                 "with another --out.")
     out = out or default_run_dir()  # chosen here so that an interrupted run can print its resume command
     cols = [c.strip() for c in label_columns.split(",") if c.strip()] if label_columns else None
 
@@ -239,10 +245,15 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by 'medtransfer train'.")],
     data: Annotated[Path | None, typer.Option(help="External scan folder (default: the run's own --split).")] = None,
     labels: Annotated[Path | None, typer.Option(help="Labels CSV for --data ('path' relative to it).")] = None,
-    split: Annotated[str, typer.Option(help="The run's split to evaluate when --data is not given.")] = "test",
-    subgroups: Annotated[str, typer.Option(help="Comma-separated subgroup columns.")] = "sex,age_band,site",
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples (by patient) for CIs; 0 = none.")] = 1000,
-    min_group_size: Annotated[int, typer.Option(help="Smallest subgroup (patients) that is assessed.")] = 10,
+    split: Annotated[str | None, typer.Option(
+        help="The run's split to evaluate when --data is not given [default: eval.split, test].")] = None,
+    subgroups: Annotated[str | None, typer.Option(
+        help="Comma-separated subgroup columns [default: eval.subgroups, sex,age_band,site].")] = None,
+    n_boot: Annotated[int | None, typer.Option(
+        help="Bootstrap resamples (by patient) for CIs; 0 = none [default: eval.n_boot, 1000].")] = None,
+    ci: Annotated[float | None, typer.Option(help="Confidence level [default: eval.ci, 0.95].")] = None,
+    min_group_size: Annotated[int | None, typer.Option(
+        help="Smallest subgroup (patients) that is assessed [default: eval.min_group_size, 10].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     out: Annotated[Path | None, typer.Option(help="Output folder (default: the run, or <run>/external/<name>).")
                    ] = None,
@@ -250,8 +261,8 @@ def evaluate(
     """Evaluate a run: AUROC with CIs, operating point, calibration, subgroup gaps; writes evaluation.json."""
     from medtransfer.evaluation.evaluate import evaluate as evaluate_run
 
-    groups = tuple(s.strip() for s in subgroups.split(",") if s.strip())
-    result = evaluate_run(run_dir, data, labels=labels, split=split, subgroups=groups, n_boot=n_boot,
+    groups = tuple(s.strip() for s in subgroups.split(",") if s.strip()) if subgroups is not None else None
+    result = evaluate_run(run_dir, data, labels=labels, split=split, subgroups=groups, n_boot=n_boot, ci=ci,
                           min_group_size=min_group_size, device=device, out_dir=out, progress=not quiet())
     console.print(_evaluation_table(result))
     for warning in result.meta.get("warnings", []):

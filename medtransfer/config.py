@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medtransfer.data.spec import InputSpec
 from medtransfer.errors import ConfigError
@@ -166,32 +166,34 @@ class TrainConfig(_Frozen):
 
 
 class EvalConfig(_Frozen):
-    """How to evaluate. Only ``threshold`` and ``target`` are read yet: at the end of training, on validation.
-
-    ``split``, ``subgroups``, ``n_boot``, ``ci`` and ``min_group_size`` are saved with the run but not read yet:
-    ``medtransfer evaluate`` / ``mt.evaluate`` take them as options.
-    """
+    """How to evaluate: the defaults of ``medtransfer evaluate`` / ``mt.evaluate`` for this run (its options
+    override them), and how the operating point is chosen on validation at the end of training."""
 
     split: str = Field(default="test", description=(
-        "The run's split to evaluate (test, val, train). Not read yet: `medtransfer evaluate --split` and "
-        "`mt.evaluate(split=)` decide."))
+        "The run's split to evaluate (test, val, train); `medtransfer evaluate --split` overrides it."))
     subgroups: tuple[str, ...] = Field(default=("sex", "age_band", "site"), description=(
-        "Manifest columns to break metrics down by. Not read yet: `medtransfer evaluate --subgroups` and "
-        "`mt.evaluate(subgroups=)` decide."))
+        "Manifest columns to break metrics down by; `medtransfer evaluate --subgroups` overrides it."))
     n_boot: int = Field(default=1000, ge=0, description=(
-        "Bootstrap resamples (by patient) for CIs; 0 = no CIs. Not read yet: `medtransfer evaluate --n-boot` "
-        "and `mt.evaluate(n_boot=)` decide."))
+        "Bootstrap resamples (by patient) for CIs; 0 = no CIs. `medtransfer evaluate --n-boot` overrides it."))
     ci: float = Field(default=0.95, gt=0, lt=1, description=(
-        "Confidence level of the intervals. Not read yet: `mt.evaluate(ci=)` decides (the CLI uses 0.95)."))
+        "Confidence level of the intervals; `medtransfer evaluate --ci` overrides it."))
     min_group_size: int = Field(default=10, ge=1, description=(
-        "Subgroups with fewer patients are listed but not assessed. Not read yet: `medtransfer evaluate "
-        "--min-group-size` and `mt.evaluate(min_group_size=)` decide."))
+        "Subgroups with fewer patients are listed but not assessed; `medtransfer evaluate --min-group-size` "
+        "overrides it."))
     threshold: Literal["youden", "sensitivity", "specificity"] = Field(default="youden", description=(
         "How the operating point is chosen on the validation split at the end of training (stored in the "
         "model card): `youden` maximises sensitivity + specificity - 1; `sensitivity` takes the highest "
         "threshold with validation sensitivity >= `target`; `specificity` the lowest with specificity >= `target`."))
     target: float | None = Field(default=None, gt=0, lt=1, description=(
         "The sensitivity or specificity to reach; required when `threshold` is `sensitivity` or `specificity`."))
+
+    @model_validator(mode="after")
+    def _target_needed(self) -> EvalConfig:
+        # checked when the config is loaded, not after hours of training when the threshold is chosen
+        if self.threshold != "youden" and self.target is None:
+            raise ValueError(f"eval.threshold={self.threshold} needs eval.target (e.g. eval.target=0.9: the "
+                             f"{self.threshold} to reach on validation)")
+        return self
 
 
 class ReportConfig(_Frozen):

@@ -63,6 +63,11 @@ class InputSpec(BaseModel):
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+        # Defaults follow the channel count (ImageNet grey or RGB statistics) unless the user set mean/std;
+        # the run replaces them with the backbone's own statistics anyway (resolve_input_spec).
+        for name, grey, rgb in (("mean", IMAGENET_GREY_MEAN, IMAGENET_MEAN), ("std", IMAGENET_GREY_STD, IMAGENET_STD)):
+            if name not in self.model_fields_set and len(getattr(self, name)) != self.channels:
+                object.__setattr__(self, name, grey if self.channels == 1 else rgb)  # frozen model: set once here
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(
                 f"mean/std need one value per channel ({self.channels}), got mean={self.mean} std={self.std}"

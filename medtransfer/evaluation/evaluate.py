@@ -120,11 +120,11 @@ def evaluate(
     data: str | os.PathLike[str] | None = None,
     *,
     labels: str | os.PathLike[str] | None = None,
-    split: str = "test",
-    subgroups: Sequence[str] = ("sex", "age_band", "site"),
-    n_boot: int = 1000,
-    ci: float = 0.95,
-    min_group_size: int = 10,
+    split: str | None = None,
+    subgroups: Sequence[str] | None = None,
+    n_boot: int | None = None,
+    ci: float | None = None,
+    min_group_size: int | None = None,
     intersections: Sequence[Sequence[str]] = (),
     out_dir: str | os.PathLike[str] | None = None,
     batch_size: int = 32,
@@ -143,6 +143,10 @@ def evaluate(
         subgroups: manifest columns to break metrics down by; absent ones are listed in ``meta["warnings"]``.
         n_boot, ci: bootstrap resamples (by patient) and confidence level; ``n_boot=0`` gives no CIs.
         min_group_size: smaller subgroups are listed but not assessed.
+
+            ``split``, ``subgroups``, ``n_boot``, ``ci`` and ``min_group_size`` left as None take the run's
+            ``eval`` config (``config.yaml``; defaults test, sex/age_band/site, 1000, 0.95, 10), so a run
+            trained with ``--set eval.n_boot=2000`` is evaluated that way without repeating it.
         intersections: attribute combinations, e.g. ``[("sex", "age_band")]``.
         out_dir: where ``evaluation.json`` + ``predictions.csv`` go. Default: the run directory (split
             ``test``), ``<run>/split-<name>`` (other splits), ``<run>/external/<folder name>`` (external data).
@@ -162,6 +166,12 @@ def evaluate(
         >>> result.overall[["class", "auroc", "auroc_lo", "auroc_hi"]]  # doctest: +SKIP
     """
     run = run_or_model if isinstance(run_or_model, Run) else load_run(run_or_model)
+    defaults = run.config.eval
+    split = defaults.split if split is None else split
+    subgroups = tuple(defaults.subgroups) if subgroups is None else tuple(subgroups)
+    n_boot = defaults.n_boot if n_boot is None else int(n_boot)
+    ci = defaults.ci if ci is None else float(ci)
+    min_group_size = defaults.min_group_size if min_group_size is None else int(min_group_size)
     run, source = _with_operating_points(run, progress)
     manifest, name, default_out = _cases(run, data, labels, split, progress)
     t0 = time.perf_counter()

@@ -105,14 +105,23 @@ def explain_run(
 
 
 def _predictions(run: Any, predictions: Any, split: str | None) -> pd.DataFrame:
-    """The given table, ``<run_dir>/predictions.csv``, or one inference pass over ``split`` (None: all)."""
+    """The given table, the evaluation's ``predictions.csv`` for ``split``, or one inference pass over ``split``.
+
+    ``mt.evaluate`` writes the test split's predictions to ``<run_dir>/predictions.csv`` and another split's to
+    ``<run_dir>/split-<name>/predictions.csv``; a file without rows of ``split`` is not used (None: all cases).
+    """
     if isinstance(predictions, pd.DataFrame):
         return predictions
-    path = Path(predictions) if predictions is not None else run.path / "predictions.csv"
-    if path.is_file():
-        return pd.read_csv(path, dtype={"case_id": str})
     if predictions is not None:
-        raise RunDirError(f"{path}: predictions file not found")
+        path = Path(predictions)
+        if not path.is_file():
+            raise RunDirError(f"{path}: predictions file not found")
+        return pd.read_csv(path, dtype={"case_id": str})
+    path = run.path / "predictions.csv" if split in (None, "test") else run.path / f"split-{split}" / "predictions.csv"
+    if path.is_file():
+        table = pd.read_csv(path, dtype={"case_id": str})
+        if split is None or "split" not in table.columns or (table["split"] == split).any():
+            return table
     from medtransfer.evaluation.predict import predict_cases
 
     manifest = run.manifest if split is None else run.manifest.split(split)

@@ -24,7 +24,7 @@ from medtransfer import io
 from medtransfer.config import RunConfig, apply_overrides, dump_config, load_config
 from medtransfer.data.manifest import Manifest
 from medtransfer.data.spec import InputSpec
-from medtransfer.errors import ManifestError, RunDirError
+from medtransfer.errors import ConfigError, ManifestError, RunDirError
 from medtransfer.models.card import ModelCard
 
 log = logging.getLogger(__name__)
@@ -207,9 +207,16 @@ def resolve_input_spec(cfg: RunConfig) -> InputSpec:
     from medtransfer.models.backbones import get_backbone
 
     spec = cfg.input
+    backbone = get_backbone(cfg.model.backbone)
+    if backbone.fixed_input_size and tuple(spec.size) != (backbone.input_size, backbone.input_size):
+        # checked before indexing and training: the model would fail on its first batch otherwise
+        raise ConfigError(f"{backbone.name} accepts only {backbone.input_size}x{backbone.input_size} inputs (its "
+                          f"position embeddings are fixed), not input.size={list(spec.size)}. Set "
+                          f"input.size=[{backbone.input_size}, {backbone.input_size}] (--image-size "
+                          f"{backbone.input_size}) or choose a convolutional backbone.")
     if {"mean", "std"} & spec.model_fields_set:
         return spec
-    mean, std = get_backbone(cfg.model.backbone).input_stats(spec.channels)
+    mean, std = backbone.input_stats(spec.channels)
     return spec.model_copy(update={"mean": tuple(mean), "std": tuple(std)})
 
 

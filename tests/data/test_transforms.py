@@ -101,3 +101,17 @@ def test_disabled_augmentation_is_identity():
     for pipe in (random_transforms(AugmentConfig(enabled=False, flip_prob=1.0), 2), random_transforms(None, 2)):
         assert pipe.transforms == () or len(pipe.transforms) == 0
         assert torch.equal(pipe({"image": x})["image"], x)
+
+
+def test_three_channel_input_gets_rgb_statistics_unless_mean_std_are_given() -> None:
+    from pydantic import ValidationError
+
+    from medtransfer.config import load_config
+    from medtransfer.data.spec import IMAGENET_MEAN, InputSpec
+    from medtransfer.training.run import resolve_input_spec
+
+    assert InputSpec(channels=3).mean == IMAGENET_MEAN and len(InputSpec(channels=3).std) == 3
+    cfg = load_config(None, ["input.channels=3"])  # used to be refused: grey mean/std with 3 channels
+    assert len(resolve_input_spec(cfg).mean) == 3  # then the backbone's own statistics
+    with pytest.raises(ValidationError, match="one value per channel"):
+        InputSpec(channels=3, mean=(0.5,), std=(0.5,))  # what the user set explicitly is still checked

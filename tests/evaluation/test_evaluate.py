@@ -321,3 +321,26 @@ def test_multiclass_and_multilabel_give_a_row_per_class_and_macro(tmp_path_facto
         known = int(pd.to_numeric(test["opacity"], errors="coerce").notna().sum())
         assert 0 < known < len(r.predictions)  # the fixture puts blank (unknown) opacity labels in the test split
         assert r.overall.set_index("class").loc["opacity", "n"] == known  # blanks are unknown, not negatives
+
+
+def test_the_runs_eval_config_gives_the_defaults_and_arguments_override_it(binary_run: Run) -> None:
+    eval_cfg = binary_run.config.eval.model_copy(update={"n_boot": 50, "ci": 0.9, "min_group_size": 4,
+                                                         "subgroups": ("sex",), "split": "val"})
+    run = dataclasses.replace(binary_run, config=binary_run.config.model_copy(update={"eval": eval_cfg}))
+    out = binary_run.path.parent / "eval-defaults"
+    r = mt.evaluate(run, out_dir=out)
+    s = r.meta
+    assert (s["n_boot"], s["ci"], s["min_group_size"], s["subgroups"]) == (50, 0.9, 4, ["sex"])
+    assert set(r.predictions["split"]) == {"val"}
+    r2 = mt.evaluate(run, n_boot=20, split="test", subgroups=("site",), out_dir=out)
+    assert (r2.meta["n_boot"], r2.meta["subgroups"]) == (20, ["site"])
+    assert set(r2.predictions["split"]) == {"test"}
+
+
+def test_a_threshold_target_is_required_when_the_config_is_loaded() -> None:
+    from medtransfer.config import load_config
+    from medtransfer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.target"):
+        load_config(None, ["eval.threshold=specificity"])
+    assert load_config(None, ["eval.threshold=specificity", "eval.target=0.9"]).eval.target == 0.9

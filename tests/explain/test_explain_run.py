@@ -145,3 +145,16 @@ def test_explain_run_writes_index_and_pngs_then_caches(corner_run) -> None:
     for p, t in stamps.items():
         if p.suffix == ".png":
             assert p.stat().st_mtime_ns == t, p
+
+
+@pytest.mark.slow
+def test_explain_a_split_uses_that_splits_evaluation(corner_run, tmp_path: Path) -> None:
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(corner_run.path, run_dir, ignore=shutil.ignore_patterns("saliency"))
+    mt.evaluate(run_dir, n_boot=0)  # -> run/predictions.csv: test cases only
+    mt.evaluate(run_dir, split="val", n_boot=0)  # -> run/split-val/predictions.csv
+    val_ids = set(pd.read_csv(run_dir / "split-val" / "predictions.csv", dtype={"case_id": str})["case_id"])
+    index = pd.read_csv(explain_run(run_dir, method="gradcam", cases=1, split="val"), dtype={"case_id": str})
+    assert len(index) >= 1 and set(index["case_id"]) <= val_ids

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("scratch", "linear-probe", "gradual", "fine-tune")
 PRETRAINED = ("linear-probe", "gradual", "fine-tune")
 MATCH_MARGIN = 0.01  # AUROC difference treated as "matches"
+CELL_VERSION = 2  # bumped when what a cell measures changes, so cells saved by older code are recomputed
 
 
 @dataclass
@@ -141,7 +143,7 @@ def audit_transfer(
             raise ManifestError(f"the transfer audit needs train, val and test cases; '{split}' is empty")
 
     fractions = sorted({float(f) for f in fractions})
-    settings = {"strategies": list(strategies), "fractions": fractions, "seeds": seeds,
+    settings = {"cell_version": CELL_VERSION, "strategies": list(strategies), "fractions": fractions, "seeds": seeds,
                 "budget_epochs": budget_epochs, "n_boot": n_boot, "backbone": cfg.model.backbone,
                 "weights": cfg.model.weights, "input": cfg.input.key(), "manifest": manifest.digest(),
                 "train": cfg.train.model_dump(mode="json")}
@@ -234,6 +236,10 @@ def _run_cell(manifest: Any, cfg: Any, strategy: str, fraction: float, seed: int
         "model": cfg.model.model_copy(update={"weights": weights}),
         "data": cfg.data.model_copy(update={"cache_dir": out_dir / "cache"}),
     })
+    # Frozen features are cached on disk by (model, cases, input): without this, a gradual cell would reuse
+    # the features its linear-probe sibling computed and look faster to the target than it is. Each cell pays
+    # its own feature extraction; decoded images stay shared (the same preprocessing for every strategy).
+    shutil.rmtree(out_dir / "cache" / "features", ignore_errors=True)
     set_determinism(seed, cfg.train.deterministic)
     model = build_model(cfg.model.backbone, manifest.classes, task=manifest.task, in_channels=cfg.input.channels,
                         weights=weights, dropout=cfg.model.dropout)
@@ -319,6 +325,15 @@ def summarise(cells: pd.DataFrame, histories: dict[str, list[dict[str, Any]]], *
                                      "scratch_seconds_to_target": float(s_ttt.mean()) if len(s_ttt) else None,
                                      "speedup": (float(s_ttt.mean() / p_ttt.mean())
                                                  if len(p_ttt) and len(s_ttt) and p_ttt.mean() > 0 else None)}
+        s_lo_full = float(full.loc["scratch", "test_lo"])
+        learned = bool(s_lo_full > 0.5) if np.isfinite(s_lo_full) else ref > 0.6
+        summary["scratch_learned"] = learned
+        if not learned:
+            warnings.append(
+                f"Training from scratch did not learn within the epoch budget (test AUROC {ref:.3f} with all "
+                f"training data, CI {s_lo_full:.3f}-{float(full.loc['scratch', 'test_hi']):.3f}, includes chance): "
+                "here pretraining is what makes the data learnable at this budget, and the data-efficiency gain "
+                "is only a lower bound. Give the audit more epochs (--epochs) for a stronger scratch baseline.")
         pretrained = [s for s in full.index if s != "scratch"]
         if pretrained:
             best = max(pretrained, key=lambda s: float(full.loc[s, "test_auroc"]))

@@ -401,7 +401,8 @@ def audit_section(audit: dict[str, Any] | None) -> dict[str, Any] | None:
         curve = pd.DataFrame(t["curve"])
         cells = pd.DataFrame(t.get("cells") or [])
         summ = t.get("summary") or {}
-        eff = [{"strategy": s, "fraction": _pct(d.get("fraction_to_match")), "gain": _x(d.get("gain")),
+        eff = [{"strategy": s, "fraction": ("≤ " if d.get("reached_at_smallest") else "") + _pct(d.get("fraction_to_match")),
+                "gain": ("≥ " if d.get("reached_at_smallest") else "") + _x(d.get("gain")),
                 "reference": num(d.get("scratch_auroc_at_full"))} for s, d in (summ.get("data_efficiency") or {}).items()]
         speed = [{"strategy": s, "seconds": num(d.get("seconds_to_target"), 0), "scratch": num(d.get("scratch_seconds_to_target"), 0), "speedup": _x(d.get("speedup"))} for s, d in (summ.get("speedup") or {}).items()]
         rows = [{"strategy": r["strategy"], "fraction": _pct(r["fraction"]), "auroc": num(r["test_auroc"]),

@@ -143,3 +143,11 @@ def test_killed_audit_continues_from_finished_cells(tmp_path: Path) -> None:
     assert len(after) == 6
     assert all(after[name] == mtime for name, mtime in done.items())  # finished cells were not redone
     assert not list(out.glob("**/.tmp-*"))
+
+
+def test_a_scratch_baseline_at_chance_is_called_out_and_the_gain_is_a_lower_bound() -> None:
+    r = summarise(*_cells(scratch=0.52, pretrained=0.90))
+    assert r.summary["scratch_learned"] is False
+    assert any("did not learn within the epoch budget" in w for w in r.warnings)
+    assert r.summary["data_efficiency"]["linear-probe"]["reached_at_smallest"]
+    assert summarise(*_cells(scratch=0.80, pretrained=0.90)).summary["scratch_learned"] is True

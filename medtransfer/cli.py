@@ -420,9 +420,9 @@ def _audit_table(result: Any) -> str:
                                              for f in sorted(result.curve["fraction"].unique())))
     for s, d in result.summary.get("data_efficiency", {}).items():
         frac = d.get("fraction_to_match")
-        at_least = ">=" if d.get("reached_at_smallest") else ""
-        lines.append(f"{s}: matches scratch@100% with " + (f"{at_least}{frac:.0%} of the data "
-                                                           f"(gain {at_least}{d['gain']:.1f}x)"
+        bound = d.get("reached_at_smallest")  # matched at the smallest fraction tried: only a bound is known
+        lines.append(f"{s}: matches scratch@100% with " + (f"{'<=' if bound else ''}{frac:.0%} of the data "
+                                                           f"(gain {'>=' if bound else ''}{d['gain']:.1f}x)"
                                                            if frac else "no fraction tried"))
     return "test AUROC (mean over seeds) by training fraction\n" + "\n".join(lines)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-pytestmark = pytest.mark.slow
+# one worker runs the whole module, so the demo (minutes) runs once, not once per xdist worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
 WEAK_SITE = "Coastal Community Hospital (DEMO)"  # site C of medtransfer.sample_data, the planted weak site
 

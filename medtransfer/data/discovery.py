@@ -181,7 +181,8 @@ def _inside(root: Path, out_dir: str | Path | None) -> str | None:
     return out.relative_to(root).as_posix() if out != root and out.is_relative_to(root) else None
 
 
-def _suffix(name: str) -> str:
+def scan_suffix(name: str) -> str:
+    """The lower-case extension that decides a file's kind (``.nii.gz`` counts as one)."""
     lower = name.lower()
     return ".nii.gz" if lower.endswith(".nii.gz") else os.path.splitext(lower)[1]
 
@@ -230,7 +231,7 @@ def _link(entry: os.DirEntry[str], rel: str, root: Path, state: _State) -> None:
         return
     if not target.is_relative_to(root):
         state.existing.add(rel)
-        if _suffix(entry.name) not in SKIP_SUFFIXES:
+        if scan_suffix(entry.name) not in SKIP_SUFFIXES:
             state.reject(HeaderProblem(rel, "symbolic link to a file outside the data folder; not read. Copy the "
                                             "file into the data folder instead.", "outside"))
         return
@@ -239,7 +240,7 @@ def _link(entry: os.DirEntry[str], rel: str, root: Path, state: _State) -> None:
 
 def _consider(rel: str, path: Path, size: int, state: _State) -> None:
     state.existing.add(rel)
-    if posixpath.basename(rel).upper() == "DICOMDIR" or _suffix(rel) in SKIP_SUFFIXES:
+    if posixpath.basename(rel).upper() == "DICOMDIR" or scan_suffix(rel) in SKIP_SUFFIXES:
         state.ignored += 1
         return
     try:
@@ -248,7 +249,7 @@ def _consider(rel: str, path: Path, size: int, state: _State) -> None:
         shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         state.reject(HeaderProblem(shown, "the file or folder name is not valid UTF-8; rename it", "bad_name"))
         return
-    looks_like_image = _suffix(rel) in IMAGE_SUFFIXES or _suffix(path.name) in IMAGE_SUFFIXES
+    looks_like_image = scan_suffix(rel) in IMAGE_SUFFIXES or scan_suffix(path.name) in IMAGE_SUFFIXES
     state.candidates.append((rel, path, size, looks_like_image))
 
 

@@ -309,7 +309,7 @@ def predict_paths(run: Run | str | os.PathLike[str], paths: Sequence[str | os.Pa
 
 def _collect(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[str, Path, str | None]]:
     """(shown name, absolute path, format or None) for every candidate file under ``paths``."""
-    from medtransfer.data.discovery import IMAGE_SUFFIXES, SKIP_SUFFIXES
+    from medtransfer.data.discovery import IMAGE_SUFFIXES, SKIP_SUFFIXES, scan_suffix
     from medtransfer.data.loading import sniff_format
 
     found: list[tuple[str, Path, str | None]] = []
@@ -323,20 +323,15 @@ def _collect(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[str, Path, s
         for folder, dirs, files in os.walk(p):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
-                if name.startswith(".") or name.upper() == "DICOMDIR" or _suffix(name) in SKIP_SUFFIXES:
+                if name.startswith(".") or name.upper() == "DICOMDIR" or scan_suffix(name) in SKIP_SUFFIXES:
                     continue
                 f = Path(folder) / name
                 fmt = sniff_format(f)
-                if fmt is None and _suffix(name) not in IMAGE_SUFFIXES:
+                if fmt is None and scan_suffix(name) not in IMAGE_SUFFIXES:
                     continue  # an unknown file without an image extension is not a scan: ignored, as in indexing
                 shown = (Path(str(given)) / f.relative_to(p)).as_posix()
                 found.append((shown, f.resolve(), fmt))
     return found
-
-
-def _suffix(name: str) -> str:
-    lower = name.lower()
-    return ".nii.gz" if lower.endswith(".nii.gz") else os.path.splitext(lower)[1]
 
 
 def _case_id(shown: str) -> str:

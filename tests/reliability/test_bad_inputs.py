@@ -127,7 +127,7 @@ def _is_dicomdir(path: Path) -> bool:
 
 
 def test_the_pydicom_corpus_is_used_or_quarantined_with_a_reason(corpus: Path, tmp_path: Path) -> None:
-    from medtransfer.data.discovery import IMAGE_SUFFIXES, SKIP_SUFFIXES, _suffix
+    from medtransfer.data.discovery import IMAGE_SUFFIXES, SKIP_SUFFIXES, scan_suffix
     from medtransfer.data.loading import sniff_format
 
     out = tmp_path / "index"
@@ -143,8 +143,8 @@ def test_the_pydicom_corpus_is_used_or_quarantined_with_a_reason(corpus: Path, t
             continue
         # the rest must be what discovery ignores by rule: text/tables/archives, DICOMDIRs, and unknown files
         # that neither look like an image by name nor are one by content
-        ignored = (_suffix(path.name) in SKIP_SUFFIXES or path.name.upper() == "DICOMDIR" or _is_dicomdir(path)
-                   or (_suffix(path.name) not in IMAGE_SUFFIXES and sniff_format(path) is None))
+        ignored = (scan_suffix(path.name) in SKIP_SUFFIXES or path.name.upper() == "DICOMDIR" or _is_dicomdir(path)
+                   or (scan_suffix(path.name) not in IMAGE_SUFFIXES and sniff_format(path) is None))
         assert ignored, f"{rel}: neither used, quarantined nor ignored by rule"
     assert _assert_used_cases_decode(corpus, out) >= 40
 

@@ -12,14 +12,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
-from medtransfer.reports.context import NOT_PROVIDED, is_num, num, pct, with_ci
-
-if TYPE_CHECKING:
-    from medtransfer.reports.render import RunFiles
+from medtransfer.reports.files import RunFiles
+from medtransfer.reports.format import NOT_PROVIDED, is_num, num, pct, with_ci
 
 SMALL_TEST_CASES = 100
 SMALL_TEST_POSITIVES = 20

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from medtransfer._version import __version__
 
 # public name -> module that defines it
 _PUBLIC = {
@@ -30,8 +30,8 @@ _PUBLIC = {
     "ModelCard": "medtransfer.models.card",
     "fine_tune": "medtransfer.training.fine_tune",
     "train": "medtransfer.training.run",
-    "load_run": "medtransfer.training.run",
-    "generate_sample_data": "medtransfer.sample_data",
+    "load_run": "medtransfer.run_dir",
+    "generate_sample_data": "medtransfer.datasets.synthetic",
     "evaluate": "medtransfer.evaluation.evaluate",
     "EvaluationResult": "medtransfer.evaluation.result",
     "predict": "medtransfer.evaluation.predict",
@@ -88,6 +88,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from medtransfer.data.discovery import index_scans
     from medtransfer.data.manifest import Manifest
     from medtransfer.data.spec import InputSpec
+    from medtransfer.datasets.synthetic import generate_sample_data
     from medtransfer.demo import run_demo
     from medtransfer.errors import (
         CheckpointError,
@@ -105,9 +106,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from medtransfer.models.card import ModelCard
     from medtransfer.models.classifier import build_model
     from medtransfer.reports.render import render_report
-    from medtransfer.sample_data import generate_sample_data
+    from medtransfer.run_dir import load_run
     from medtransfer.training.fine_tune import fine_tune
-    from medtransfer.training.run import load_run, train
+    from medtransfer.training.run import train
 
 
 def __getattr__(name: str) -> Any:

@@ -15,8 +15,6 @@ demo did not make is never deleted.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from medtransfer import io
+from medtransfer.digest import sha256_json
 from medtransfer.errors import RunDirError
 
 log = logging.getLogger(__name__)
@@ -104,11 +103,11 @@ def run_demo(
         RunDirError: ``out`` is a non-empty folder that the demo did not make.
     """
     from medtransfer.audit.shortcuts import audit_shortcuts
+    from medtransfer.datasets.synthetic import generate_sample_data
     from medtransfer.evaluation.evaluate import evaluate
     from medtransfer.evaluation.result import EvaluationResult
     from medtransfer.explain.run import explain_run
     from medtransfer.reports.render import PdfUnavailable, render_report
-    from medtransfer.sample_data import generate_sample_data
     from medtransfer.training.run import train
 
     mode = "fast" if fast else "full"
@@ -168,10 +167,9 @@ def _settings_key(mode: str, data: Path) -> str:
     from medtransfer.config import resolve_config_path
 
     preset = resolve_config_path("demo")
-    blob = json.dumps({"mode": mode, "settings": DEMO_SETTINGS[mode],
-                       "preset": preset.read_text(encoding="utf-8") if preset else "",
-                       "data": (data / ".complete").read_text(encoding="utf-8").strip()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return sha256_json({"mode": mode, "settings": DEMO_SETTINGS[mode],
+                        "preset": preset.read_text(encoding="utf-8") if preset else "",
+                        "data": (data / ".complete").read_text(encoding="utf-8").strip()}, 16)
 
 
 def _prepare_out(run_dir: Path, key: str) -> str:

@@ -66,7 +66,7 @@ def audit_shortcuts(run: Any, *, attributes: tuple[str, ...] = ("site", "manufac
         :class:`ShortcutAudit`.
     """
     from medtransfer.errors import RunDirError
-    from medtransfer.training.run import Run, load_run
+    from medtransfer.run_dir import Run, load_run
 
     run = run if isinstance(run, Run) else load_run(run)
     if run.manifest is None:
@@ -97,18 +97,11 @@ def audit_shortcuts(run: Any, *, attributes: tuple[str, ...] = ("site", "manufac
 
 
 def _features(model: Any, manifest: Any, run: Any, progress: bool) -> np.ndarray:
-    from medtransfer.data.dataset import ScanDataset, make_loader
-    from medtransfer.training import device as dev
-    from medtransfer.training.features import cached_features
+    from medtransfer.inference import run_model
 
-    device = dev.resolve_device("auto")
-    spec = run.card.input
-    ds = ScanDataset(manifest, spec, train=False, cache_dir=run.path / "cache")
-    loader = make_loader(ds, batch_size=32, shuffle=False)
-    f = cached_features(model.to(device), manifest, loader, spec=spec, cache_dir=run.path / "cache",
-                        device=device, amp=dev.amp_dtype(device, True), channels_last=False, progress=progress,
-                        description="features (audit)")
-    return f.float().cpu().numpy()
+    out = run_model(model, manifest, run.card.input, output="features", cache_dir=run.cache_dir,
+                    num_workers=run.config.train.num_workers, progress=progress, description="features (audit)")
+    return out.outputs
 
 
 def _probe(feats: np.ndarray, df: pd.DataFrame, attributes: tuple[str, ...]) -> pd.DataFrame:
@@ -211,15 +204,13 @@ def _loso_stats(y: np.ndarray, p_all: np.ndarray, p_out: np.ndarray, patients: n
 
 
 def _prevalence(run: Any, manifest: Any) -> pd.DataFrame:
-    from medtransfer.evaluation.predict import predict_cases
-
     if manifest.task != "binary" or "site" not in manifest.df.columns:
         return pd.DataFrame()
     test = manifest.split("test")
     if len(test) == 0:
         return pd.DataFrame()
     pos = run.card.classes[1]
-    table = predict_cases(run, test)
+    table = run.predict(test)
     truth = test.df[["case_id", "site"]].astype(str).assign(y=(test.df["label"] == pos).astype(int).to_numpy())
     table = table.drop(columns=["site"], errors="ignore").merge(truth, on="case_id", how="inner")
     out = (table.groupby("site")

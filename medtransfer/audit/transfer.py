@@ -22,8 +22,6 @@ keyed by the audit's settings, so a killed audit continues where it stopped.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import shutil
@@ -37,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from medtransfer import io
+from medtransfer.digest import sha256_json
 from medtransfer.errors import ConfigError, ManifestError
 
 log = logging.getLogger(__name__)
@@ -147,7 +146,7 @@ def audit_transfer(
                 "budget_epochs": budget_epochs, "n_boot": n_boot, "backbone": cfg.model.backbone,
                 "weights": cfg.model.weights, "input": cfg.input.key(), "manifest": manifest.digest(),
                 "train": cfg.train.model_dump(mode="json")}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = sha256_json(settings, 16)
     cells_dir = out_dir / "cells"
     todo = [(s, f, seed) for seed in range(seeds) for f in fractions for s in strategies]
     rows, histories, warnings = [], {}, []
@@ -219,8 +218,8 @@ def subset_patients(manifest: Any, fraction: float, seed: int) -> Any:
 def _run_cell(manifest: Any, cfg: Any, strategy: str, fraction: float, seed: int, epochs: int, n_boot: int,
               out_dir: Path) -> dict[str, Any]:
     from medtransfer.data.manifest import Manifest
+    from medtransfer.device import set_determinism
     from medtransfer.models.classifier import build_model
-    from medtransfer.training.device import set_determinism
     from medtransfer.training.fine_tune import fine_tune
 
     train = subset_patients(manifest, fraction, seed)
@@ -255,18 +254,15 @@ def _run_cell(manifest: Any, cfg: Any, strategy: str, fraction: float, seed: int
 
 
 def _test_auroc(model: Any, test: Any, cfg: Any, n_boot: int, seed: int) -> tuple[float, float, float]:
-    from medtransfer.data.dataset import ScanDataset, make_loader
     from medtransfer.evaluation.bootstrap import bootstrap_statistic
     from medtransfer.evaluation.metrics import macro_auroc
-    from medtransfer.training import device as dev
-    from medtransfer.training.loop import predict_batches
+    from medtransfer.inference import run_model
+    from medtransfer.models.outputs import apply_temperature
 
-    device = dev.resolve_device(cfg.train.device)
-    ds = ScanDataset(test, cfg.input, train=False, cache_dir=cfg.data.cache_dir)
-    loader = make_loader(ds, batch_size=cfg.train.batch_size, shuffle=False, num_workers=cfg.train.num_workers)
-    pred = predict_batches(model.to(device), loader, task=test.task, device=device,
-                           amp=dev.amp_dtype(device, cfg.train.amp))
-    y, p, k = np.asarray(pred["targets"]), np.asarray(pred["scores"]), len(test.classes)
+    out = run_model(model, test, cfg.input, batch_size=cfg.train.batch_size, device=cfg.train.device,
+                    amp=cfg.train.amp, num_workers=cfg.train.num_workers, cache_dir=cfg.data.cache_dir)
+    y, k = np.asarray(out.targets), len(test.classes)
+    p = apply_temperature(out.outputs, 1.0, test.task)
 
     def stat(idx: np.ndarray) -> float:
         return macro_auroc(y[idx], p[idx], test.task, k)

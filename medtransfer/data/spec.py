@@ -6,9 +6,13 @@ prediction rebuild the exact pipeline from it (torchvision's weights API carries
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: What a model predicts: one of two classes, one of K classes, or any subset of K labels.
+Task = Literal["binary", "multiclass", "multilabel"]
+TASKS: tuple[str, ...] = get_args(Task)
 
 #: ImageNet statistics (torchvision). Grey-scale input uses their channel average, because the adapted
 #: first conv sums the RGB filters (timm's adapt_input_conv), i.e. it sees one grey channel as R=G=B.

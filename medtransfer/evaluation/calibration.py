@@ -15,15 +15,15 @@ import warnings
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
-from scipy.special import expit, log_expit, log_softmax, softmax
+from scipy.special import log_expit, log_softmax
 
+from medtransfer.data.spec import TASKS
 from medtransfer.evaluation.metrics import clean_binary
 
 logger = logging.getLogger(__name__)
 
 #: Search range for the temperature; an optimum on its edge is reported with a warning.
 T_BOUNDS = (0.05, 20.0)
-TASKS = ("binary", "multiclass", "multilabel")
 
 
 def _bin_ids(p: np.ndarray, n_bins: int, adaptive: bool) -> np.ndarray:
@@ -193,24 +193,3 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, task: str) -> float
         )
     logger.info("temperature scaling: T = %.4f (NLL %.4f -> %.4f)", temp, nll(1.0), res.fun)
     return temp
-
-
-def apply_temperature(logits: np.ndarray, temperature: float, task: str) -> np.ndarray:
-    """Calibrated probabilities from logits and a fitted temperature.
-
-    Args:
-        logits: as for :func:`fit_temperature`. temperature: T > 0. task: binary / multiclass / multilabel.
-
-    Returns:
-        binary: P(positive) (N,); multiclass: softmax (N, K), rows sum to 1; multilabel: sigmoid (N, K).
-    """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}; got {task!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}")
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    if task == "binary":
-        return expit(z.reshape(-1))
-    if task == "multiclass":
-        return softmax(z, axis=1)
-    return expit(z)

@@ -16,102 +16,30 @@ import dataclasses
 import logging
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from medtransfer.config import DataConfig, RunConfig
+from medtransfer._version import __version__
+from medtransfer.config import DataConfig
+from medtransfer.data.discovery import index_scans
 from medtransfer.data.manifest import Manifest
 from medtransfer.errors import ManifestError, RunDirError
-from medtransfer.evaluation.predict import infer, predict_cases, probabilities, scored_classes, thresholds_of
+from medtransfer.evaluation.bootstrap import bootstrap_metrics
+from medtransfer.evaluation.calibration import brier, ece, reliability_curve
+from medtransfer.evaluation.metrics import BINARY_METRICS, binary_metrics
 from medtransfer.evaluation.result import EvaluationResult
+from medtransfer.evaluation.subgroups import subgroup_gaps, subgroup_table
 from medtransfer.models.card import ModelCard
-from medtransfer.training.run import Run, load_run
+from medtransfer.models.outputs import scored_classes, thresholds_of
+from medtransfer.run_dir import Run, load_run
+from medtransfer.training.calibrate import calibrate
 
 log = logging.getLogger(__name__)
 
-#: Metrics reported with a bootstrap CI in ``EvaluationResult.overall``.
-CI_METRICS = ("auroc", "auprc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")
-
-
-# -- calibration on the validation split ------------------------------------------------------------
-def calibrate(model: torch.nn.Module, manifest_val: Manifest, card: ModelCard, cfg: RunConfig, *,
-              cache_dir: str | Path | None = None, progress: bool = False) -> ModelCard:
-    """Fit the temperature and choose operating points on the validation split; returns an updated card.
-
-    One inference pass over ``manifest_val`` gives logits; :func:`fit_temperature` fits the temperature on
-    them, and :func:`choose_threshold` (``cfg.eval.threshold`` / ``cfg.eval.target``) picks each scored
-    class's threshold on the calibrated probabilities. A class without both outcomes in validation keeps
-    0.5 (logged); with no validation cases at all the card is returned unchanged.
-
-    Args:
-        model: the trained classifier (best weights).
-        manifest_val: the validation cases (never test or external data).
-        card: the model card to update (not modified; a copy is returned).
-        cfg: the run config (``eval.threshold``, ``eval.target``, ``train.batch_size``, ``train.device``).
-        cache_dir: decoded-image cache (training's cache is warm for the validation split).
-        progress: progress bar.
-
-    Returns:
-        A copy of ``card`` with ``temperature`` and ``thresholds`` ({class: threshold}; binary: positive class).
-    """
-    from medtransfer.evaluation import calibration, thresholds
-
-    if len(manifest_val) == 0:
-        log.warning("no validation cases: thresholds stay at %s and no temperature is fitted", card.thresholds)
-        return card
-    out = infer(model, manifest_val, card.input, batch_size=cfg.train.batch_size, device=cfg.train.device,
-                amp=cfg.train.amp, num_workers=cfg.train.num_workers, cache_dir=cache_dir, progress=progress)
-    ok = out.ok
-    with warnings.catch_warnings(record=True) as caught:  # re-logged below, or replaced by our fallback message
-        warnings.simplefilter("always")
-        temperature = float(calibration.fit_temperature(out.logits[ok], out.targets[ok], card.task))
-    lo, hi = calibration.T_BOUNDS
-    degenerate = not np.isfinite(temperature) or not lo * 1.01 < temperature < hi * 0.99
-    for w in caught if not degenerate else ():
-        log.warning("%s", w.message)
-    if degenerate:
-        # A temperature on the search boundary means a separable (T -> 0) or uninformative (T -> inf)
-        # validation split: not evidence about calibration. Sharpening by 20x would also saturate float64
-        # probabilities to exactly 0/1 and destroy the ranking AUROC needs, so we keep T = 1.
-        log.warning("temperature scaling is degenerate on the validation split (T=%.3g at the bound of %s); "
-                    "using T = 1 (probabilities uncalibrated). A larger validation split helps.", temperature,
-                    calibration.T_BOUNDS)
-        temperature = 1.0
-    fitted = card.model_copy(update={"temperature": temperature})
-    p = probabilities(out.logits[ok], fitted)
-    y = one_vs_rest(out.targets[ok], card)
-    chosen: dict[str, float] = {}
-    for j, c in enumerate(scored_classes(card)):
-        known = ~np.isnan(y[:, j])
-        yc, pc = y[known, j], p[known, j]
-        if yc.size == 0 or yc.min() == yc.max():
-            log.warning("class '%s' has %s in the validation split; its threshold stays 0.5",
-                        c, "no cases" if yc.size == 0 else "only one outcome")
-            chosen[c] = 0.5
-            continue
-        thr = float(thresholds.choose_threshold(yc, pc, method=cfg.eval.threshold, target=cfg.eval.target))
-        chosen[c] = thr if np.isfinite(thr) else 0.5
-    log.info("calibrated on %d validation cases: temperature %.3f, thresholds %s", int(ok.sum()), temperature,
-             chosen)
-    return ModelCard.model_validate({**card.model_dump(), "temperature": temperature, "thresholds": chosen})
-
-
-def one_vs_rest(targets: np.ndarray, card: ModelCard) -> np.ndarray:
-    """Targets as float (N, len(scored_classes)) 1/0/NaN, one column per scored class."""
-    t = np.asarray(targets, dtype=np.float64)
-    if card.task == "multilabel":
-        return t.reshape(len(t), -1)
-    if card.task == "binary":
-        return t.reshape(-1, 1)
-    out = np.zeros((len(t), len(card.classes)))
-    out[np.arange(len(t)), t.astype(np.int64)] = 1.0
-    return out
 
 
 # -- evaluate -------------------------------------------------------------------------------------
@@ -175,8 +103,7 @@ def evaluate(
     run, source = _with_operating_points(run, progress)
     manifest, name, default_out = _cases(run, data, labels, split, progress)
     t0 = time.perf_counter()
-    preds = predict_cases(run, manifest, batch_size=batch_size, device=device, cache_dir=_cache_dir(run),
-                          progress=progress)
+    preds = run.predict(manifest, batch_size=batch_size, device=device, progress=progress)
     t1 = time.perf_counter()
     attrs, inter, notes = _present(preds, subgroups, intersections)
     tables = compute_tables(preds, run.card, attributes=attrs, intersections=inter, n_boot=n_boot, ci=ci,
@@ -196,10 +123,6 @@ def evaluate(
     return result
 
 
-def _cache_dir(run: Run) -> Path:
-    return Path(run.config.data.cache_dir) if run.config.data.cache_dir else run.path / "cache"
-
-
 def _with_operating_points(run: Run, progress: bool) -> tuple[Run, str]:
     """The run, with thresholds chosen on its validation split if its card has none (card file untouched)."""
     if all(c in run.card.thresholds for c in scored_classes(run.card)):
@@ -207,7 +130,7 @@ def _with_operating_points(run: Run, progress: bool) -> tuple[Run, str]:
     val = run.manifest.split("val") if run.manifest is not None and "split" in run.manifest.df else None
     if val is None or len(val) == 0:
         return run, "default 0.5 (the run has no validation split)"
-    card = calibrate(run.model, val, run.card, run.config, cache_dir=_cache_dir(run), progress=progress)
+    card = calibrate(run.model, val, run.card, run.config, cache_dir=run.cache_dir, progress=progress)
     return dataclasses.replace(run, card=card), "validation split (chosen at evaluation)"
 
 
@@ -228,8 +151,6 @@ def _cases(run: Run, data: Any, labels: Any, split: str, progress: bool) -> tupl
 
 def _external(run: Run, folder: Path, labels: Any, progress: bool) -> tuple[Manifest, str, Path]:
     """Index an external folder; every case is evaluated (split ``external``) with the card's classes."""
-    from medtransfer.data.discovery import index_scans
-
     card = run.card
     if card.task == "multilabel" and labels is None:
         raise ManifestError(f"{folder.name}: this model is multi-label; pass --labels CSV with a 'path' column "
@@ -300,24 +221,19 @@ def compute_tables(preds: pd.DataFrame, card: ModelCard, *, attributes: Sequence
 
 def _overall_row(c: str, y: np.ndarray, p: np.ndarray, keys: np.ndarray, thr: float, *, n_boot: int, ci: float,
                  seed: int) -> dict[str, Any]:
-    from medtransfer.evaluation.bootstrap import bootstrap_metrics
-    from medtransfer.evaluation.metrics import binary_metrics
-
     point = binary_metrics(y, p, thr) if len(y) else {}
     row: dict[str, Any] = {"class": c, "n": int(len(y)), "n_patients": int(len(set(keys))),
                            "n_pos": int(np.sum(y == 1)), "prevalence": float(np.mean(y)) if len(y) else np.nan,
                            "threshold": float(thr)}
-    boot = (bootstrap_metrics(y, p, thr, clusters=keys, n_boot=n_boot, ci=ci, seed=seed, metrics=CI_METRICS)
+    boot = (bootstrap_metrics(y, p, thr, clusters=keys, n_boot=n_boot, ci=ci, seed=seed, metrics=BINARY_METRICS)
             if n_boot > 0 and len(y) else {})
-    for m in CI_METRICS:
+    for m in BINARY_METRICS:
         value, lo, hi = boot.get(m, (point.get(m, np.nan), np.nan, np.nan))
         row.update({m: float(value), f"{m}_lo": float(lo), f"{m}_hi": float(hi)})
     return row
 
 
 def _per_class_row(c: str, y: np.ndarray, p: np.ndarray, thr: float) -> dict[str, Any]:
-    from medtransfer.evaluation.metrics import binary_metrics
-
     point = binary_metrics(y, p, thr) if len(y) else {"n": 0}
     return {"class": c, "threshold": float(thr),
             **{k: (int(v) if k in ("n", "n_pos", "tp", "fp", "tn", "fn") else float(v)) for k, v in point.items()}}
@@ -328,7 +244,7 @@ def _macro_row(overall: pd.DataFrame, preds: pd.DataFrame) -> pd.DataFrame:
     row: dict[str, Any] = {"class": "macro", "n": int(overall["n"].max()),
                            "n_patients": int(preds["patient_key"].nunique()), "n_pos": int(overall["n_pos"].sum()),
                            "prevalence": np.nan, "threshold": np.nan}
-    for m in CI_METRICS:
+    for m in BINARY_METRICS:
         vals = overall[m].to_numpy(float)
         row.update({m: float(np.nanmean(vals)) if np.isfinite(vals).any() else np.nan,
                     f"{m}_lo": np.nan, f"{m}_hi": np.nan})
@@ -336,8 +252,6 @@ def _macro_row(overall: pd.DataFrame, preds: pd.DataFrame) -> pd.DataFrame:
 
 
 def _calibration_row(c: str, y: np.ndarray, p: np.ndarray, p_raw: np.ndarray, card: ModelCard) -> dict[str, Any]:
-    from medtransfer.evaluation.calibration import brier, ece
-
     row: dict[str, Any] = {"class": c, "n": int(len(y)),
                            "temperature": float(card.temperature) if card.temperature else np.nan}
     for suffix, q in (("", p), ("_uncalibrated", p_raw)):
@@ -349,8 +263,6 @@ def _calibration_row(c: str, y: np.ndarray, p: np.ndarray, p_raw: np.ndarray, ca
 
 
 def _reliability(c: str, y: np.ndarray, p: np.ndarray, p_raw: np.ndarray) -> pd.DataFrame:
-    from medtransfer.evaluation.calibration import reliability_curve
-
     if not len(y):
         return pd.DataFrame()
     frames = []
@@ -364,8 +276,6 @@ def _reliability(c: str, y: np.ndarray, p: np.ndarray, p_raw: np.ndarray) -> pd.
 
 def _subgroups(sub: pd.DataFrame, c: str, thr: float, attributes: Sequence[str],
                intersections: Sequence[tuple[str, ...]], **kw: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from medtransfer.evaluation.subgroups import subgroup_gaps, subgroup_table
-
     cols = {"y_col": f"true_{c}", "p_col": f"p_{c}", "threshold": thr, "attributes": list(attributes),
             "cluster_col": "patient_key"}
     table = pd.DataFrame(subgroup_table(sub, **cols, intersections=list(intersections), **kw))
@@ -387,8 +297,6 @@ def _threshold_table(run: Run, source: str) -> pd.DataFrame:
 def _meta(run: Run, preds: pd.DataFrame, manifest: Manifest, name: str, *, split: str, notes: list[str],
           settings: dict[str, Any]) -> dict[str, Any]:
     """The result's ``meta``: what was evaluated, how, and a summary of the model (no paths, no PHI)."""
-    from medtransfer import __version__
-
     card = run.card
     failed = int((preds["error"] != "").sum())
     if failed:

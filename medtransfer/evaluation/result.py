@@ -23,16 +23,12 @@ import pandas as pd
 
 from medtransfer import io
 from medtransfer.errors import RunDirError
+from medtransfer.predictions import PREDICTIONS_FILE, read_predictions
 
 EVALUATION_FILE = "evaluation.json"
-PREDICTIONS_FILE = "predictions.csv"
 FORMAT = "medtransfer-evaluation"
 FORMAT_VERSION = 1
 TABLES = ("overall", "per_class", "by_group", "gaps", "calibration", "reliability", "thresholds")
-#: Predictions columns that hold text (read back as text even when every value looks like a number).
-TEXT_COLUMNS = ("case_id", "patient_key", "split", "path", "file", "label", "predicted", "error", "sex",
-                "age_band", "site", "manufacturer", "view", "modality")
-
 
 def _empty() -> pd.DataFrame:
     return pd.DataFrame()
@@ -137,30 +133,6 @@ class EvaluationResult:
             names.remove("predictions")
         return _plain(self.meta) == _plain(other.meta) and all(
             getattr(self, n).equals(getattr(other, n)) for n in names)
-
-
-def normalise_predictions(df: pd.DataFrame) -> pd.DataFrame:
-    """The predictions table with fixed dtypes, so that the table in memory equals its CSV read back.
-
-    Text columns are ``object`` (missing = NaN; ``predicted`` and ``error`` missing = ""), ``pred_*`` are
-    nullable ``Int64``, ``true_*``/``p_*``/``age`` are float.
-    """
-    out = df.copy()
-    for col in out.columns:
-        if col in TEXT_COLUMNS:
-            s = out[col].astype(object)
-            out[col] = s.where(s.notna(), "" if col in ("predicted", "error") else np.nan)
-        elif col.startswith("pred_"):
-            out[col] = pd.to_numeric(out[col], errors="coerce").astype("Int64")
-        elif col.startswith(("true_", "p_")) or col == "age":
-            out[col] = pd.to_numeric(out[col], errors="coerce").astype(np.float64)
-    return out
-
-
-def read_predictions(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read a ``predictions.csv`` written by :meth:`EvaluationResult.save` (or ``medtransfer predict``)."""
-    df = pd.read_csv(path, dtype={c: object for c in TEXT_COLUMNS}, keep_default_na=True)
-    return normalise_predictions(df)
 
 
 def table_to_json(df: pd.DataFrame) -> dict[str, Any]:

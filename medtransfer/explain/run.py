@@ -33,6 +33,7 @@ from medtransfer.explain.regions import region_hint
 from medtransfer.explain.saliency import METHODS, explain
 from medtransfer.explain.sanity import sanity_check
 from medtransfer.explain.selection import case_kind, select_cases
+from medtransfer.run_dir import load_run
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,6 @@ def explain_run(
         >>> explain_run("runs/cxr1", method="gradcam", cases=2)  # doctest: +SKIP
         PosixPath('runs/cxr1/saliency/index.csv')
     """
-    from medtransfer.training.run import load_run
-
     if method not in METHODS:
         raise ConfigError(f"unknown saliency method '{method}'; expected one of {', '.join(METHODS)}")
     run = load_run(run_dir)
@@ -122,13 +121,11 @@ def _predictions(run: Any, predictions: Any, split: str | None) -> pd.DataFrame:
         table = pd.read_csv(path, dtype={"case_id": str})
         if split is None or "split" not in table.columns or (table["split"] == split).any():
             return table
-    from medtransfer.evaluation.predict import predict_cases
-
     manifest = run.manifest if split is None else run.manifest.split(split)
     if not len(manifest):
         raise ManifestError(f"split '{split}' has no cases in {run.path / 'manifest.csv'}")
     log.info("%s: no predictions.csv; predicting the %s split once", run.path, split or "whole")
-    return predict_cases(run, manifest, cache_dir=run.config.data.cache_dir or run.path / "cache")
+    return run.predict(manifest)
 
 
 def _choose(run: Any, preds: pd.DataFrame, case_ids: Sequence[str] | None, split: str, n: int,
@@ -202,7 +199,7 @@ def _explain_cases(run: Any, todo: pd.DataFrame, chosen: pd.DataFrame, method: s
     sanity = _sanity(run, ds, where, chosen, method, out)
     rows: list[pd.DataFrame] = []
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"Saliency ({method})", total=len(todo), info="")
+        task = bar.add_task(f"Saliency ({method})", total=len(todo), unit="maps", info="")
         for cls, group in todo.groupby("class", sort=False):
             for start in range(0, len(group), CHUNK):
                 chunk = group.iloc[start:start + CHUNK]

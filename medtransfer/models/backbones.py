@@ -17,8 +17,6 @@ validates backbone names against it) is usable without torch.
 from __future__ import annotations
 
 import difflib
-import functools
-import hashlib
 import importlib
 import logging
 import os
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from medtransfer.data.spec import IMAGENET_MEAN, IMAGENET_STD
+from medtransfer.digest import sha256_file
 from medtransfer.errors import CheckpointError, ConfigError, WeightsUnavailable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -242,7 +241,7 @@ def load_backbone(name: str, weights: str = "imagenet") -> torch.nn.Module:
     else:
         path, source = Path(weights).expanduser(), f"weights file {weights}"
     state = read_weights_file(path)
-    from medtransfer.models.checkpoint import load_state_dict_checked
+    from medtransfer.models.weights_io import load_state_dict_checked
 
     load_state_dict_checked(model, _remap_legacy_keys(state), source=source, ignore_prefix=spec.head)
     log.info("%s: loaded weights from %s", name, source)
@@ -267,7 +266,7 @@ def read_weights_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{p}: weights file not found. Weights are 'imagenet', 'none' or the path of an "
                               "existing .safetensors/.pth/.pt file.")
     if p.suffix == ".safetensors":
-        from medtransfer.models.checkpoint import load_safetensors_file
+        from medtransfer.models.weights_io import load_safetensors_file
 
         return load_safetensors_file(p)
     if p.suffix not in TORCH_WEIGHT_SUFFIXES:
@@ -394,21 +393,6 @@ def weights_fingerprint(name: str, weights: str) -> dict[str, Any]:
         source, path = "local weights file", Path(weights).expanduser()
     digest = sha256_file(path) if path is not None and path.is_file() else None
     return {"weights": weights, "source": source, "file": path.name if path else None, "sha256": digest}
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file (memoised on path, size and mtime, so repeated calls are free)."""
-    st = os.stat(path)
-    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _verify_sha256(path: Path, expected: str) -> None:

@@ -15,12 +15,12 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medtransfer import io
-from medtransfer.data.spec import InputSpec
+from medtransfer.data.spec import InputSpec, Task
 from medtransfer.errors import CheckpointError
 from medtransfer.models.backbones import BACKBONES
 
@@ -48,6 +48,9 @@ class ModelCard(BaseModel):
         input: the preprocessing; evaluation and prediction rebuild it from here.
         thresholds: class → decision threshold on the probability (empty until evaluation chooses them).
         temperature: temperature-scaling factor for the logits (None: uncalibrated).
+        calibration: how the temperature was decided on the validation split: ``applied`` (bool), ``reason``,
+            the fitted value, and validation ECE/NLL before and after (cross-fitted by patient when large
+            enough); a temperature that does not improve them is recorded here and not applied.
         training: counts per split and class, epochs, best epoch, best validation metrics.
         data: summary of the training data: manifest digest, modalities, views, sites, sexes, age range.
         versions: package versions the model was trained with.
@@ -62,12 +65,13 @@ class ModelCard(BaseModel):
     backbone: str
     weights: dict[str, Any] = Field(default_factory=dict)
     strategy: str = "gradual"
-    task: Literal["binary", "multiclass", "multilabel"]
+    task: Task
     classes: list[str]
     num_outputs: int
     input: InputSpec = InputSpec()
     thresholds: dict[str, float] = Field(default_factory=dict)
     temperature: float | None = Field(default=None, gt=0)
+    calibration: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, Any] = Field(default_factory=dict)

@@ -16,7 +16,6 @@ the pair, so a crash at any moment leaves either the previous complete pair or t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,143 +27,31 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from medtransfer import io
+from medtransfer.digest import sha256_file
 from medtransfer.errors import CheckpointError
 from medtransfer.models.card import ModelCard
 from medtransfer.models.classifier import Classifier, build_model
+from medtransfer.models.weights_io import (
+    CARD_FILE,
+    MODEL_FILE,
+    PICKLE_SUFFIXES,
+    load_safetensors_file,
+    load_state_dict_checked,
+    refuse_pickle,
+)
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
-CARD_FILE = "model_card.json"
 STATE_JSON = "training_state.json"
 STATE_FORMAT = "medtransfer-training-state"
 STATE_VERSION = 1
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 _STAGING = "training_state.staging.safetensors"
 _TENSORS_NAME = re.compile(r"^training_state\.[0-9a-f]{16}\.safetensors$")
 _TAGS = ("__tensor__", "__float__", "__tuple__", "__ndarray__", "__dict__")
-
-
-# -- safe reading -------------------------------------------------------------------------------------
-def refuse_pickle(path: str | os.PathLike[str]) -> None:
-    """Refuse a pickle (``.pt/.pth/.ckpt/.bin`` or pickle/zip content) offered as a medtransfer checkpoint.
-
-    Raises:
-        CheckpointError: always when ``path`` looks like a pickle, explaining the safe format.
-    """
-    p = Path(path)
-    magic = b""
-    if p.is_file() and p.suffix.lower() != ".safetensors":  # safetensors' first bytes are a length: any value
-        with open(p, "rb") as fh:
-            magic = fh.read(2)
-    if p.suffix.lower() in PICKLE_SUFFIXES or _is_pickle_magic(magic):
-        raise CheckpointError(_pickle_message(p))
-
-
-def _is_pickle_magic(head: bytes) -> bool:
-    return head[:1] == b"\x80" or head[:2] == b"PK"  # pickle protocol 2+ / torch.save's zip container
-
-
-def _pickle_message(p: Path) -> str:
-    return (f"{p}: refused: this is a pickle file (torch.save). medtransfer checkpoints are safetensors + JSON "
-            f"({MODEL_FILE} + {CARD_FILE} in a run directory), and pickles are never loaded because loading "
-            "one can run arbitrary code. Pass the run directory instead; pretrained backbone weights go to "
-            "--weights-file, which reads them with torch.load(weights_only=True).")
-
-
-def _check_safetensors_header(p: Path) -> None:
-    size = p.stat().st_size
-    with open(p, "rb") as fh:
-        head = fh.read(8)
-        # A pickle's first 8 bytes read as a huge header length, so it fails below; say what it probably is.
-        hint = " It looks like a pickle (torch.save), which medtransfer never loads." if _is_pickle_magic(head) else ""
-        if len(head) < 8:
-            raise CheckpointError(f"{p}: not a safetensors file ({size} bytes, shorter than its 8-byte header).")
-        n = int.from_bytes(head, "little")
-        if n > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{p}: not a valid safetensors file: header length {n} exceeds the "
-                                  f"{MAX_HEADER_BYTES}-byte limit.{hint}")
-        if 8 + n > size:
-            raise CheckpointError(f"{p}: corrupt safetensors file: header length {n} is larger than the file "
-                                  f"({size} bytes); it is truncated or not safetensors.{hint}")
-        try:
-            header = json.loads(fh.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{p}: corrupt safetensors header (not JSON: {exc}).") from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{p}: corrupt safetensors header (expected a JSON object).")
-    data_len = size - 8 - n
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data_len):
-            raise CheckpointError(f"{p}: corrupt safetensors header: tensor '{name}' has data offsets "
-                                  f"{offsets} outside the {data_len}-byte data section.")
-
-
-def load_safetensors_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read a safetensors file onto the CPU after validating its header.
-
-    Raises:
-        CheckpointError: missing file, a pickle in disguise, oversized/out-of-bounds/non-JSON header, or
-            any other parse error.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: file not found.")
-    _check_safetensors_header(p)
-    try:
-        return load_file(str(p), device="cpu")
-    except Exception as exc:  # SafetensorError and friends: the file is corrupt
-        raise CheckpointError(f"{p}: corrupt safetensors file ({exc}).") from exc
-
-
-def load_state_dict_checked(
-    model: nn.Module, state: dict[str, torch.Tensor], *, source: str, ignore_prefix: str | None = None
-) -> None:
-    """Load ``state`` into ``model``, refusing any missing, unexpected or wrongly shaped tensor.
-
-    Args:
-        model: the module to fill.
-        state: name → tensor.
-        source: what ``state`` came from, for messages.
-        ignore_prefix: a submodule path (the original head) whose keys may be absent or differ; they are
-            loaded only where names and shapes match.
-
-    Raises:
-        CheckpointError: naming a few missing/unexpected keys and every shape mismatch (up to 5).
-    """
-    own = model.state_dict()
-
-    def ignored(k: str) -> bool:
-        return ignore_prefix is not None and (k == ignore_prefix or k.startswith(ignore_prefix + "."))
-
-    # the head's tensors load when they fit (an ImageNet head) and are dropped when they differ
-    state = {k: v for k, v in state.items() if not ignored(k) or (k in own and v.shape == own[k].shape)}
-    for k in own:  # files saved before BatchNorm counted batches lack these; they only matter if momentum=None
-        if k.endswith("num_batches_tracked") and k not in state:
-            state[k] = own[k]
-    missing = [k for k in own if k not in state and not ignored(k)]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-              for k, v in state.items() if k in own and v.shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if shapes:
-            parts.append(f"shape mismatch: {'; '.join(shapes[:5])}")
-        raise CheckpointError(f"{source}: tensors do not match the {type(model).__name__} architecture: "
-                              f"{', '.join(parts)}. Use weights saved for this architecture and class count.")
-    model.load_state_dict(state, strict=ignore_prefix is None)
 
 
 # -- trained models -------------------------------------------------------------------------------------
@@ -335,7 +222,7 @@ def save_training_state(
     staging = d / _STAGING
     with io.atomic_path(staging) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    sha = _sha256(staging)
+    sha = sha256_file(staging, memoise=False)
     final = d / f"training_state.{sha[:16]}.safetensors"
     os.replace(staging, final)  # tensors first...
     doc.update(tensors_file=final.name, tensors_sha256=sha)
@@ -375,7 +262,7 @@ def peek_training_state(path_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if not _TENSORS_NAME.match(name) or not (d / name).is_file():
         raise CheckpointError(f"{doc_path}: its tensors file '{name}' is missing; the state is incomplete. "
                               f"Delete {d} to start over.")
-    if _sha256(d / name) != doc.get("tensors_sha256"):
+    if sha256_file(d / name, memoise=False) != doc.get("tensors_sha256"):
         raise CheckpointError(f"{d / name}: sha256 does not match {STATE_JSON}; the file is corrupt or from "
                               f"another save. Delete {d} to start over.")
     tensors = load_safetensors_file(d / name)
@@ -423,11 +310,3 @@ def load_training_state(
     if restore_rng:
         _restore_rng(state["global_rng"])
     return {k: state[k] for k in ("epoch", "step", "rng", "extra", "optimizer_class", "scheduler_class")}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from medtransfer.data.spec import TASKS
 from medtransfer.errors import ConfigError
 from medtransfer.models.backbones import BackboneSpec, get_backbone, load_backbone
 
 log = logging.getLogger(__name__)
 
-TASKS = ("binary", "multiclass", "multilabel")
 
 
 def get_path(root: nn.Module, path: str) -> nn.Module | nn.Parameter | Callable[..., torch.Tensor]:

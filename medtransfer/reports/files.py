@@ -13,6 +13,7 @@ import pandas as pd
 import yaml
 
 from medtransfer.data.manifest import Manifest
+from medtransfer.digest import sha256_file
 from medtransfer.errors import MedtransferError
 from medtransfer.evaluation.result import EvaluationResult
 from medtransfer.models.card import ModelCard
@@ -80,12 +81,3 @@ def _optional(read: Any, path: Path) -> Any:
     except (OSError, ValueError, yaml.YAMLError, MedtransferError) as exc:
         log.warning("%s: not used in the report (%s)", path.name, exc)
         return None
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +11,9 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from medtransfer.training.device import autocast, to_device
+from medtransfer import faults
+from medtransfer.device import autocast, to_device
+from medtransfer.inference import forward_batches
 from medtransfer.training.losses import logits_to_scores
 
 
@@ -44,7 +44,7 @@ class Stepper:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One forward/backward/update; returns the batch loss."""
-        _maybe_inject_fault()
+        faults.point("step")  # crash tests: a SIGKILL just before an optimiser step
         x = to_device(x, self.device, channels_last=self.channels_last)
         y = y.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -73,20 +73,6 @@ class Stepper:
             self.scheduler.step()
 
 
-# Fault injection for the crash-and-resume tests: with MEDTRANSFER_FAULT_KILL_AT_STEP=N the process sends
-# itself SIGKILL just before optimiser step N (counted from process start). A real SIGKILL at a known point
-# makes the resume test deterministic; the variable is never set outside tests.
-_KILL_AT = int(os.environ.get("MEDTRANSFER_FAULT_KILL_AT_STEP", "0") or 0)
-_steps_taken = 0
-
-
-def _maybe_inject_fault() -> None:
-    global _steps_taken
-    _steps_taken += 1
-    if _KILL_AT and _steps_taken == _KILL_AT:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def batch_xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) from a ScanDataset dict batch or a (features, targets) tuple batch."""
     if isinstance(batch, dict):
@@ -108,7 +94,6 @@ def train_epoch(stepper: Stepper, batches: Iterable[Any], *, on_batch: Any = Non
     return total / max(n, 1)
 
 
-@torch.no_grad()
 def predict_batches(
     model: nn.Module,
     batches: Iterable[Any],
@@ -119,32 +104,14 @@ def predict_batches(
     channels_last: bool = False,
     loss_fn: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """One inference pass (eval mode, no grad).
+    """Validation during training: one pass of :func:`medtransfer.inference.forward_batches`, plus scores and loss.
 
     Returns:
         dict with ``scores`` (binary (N,), else (N, K)) as probabilities, ``logits`` (N, K), ``targets``
-        (as the dataset gives them), ``case_ids`` (list, when the batches carry them) and ``loss`` (mean,
-        when ``loss_fn`` is given and targets are present).
+        (as the dataset gives them) and ``loss`` (mean, when ``loss_fn`` is given and targets are present).
     """
-    model.eval()
-    logits, targets, ids = [], [], []
-    for batch in batches:
-        x, y = batch_xy(batch)
-        x = to_device(x, device, channels_last=channels_last)
-        with autocast(device, amp):
-            out = model(x)
-        logits.append(out.float().cpu())
-        targets.append(y.cpu())
-        if isinstance(batch, dict) and "case_id" in batch:
-            ids.extend(batch["case_id"])
-    lg = torch.cat(logits) if logits else torch.empty(0)
-    tg = torch.cat(targets) if targets else torch.empty(0)
-    result: dict[str, Any] = {
-        "logits": lg.numpy(),
-        "scores": logits_to_scores(lg, task).numpy(),
-        "targets": tg.numpy(),
-        "case_ids": ids,
-    }
+    lg, tg = forward_batches(model, batches, device=device, amp=amp, channels_last=channels_last)
+    result: dict[str, Any] = {"logits": lg.numpy(), "scores": logits_to_scores(lg, task).numpy(), "targets": tg.numpy()}
     if loss_fn is not None and len(lg):
         result["loss"] = float(loss_fn.to("cpu")(lg, tg))
         loss_fn.to(device)

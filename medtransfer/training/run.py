@@ -1,4 +1,6 @@
-"""Run directories: ``train`` writes one (DESIGN.md §4), ``load_run`` reads it back.
+"""``train``: index a scan folder, fine-tune, calibrate on validation, and write a run directory (DESIGN.md §4).
+
+:func:`medtransfer.run_dir.load_run` reads it back.
 
 A run directory holds the resolved ``config.yaml``, ``manifest.csv`` (+ ``quarantine.csv``),
 ``model.safetensors`` + ``model_card.json``, ``history.csv`` and ``checkpoints/{last,best}``. A lock file
@@ -13,7 +15,6 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from medtransfer.data.manifest import Manifest
 from medtransfer.data.spec import InputSpec
 from medtransfer.errors import ConfigError, ManifestError, RunDirError
 from medtransfer.models.card import ModelCard
+from medtransfer.run_dir import Run, load_run
+from medtransfer.training.calibrate import calibrate
 
 log = logging.getLogger(__name__)
 
@@ -54,71 +57,6 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
         fh.close()
-
-
-@dataclass
-class Run:
-    """A trained run loaded from disk.
-
-    Attributes:
-        path: the run directory.
-        model: the classifier with its best weights, in eval mode, on CPU.
-        card: the model card (classes, input spec, thresholds, temperature, training summary).
-        manifest: the indexed cases with splits (None if ``manifest.csv`` is absent).
-        history: per-epoch history (empty if absent).
-        config: the resolved run config.
-    """
-
-    path: Path
-    model: torch.nn.Module
-    card: ModelCard
-    manifest: Manifest | None
-    history: pd.DataFrame
-    config: RunConfig
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor | Sequence[str | Path], *, batch_size: int = 32) -> pd.DataFrame:
-        """Probabilities for preprocessed images or for scan files.
-
-        Args:
-            images: a float tensor (N, C, *size) already preprocessed with ``card.input``, or paths to scans
-                (DICOM/NIfTI/PNG), which are preprocessed with the run's InputSpec.
-            batch_size: inference batch size.
-
-        Returns:
-            DataFrame with one calibrated probability column per class (binary: ``p_<positive class>``):
-            the card's temperature is applied, as in ``mt.evaluate`` and ``mt.predict``.
-        """
-        from medtransfer.data.dataset import preprocess
-        from medtransfer.evaluation.calibration import apply_temperature
-
-        x = images if isinstance(images, torch.Tensor) else torch.stack([preprocess(p, self.card.input) for p in images])
-        self.model.eval()
-        logits = torch.cat([self.model(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)]).numpy()
-        scores = apply_temperature(logits, self.card.temperature or 1.0, self.card.task)
-        classes = self.card.classes
-        if self.card.task == "binary":
-            return pd.DataFrame({f"p_{classes[1]}": scores.reshape(-1)})
-        return pd.DataFrame(scores, columns=[f"p_{c}" for c in classes])
-
-
-def load_run(path: str | Path, *, device: str = "cpu") -> Run:
-    """Load a run directory written by :func:`train` (weights, card, manifest, history, config).
-
-    Examples:
-        >>> run = load_run("runs/cxr1")  # doctest: +SKIP
-        >>> run.predict(["new_scan.dcm"])  # doctest: +SKIP
-    """
-    from medtransfer.models.checkpoint import load_model
-
-    p = Path(path)
-    if not (p / "model_card.json").is_file():
-        raise RunDirError(f"{p}: no model_card.json — not a finished run directory (train one with 'medtransfer train')")
-    model, card = load_model(p, device=device)
-    manifest = Manifest.load(p) if (p / "manifest.csv").is_file() else None
-    history = pd.read_csv(p / "history.csv") if (p / "history.csv").is_file() else pd.DataFrame()
-    config = load_config(p / "config.yaml") if (p / "config.yaml").is_file() else RunConfig()
-    return Run(p, model, card, manifest, history, config)
 
 
 def train(
@@ -222,9 +160,9 @@ def resolve_input_spec(cfg: RunConfig) -> InputSpec:
 
 def _fit_and_save(run_dir: Path, cfg: RunConfig, manifest: Manifest, resume: bool, progress: bool,
                   on_epoch: Any) -> Run:
+    from medtransfer.device import set_determinism
     from medtransfer.models.checkpoint import save_model, training_state_exists
     from medtransfer.models.classifier import build_model
-    from medtransfer.training.device import set_determinism
     from medtransfer.training.fine_tune import fine_tune
     from medtransfer.training.tracking import Trackers
 
@@ -256,8 +194,6 @@ def _fit_and_save(run_dir: Path, cfg: RunConfig, manifest: Manifest, resume: boo
 def _calibrate(model: torch.nn.Module, manifest: Manifest, cfg: RunConfig, card: ModelCard, run_dir: Path,
                progress: bool) -> ModelCard:
     """Temperature and operating points chosen on the validation split (never on test data), into the card."""
-    from medtransfer.evaluation.evaluate import calibrate
-
     cache_dir = cfg.data.cache_dir or run_dir / "cache"
     return calibrate(model, manifest.split("val"), card, cfg, cache_dir=cache_dir, progress=progress)
 

@@ -8,12 +8,12 @@ from scipy.special import expit, log_softmax, logit, softmax
 from sklearn.metrics import brier_score_loss
 
 from medtransfer.evaluation.calibration import (
-    apply_temperature,
     brier,
     ece,
     fit_temperature,
     reliability_curve,
 )
+from medtransfer.models.outputs import apply_temperature
 
 
 def calibrated(n: int = 20000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medtransfer.cli import app
-from medtransfer.training.run import Run
+from medtransfer.run_dir import Run
 from tests.evaluation.test_evaluate import trained_run, write_case
 
 runner = CliRunner()

@@ -23,7 +23,9 @@ import medtransfer as mt
 from medtransfer.errors import ManifestError
 from medtransfer.evaluation import calibration, thresholds
 from medtransfer.evaluation.result import EvaluationResult
-from medtransfer.training.run import Run
+from medtransfer.models.outputs import apply_temperature
+from medtransfer.run_dir import Run
+from medtransfer.training import calibrate as calibrate_module
 from tests.factories import CANARIES, CANARY_ID, chest_like, write_dicom
 from tests.training.conftest import TINY_OVERRIDES
 
@@ -142,8 +144,8 @@ def _forbid_retuning(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("thresholds/temperature must not be re-tuned during evaluation")
 
-    monkeypatch.setattr(thresholds, "choose_threshold", refuse)
-    monkeypatch.setattr(calibration, "fit_temperature", refuse)
+    monkeypatch.setattr(calibrate_module, "choose_threshold", refuse)
+    monkeypatch.setattr(calibrate_module, "fit_temperature", refuse)
 
 
 # -- end to end -----------------------------------------------------------------------------------------
@@ -174,7 +176,10 @@ def test_evaluate_returns_tables_with_cis_that_contain_the_point(binary_run: Run
 
 def test_operating_point_and_temperature_were_chosen_on_validation(binary_run: Run) -> None:
     card = binary_run.card
-    assert set(card.thresholds) == {"pneumonia"} and card.temperature is not None
+    assert set(card.thresholds) == {"pneumonia"}
+    # the temperature is fitted on validation and applied only when it improves validation ECE and NLL
+    assert card.calibration["applied"] == (card.temperature is not None), card.calibration
+    assert card.calibration["reason"].startswith("applied" if card.temperature else "not applied")
     # recompute independently of medtransfer's inference code: dataset -> model -> logits
     val = binary_run.manifest.split("val")
     ds = mt.ScanDataset(val, card.input, train=False)
@@ -182,8 +187,8 @@ def test_operating_point_and_temperature_were_chosen_on_validation(binary_run: R
         logits = binary_run.model(torch.stack([ds[i]["image"] for i in range(len(ds))])).numpy()
     y = val.targets()
     temperature = calibration.fit_temperature(logits, y, "binary")
-    assert card.temperature == pytest.approx(temperature, rel=1e-3)
-    p = calibration.apply_temperature(logits, card.temperature, "binary")
+    assert card.calibration["temperature"] == pytest.approx(temperature, rel=1e-3)
+    p = apply_temperature(logits, card.temperature or 1.0, "binary")
     assert card.thresholds["pneumonia"] == pytest.approx(thresholds.choose_threshold(y, p), abs=1e-6)
 
 
@@ -201,13 +206,13 @@ def test_a_card_without_thresholds_is_calibrated_on_validation_only(binary_run: 
     bare = dataclasses.replace(binary_run, card=binary_run.card.model_copy(update={"thresholds": {},
                                                                                   "temperature": None}))
     seen: list[int] = []
-    real = thresholds.choose_threshold
+    real = calibrate_module.choose_threshold
 
     def spy(y: np.ndarray, p: np.ndarray, **kw: Any) -> float:
         seen.append(len(y))
         return real(y, p, **kw)
 
-    monkeypatch.setattr(thresholds, "choose_threshold", spy)
+    monkeypatch.setattr(calibrate_module, "choose_threshold", spy)
     r = mt.evaluate(bare, n_boot=0, out_dir=tmp_path)
     assert seen == [len(binary_run.manifest.split("val"))]
     assert r.thresholds["threshold"].iloc[0] == pytest.approx(binary_run.card.thresholds["pneumonia"], abs=1e-6)
@@ -263,7 +268,7 @@ def test_external_folder_is_evaluated_with_the_cards_operating_point_and_input_s
         write_case(ext, f"{label}/ext_{i:02d}.dcm", ("pneumonia",) if i % 2 else (), rng, patient=f"EXT{i}",
                    size=72, amplitude=700.0 * 1.5, site="Gamma Clinic")  # 72 px: not the card's 48
     shapes: list[tuple[int, ...]] = []
-    from medtransfer.evaluation import predict as predict_module
+    from medtransfer import inference as predict_module
 
     class SpyDataset(mt.ScanDataset):
         def __getitem__(self, index: int) -> dict[str, Any]:
@@ -281,7 +286,7 @@ def test_external_folder_is_evaluated_with_the_cards_operating_point_and_input_s
     card = binary_run.card
     assert r.thresholds.set_index("class")["threshold"].to_dict() == card.thresholds
     p, raw = r.predictions["p_pneumonia"].to_numpy(), r.predictions["p_raw_pneumonia"].to_numpy()
-    np.testing.assert_allclose(p, 1 / (1 + np.exp(-np.log(raw / (1 - raw)) / card.temperature)), rtol=1e-4)
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(-np.log(raw / (1 - raw)) / (card.temperature or 1.0))), rtol=1e-4)
     assert (r.predictions["pred_pneumonia"] == (p >= card.thresholds["pneumonia"])).all()
     out = binary_run.path / "external" / "ext_site"
     assert r.saved_to == out and (out / "evaluation.json").is_file() and (out / "predictions.csv").is_file()

@@ -99,7 +99,8 @@ def fs(tmp_path: Path) -> Iterator[tuple[Path, str]]:
 
 def test_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_exits_1(
         pipeline: Pipeline, fs: tuple[Path, str]) -> None:
-    from medtransfer.models.checkpoint import load_safetensors_file, peek_training_state
+    from medtransfer.models.checkpoint import peek_training_state
+    from medtransfer.models.weights_io import load_safetensors_file
 
     folder, mode = fs
     run = folder / "run"

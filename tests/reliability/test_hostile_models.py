@@ -67,7 +67,7 @@ def test_the_payload_really_executes_when_unpickled(tmp_path: Path) -> None:
 def test_a_pickle_checkpoint_is_refused(tmp_path: Path, sentinel: Path, make) -> None:  # noqa: ANN001
     from medtransfer.models.backbones import read_weights_file
     from medtransfer.models.checkpoint import load_model
-    from medtransfer.training.run import load_run
+    from medtransfer.run_dir import load_run
 
     evil = make(tmp_path / "model.pt", sentinel)
     with pytest.raises(CheckpointError, match="pickles are never loaded"):
@@ -79,7 +79,7 @@ def test_a_pickle_checkpoint_is_refused(tmp_path: Path, sentinel: Path, make) ->
 
 
 def test_a_pickle_named_model_safetensors_in_a_run_directory_is_refused(run: Path, sentinel: Path) -> None:
-    from medtransfer.training.run import load_run
+    from medtransfer.run_dir import load_run
 
     evil_pickle(run / "model.safetensors", sentinel)
     with pytest.raises(CheckpointError, match="pickle"):
@@ -89,7 +89,7 @@ def test_a_pickle_named_model_safetensors_in_a_run_directory_is_refused(run: Pat
 
 
 def test_a_run_directory_holding_only_a_pickle_is_refused(run: Path, sentinel: Path) -> None:
-    from medtransfer.training.run import load_run
+    from medtransfer.run_dir import load_run
 
     (run / "model.safetensors").unlink()
     evil_torch_file(run / "model.pt", sentinel)
@@ -124,7 +124,7 @@ CORRUPT = {
 
 @pytest.mark.parametrize("kind", list(CORRUPT))
 def test_a_corrupt_or_oversized_safetensors_file_is_refused(run: Path, kind: str) -> None:
-    from medtransfer.training.run import load_run
+    from medtransfer.run_dir import load_run
 
     (run / "model.safetensors").write_bytes(CORRUPT[kind])
     with pytest.raises(CheckpointError, match="model.safetensors"):
@@ -132,7 +132,7 @@ def test_a_corrupt_or_oversized_safetensors_file_is_refused(run: Path, kind: str
 
 
 def test_a_truncated_model_file_is_refused(run: Path) -> None:
-    from medtransfer.training.run import load_run
+    from medtransfer.run_dir import load_run
 
     path = run / "model.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -147,7 +147,7 @@ def _edit_card(run: Path, **changes: object) -> None:
 
 
 def test_a_model_card_with_an_unknown_backbone_is_refused(run: Path) -> None:
-    from medtransfer.training.run import load_run
+    from medtransfer.run_dir import load_run
 
     _edit_card(run, backbone="resnet9000")
     with pytest.raises(CheckpointError, match="unknown backbone 'resnet9000'"):
@@ -156,7 +156,7 @@ def test_a_model_card_with_an_unknown_backbone_is_refused(run: Path) -> None:
 
 
 def test_a_model_card_that_does_not_match_the_weights_is_refused(run: Path) -> None:
-    from medtransfer.training.run import load_run
+    from medtransfer.run_dir import load_run
 
     _edit_card(run, task="multiclass", classes=["a", "b", "c"], num_outputs=3, thresholds={})
     with pytest.raises(CheckpointError, match="shape mismatch"):
@@ -167,7 +167,7 @@ def test_a_model_card_that_does_not_match_the_weights_is_refused(run: Path) -> N
 
 
 def test_a_model_card_with_unknown_fields_is_refused(run: Path) -> None:
-    from medtransfer.training.run import load_run
+    from medtransfer.run_dir import load_run
 
     _edit_card(run, __reduce__="os.system")
     with pytest.raises(CheckpointError, match="invalid model card"):
@@ -192,7 +192,7 @@ def test_a_pickle_as_training_state_tensors_is_refused_even_with_a_matching_sha(
 def test_a_pickled_image_cache_entry_is_never_unpickled(pipeline: Pipeline, tmp_path: Path, sentinel: Path) -> None:
     """The image cache holds .npy arrays read with allow_pickle=False; a pickled entry is ignored and redone."""
     from medtransfer.data.dataset import ScanDataset
-    from medtransfer.training.run import load_run
+    from medtransfer.run_dir import load_run
 
     run = copy_run(pipeline.run, tmp_path / "copy", drop=("saliency", "report.*", "checkpoints"))
     entries = list((run / "cache").rglob("*.npy"))

@@ -3,13 +3,16 @@
 On ``--n`` synthetic cases (about 0.7 n patients, some with two images; three subgroup attributes, one
 with a planted weakness) it times, with ``--n-boot`` patient-level resamples:
 
-- overall metrics with CIs (``bootstrap_metrics``, all 8 metrics), and AUROC alone;
+- overall metrics with CIs (``metric_intervals``, all 8 metrics: clustered Wilson for the 5 proportions,
+  patient bootstrap for F1/AUROC/AUPRC), and AUROC alone;
 - calibration (ECE equal-width + adaptive, Brier, reliability curve) and a Youden threshold;
 - ``subgroup_table`` and ``subgroup_gaps`` for 3 attributes;
 - a naive baseline in the same run: scikit-learn ``roc_auc_score`` on each of the same resamples (AUROC only),
   and the speed-up of the vectorised AUROC bootstrap over it.
 
-Acceptance: the whole evaluation (overall + subgroups + gaps) takes seconds, not minutes.
+Acceptance: the whole evaluation (overall + subgroups + gaps) takes seconds, not minutes. The last lines
+show the method behind each overall interval and, on a perfectly separated copy of the data, that no
+interval collapses to zero width at 1.0.
 
 Usage: python benchmarks/evaluate_stats.py [--n 1000] [--n-boot 1000] [--seed 0]
 """
@@ -28,7 +31,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from medtransfer.evaluation.bootstrap import bootstrap_metrics, resample_indices  # noqa: E402
+from medtransfer.evaluation.bootstrap import metric_intervals, resample_indices  # noqa: E402
 from medtransfer.evaluation.calibration import brier, ece, reliability_curve  # noqa: E402
 from medtransfer.evaluation.subgroups import subgroup_gaps, subgroup_table  # noqa: E402
 from medtransfer.evaluation.thresholds import choose_threshold  # noqa: E402
@@ -73,10 +76,10 @@ def main() -> None:
     times: dict[str, float] = {}
     times["threshold (youden)"], thr = timed(lambda: choose_threshold(y, p))
     times["overall, 8 metrics + CIs"], overall = timed(
-        lambda: bootstrap_metrics(y, p, thr, clusters=pk, n_boot=args.n_boot, seed=args.seed)
+        lambda: metric_intervals(y, p, thr, clusters=pk, n_boot=args.n_boot, seed=args.seed)
     )
     times["overall, AUROC + CI only"], _ = timed(
-        lambda: bootstrap_metrics(
+        lambda: metric_intervals(
             y, p, thr, clusters=pk, n_boot=args.n_boot, seed=args.seed, metrics=("auroc",)
         )
     )
@@ -100,10 +103,18 @@ def main() -> None:
     print(f"  {'total evaluation (all but naive)':<{width}}  {total * 1000:9.1f} ms")
     ratio = times["naive: sklearn AUROC per resample"] / times["overall, AUROC + CI only"]
     print(f"  AUROC bootstrap speed-up over the naive baseline: {ratio:.0f}x")
-    auroc = overall["auroc"]
-    print(f"  AUROC {auroc[0]:.3f} (95% CI {auroc[1]:.3f}-{auroc[2]:.3f})")
-    flagged = gaps.loc[gaps["flagged"], ["attribute", "metric", "gap", "gap_lo", "gap_hi"]]
+    for name, r in overall.items():
+        print(f"  {name:<11} {r.point:.3f} (95% CI {r.lo:.3f}-{r.hi:.3f})  {r.method}")
+    flagged = gaps.loc[gaps["flagged"], ["attribute", "metric", "gap", "gap_lo", "gap_hi", "ci_method"]]
     print(f"  flagged gaps (planted: site C):\n{flagged.to_string(index=False)}")
+    perfect = np.where(y == 1, 0.6 + 0.4 * p, 0.4 * p)  # same cases, perfectly separated at 0.5
+    start = time.perf_counter()
+    res = metric_intervals(y, perfect, 0.5, clusters=pk, n_boot=args.n_boot, seed=args.seed)
+    took = (time.perf_counter() - start) * 1000
+    print(f"  perfectly separated copy ({took:.1f} ms):")
+    for name in ("auroc", "auprc", "sensitivity", "specificity"):
+        r = res[name]
+        print(f"  {name:<11} {r.point:.3f} (95% CI {r.lo:.3f}-{r.hi:.3f})  {r.method}")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,11 @@ def index(
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable scan instead of quarantining it.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override, e.g. data.seed=3.")] = None,
 ) -> None:
-    """Index a scan folder: labels, demographics, pseudonymous IDs, patient-level split, quarantine."""
+    """Index a scan folder: labels, demographics, pseudonymous IDs, patient-level split, quarantine.
+
+    A folder without labels is inventoried (what was found, what was quarantined and why); only training
+    needs two classes.
+    """
     from medtransfer.config import load_config
     from medtransfer.data.discovery import index_scans
     from medtransfer.data.summary import render_summary
@@ -138,9 +142,10 @@ def index(
         overrides.append("data.strict=true")
     cfg = load_config(config, overrides).data
     cols = [c.strip() for c in label_columns.split(",") if c.strip()] if label_columns else None
-    manifest = index_scans(data, labels=labels, label_columns=cols, config=cfg, out_dir=out, progress=not quiet())
+    manifest = index_scans(data, labels=labels, label_columns=cols, config=cfg, out_dir=out, require_labels=False,
+                           progress=not quiet())
     render_summary(manifest, console)
-    say(f"wrote {out / 'manifest.csv'} and {out / 'quarantine.csv'}")
+    say(f"wrote {out / 'manifest.csv'}, {out / 'quarantine.csv'} and {out / 'summary.json'}")
 
 
 @app.command()
@@ -172,7 +177,7 @@ def sample_data(
     overwrite: Annotated[bool, typer.Option(help="Regenerate even if a complete dataset is there.")] = False,
 ) -> None:
     """Write realistic synthetic chest radiographs as DICOM (3 sites, demographics, planted effects)."""
-    from medtransfer.sample_data import generate_sample_data
+    from medtransfer.datasets.synthetic import generate_sample_data
 
     path = generate_sample_data(out, n=n, seed=seed, size=size, overwrite=overwrite)
     say(f"sample data in {path} (labels: {path / 'labels.csv'})")
@@ -265,8 +270,12 @@ def evaluate(
     result = evaluate_run(run_dir, data, labels=labels, split=split, subgroups=groups, n_boot=n_boot, ci=ci,
                           min_group_size=min_group_size, device=device, out_dir=out, progress=not quiet())
     console.print(_evaluation_table(result))
-    for warning in result.meta.get("warnings", []):
-        err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True, markup=False)
+    for check in result.meta.get("checks", []):
+        line = f"{check['status']}: {check['title']}. {check['detail']}"
+        if check["status"] != "passed" and check.get("action"):
+            line += f" What to do: {check['action']}"
+        (console if check["status"] == "passed" else err_console).print(line, highlight=False, soft_wrap=True,
+                                                                       markup=False)
     where = result.saved_to
     say(f"wrote {where / 'evaluation.json'} and {where / 'predictions.csv'}" if where else "nothing written")
 
@@ -295,10 +304,6 @@ def _evaluation_table(result: Any) -> Any:
         table.add_row(escape(str(r["class"])), f(r["auroc"], (r["auroc_lo"], r["auroc_hi"]), 3), f(r["threshold"]),
                       f(r["sensitivity"]), f(r["specificity"]), f(r["ppv"]), f(r["npv"]),
                       f(ece.get(r["class"]), digits=3))
-    flagged = result.gaps[result.gaps["flagged"]] if "flagged" in result.gaps else result.gaps.iloc[0:0]
-    gaps = [f"{g['class']}: {g['attribute']} {g['metric']} gap {g['gap']:.3f} ({g['gap_lo']:.3f}-{g['gap_hi']:.3f}),"
-            f" worst {g['worst_group']}" for g in flagged.to_dict("records")]
-    table.caption = escape(("flagged subgroup gaps: " + "; ".join(gaps)) if gaps else "no subgroup gap flagged")
     return table
 
 
@@ -380,7 +385,7 @@ def audit(
     from medtransfer.audit.shortcuts import audit_shortcuts
     from medtransfer.audit.transfer import audit_transfer
     from medtransfer.config import load_config
-    from medtransfer.training.run import load_run
+    from medtransfer.run_dir import load_run
 
     is_run = (data / "model_card.json").is_file()
     run_dir = run or (data if is_run else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +70,44 @@ def test_bad_labels_csv_exits_1_naming_the_row(tmp_path: Path) -> None:
     assert "row 2 (line 3)" in result.stderr and "outside the data folder" in result.stderr
     assert "Traceback" not in result.output
     assert np.isscalar(result.exit_code)
+
+
+def _unlabelled(root: Path) -> Path:
+    """A folder of DICOM files as an export leaves it: no class sub-folders, no labels CSV."""
+    for p in range(3):
+        write_dicom(root / f"IM{p}.dcm", chest_like(16, seed=p), patient_id=f"PAT{p}", sex="MF"[p % 2],
+                    age=f"0{30 + 10 * p}Y", modality="DX" if p else "CR", view="PA")
+    (root / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM")  # a header and nothing else
+    return root
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_index_inventories_a_folder_without_labels(tmp_path: Path) -> None:
+    data = _unlabelled(tmp_path / "data")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["--quiet", "index", str(data), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())  # rich wraps table cells
+    for expected in ("3 cases (3 files) from 3 patients", "no labels (inventory)", "what was found",
+                     "2D image (3)", "16x16 (3)", "DX (2), CR (1)", "F (1)", "M (2)", "quarantined: 1",
+                     "Training needs at least two classes", "summary.json"):
+        assert expected in text, expected
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert len(manifest) == 3 and not {"label", "split"} & set(manifest.columns)
+    assert pd.read_csv(out / "quarantine.csv")["path"].tolist() == ["broken.dcm"]
+    assert json.loads((out / "summary.json").read_text())["task"] == "unlabelled"
+
+
+def test_train_refuses_a_folder_without_labels_and_leaves_it_untouched(tmp_path: Path) -> None:
+    data = _unlabelled(tmp_path / "data")
+    before = _snapshot(data)
+    result = runner.invoke(app, ["--quiet", "train", str(data), "--out", str(tmp_path / "run"),
+                                 "--set", "input.size=[32, 32]"])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "need at least two classes to train a classifier" in lines[0], lines
+    assert "Traceback" not in result.output
+    assert _snapshot(data) == before

@@ -58,6 +58,8 @@ _NON_IMAGE_SOP_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.481.",  # RT objects (RT Image, 481.1, is allowed below)
 )
 _RT_IMAGE = "1.2.840.10008.5.1.4.1.1.481.1"
+#: pydicom's warning when a file ends inside an undefined-length element (its text follows; no path kept).
+_CUT_SHORT = "End of file reached before delimiter"
 _inversion_logged = False
 
 
@@ -176,9 +178,17 @@ def read_dataset(path: Path) -> Dataset:
     if not has_preamble and not looks_like_raw_dicom(head):
         raise ScanReadError(str(path), "not a DICOM file (no 'DICM' marker at byte 128 and no DICOM element at the start)")
     try:
-        return pydicom.dcmread(path, force=not has_preamble)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path, force=not has_preamble)
     except Exception as exc:  # pydicom raises many types for malformed files; all mean "unreadable"
         raise ScanReadError(str(path), f"not a readable DICOM file ({type(exc).__name__}: {_short(exc)})") from exc
+    if any(_CUT_SHORT in str(w.message) for w in caught):
+        # pydicom drops an undefined-length element (encapsulated pixel data, a sequence) that the file ends
+        # inside, with only a warning: without this the file would read as "no PixelData", not as truncated.
+        raise ScanReadError(str(path), "truncated: the file ends inside its compressed pixel data (or a sequence) "
+                            "before the closing delimiter; copy the file again from its source")
+    return ds
 
 
 def looks_like_raw_dicom(head: bytes) -> bool:

@@ -13,6 +13,11 @@ Rules others rely on:
   modalities (CT, MR, PT, NM) with ImagePositionPatient, in one folder or several; the case ``path`` is the
   deepest folder common to the slices and ``files`` lists them (sorted). Every other DICOM file is one case:
   radiographs (CR/DX/MG/...) of one series are separate images, and a multi-frame file is one case.
+* **Labels.** Class sub-folders (the first folder below the data folder) or a labels CSV. A folder without
+  labels (no CSV, no scan in a class sub-folder), or with a single class, is refused when labels are required
+  (training, evaluation: "need at least two classes") and is otherwise (``require_labels=False``, what
+  ``medtransfer index`` does) an *inventory*: a Manifest with task ``"unlabelled"``, no label column and no
+  split (see :mod:`medtransfer.data.manifest` for why no split).
 * **Patients.** ``patient_key`` is the pseudonym of the CSV ``patient_id``, else of PatientID; without either,
   the study stands in for the patient, and last the case itself, with a warning that patient-level leakage
   cannot then be ruled out.
@@ -54,6 +59,7 @@ from medtransfer.data.manifest import (
     QUARANTINE_COLUMNS,
     SUBGROUP_COLUMNS,
     Manifest,
+    Task,
     write_quarantine,
 )
 from medtransfer.data.privacy import pseudonym
@@ -81,6 +87,7 @@ class _State:
 
     root: Path
     strict: bool
+    require_labels: bool = True
     quarantine: list[dict[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     existing: set[str] = field(default_factory=set)
@@ -111,6 +118,7 @@ def index_scans(
     out_dir: str | Path | None = None,
     strict: bool | None = None,
     spatial_dims: int | None = None,
+    require_labels: bool = True,
     progress: bool = False,
 ) -> Manifest:
     """Index a scan folder into a :class:`Manifest`: cases, labels, demographics, pseudonymous keys, split.
@@ -125,24 +133,30 @@ def index_scans(
         strict: raise at the first unusable file instead of quarantining it; None uses ``config.strict``.
         spatial_dims: 2 or 3 to keep only images or only volumes (``input.size`` of the model they are for);
             the others are quarantined (problem ``dims``) instead of failing training later. None keeps both.
+        require_labels: True (the default; what training and evaluation need) refuses a folder without at least
+            two classes. False accepts it as an inventory: without labels, or with a single class, the result
+            is a Manifest with task ``"unlabelled"`` (no classes, no label column, no split).
         progress: show rich progress bars (the CLI passes True unless ``--quiet``).
 
     Returns:
         The manifest; ``manifest.quarantine`` lists the files left out and why.
 
     Raises:
-        ManifestError: no scans, bad labels CSV, fewer than two classes, patient leakage in a given split.
+        ManifestError: no scans, bad labels CSV, fewer than two classes (with ``require_labels``), patient
+            leakage in a given split.
         ScanReadError: in strict mode, the first unusable file.
 
     Examples:
         >>> m = index_scans("scans/", out_dir="runs/index")  # doctest: +SKIP
         >>> m.df.groupby(["split", "label"]).size()  # doctest: +SKIP
+        >>> inventory = index_scans("pacs_export/", require_labels=False)  # doctest: +SKIP
+        >>> inventory.task, inventory.df["modality"].value_counts()  # doctest: +SKIP
     """
     cfg = config or DataConfig()
     root = _check_root(data_dir)
     labels = labels if labels is not None else cfg.labels
     columns = list(label_columns or cfg.label_columns or []) or None
-    state = _State(root, cfg.strict if strict is None else strict)
+    state = _State(root, cfg.strict if strict is None else strict, require_labels)
     table = read_labels_csv(labels, root, label_columns=columns) if labels is not None else None
     try:
         _walk(root, _inside(root, out_dir), state)
@@ -333,14 +347,7 @@ def _case_row(rels: list[str], header: ScanHeader) -> dict[str, Any]:
 def _attach_labels(df: pd.DataFrame, table: LabelTable | None, state: _State) -> pd.DataFrame:
     """Labels from class folders (first folder of the path) or from the CSV (plus its optional columns)."""
     if table is None:
-        df["label"] = df["path"].map(folder_label)
-        top = int(df["label"].isna().sum())
-        if top == len(df):
-            raise ManifestError(f"{len(df)} scan(s) found but none in a class sub-folder. Put them in "
-                                "DATA/<class>/ folders, or pass a labels CSV with --labels.")
-        if top:
-            state.warn(f"{top} scan(s) directly in the data folder (not in a class sub-folder) were ignored.")
-        return df[df["label"].notna()].reset_index(drop=True)
+        return _folder_labels(df, state)
     lookup = {p: i for i, p in enumerate(df["path"])}
     for i, files in enumerate(df["files"]):
         lookup.update({f: i for f in files.split(";") if f})
@@ -362,6 +369,30 @@ def _attach_labels(df: pd.DataFrame, table: LabelTable | None, state: _State) ->
         target = col if col in (table.label_columns or ["label"]) else f"csv_{col}"
         out[target] = rows[col].to_numpy()
     return out
+
+
+def _folder_labels(df: pd.DataFrame, state: _State) -> pd.DataFrame:
+    """The class-folder layout: the first folder of each path is its class.
+
+    Without two classes and with ``require_labels=False`` the folder is an inventory instead: every scan is
+    kept (also those directly in the data folder) and no label column is added, since a single sub-folder is
+    more likely a container (``DICOM/``, ``export/``) than a class, and one class teaches nothing anyway.
+    """
+    labels = df["path"].map(folder_label)
+    top = int(labels.isna().sum())
+    if not state.require_labels and labels.nunique() < 2:
+        if labels.notna().any():
+            state.warn(f"only one class sub-folder ({str(labels.dropna().iloc[0])!r}) holds scans; one class cannot "
+                       "be trained on, so every scan is indexed as an unlabelled inventory.")
+        return df
+    if top == len(df):
+        raise ManifestError(f"need at least two classes to train a classifier; found none: {len(df)} scan(s) found "
+                            "but none in a class sub-folder, and no labels CSV was given. Put them in DATA/<class>/ "
+                            "folders, or pass a labels CSV with --labels. To see what the folder holds without "
+                            "labels, run 'medtransfer index DATA'.")
+    if top:
+        state.warn(f"{top} scan(s) directly in the data folder (not in a class sub-folder) were ignored.")
+    return df.assign(label=labels)[labels.notna()].reset_index(drop=True)
 
 
 def _verify_pixels(df: pd.DataFrame, state: _State, progress: bool, spatial_dims: int | None = None
@@ -413,12 +444,37 @@ def _track(items: Sequence[T], description: str, enabled: bool) -> Iterable[T]:
 
 def _finish(df: pd.DataFrame, table: LabelTable | None, cfg: DataConfig, state: _State) -> Manifest:
     """Classes and task, demographics and keys, split and leakage check: the final Manifest."""
-    classes, task = resolve_classes(df, table, quarantined=[q["path"] for q in state.quarantine])
+    if "label" in df.columns or (table is not None and table.label_columns):
+        classes, task = resolve_classes(df, table, quarantined=[q["path"] for q in state.quarantine],
+                                        require_labels=state.require_labels)
+    else:
+        classes, task = [], "unlabelled"
+    if task == "unlabelled" and "label" in df.columns:  # a labels CSV with a single class
+        state.warn(f"all {len(df)} case(s) have one label in {table.name if table else 'the labels'} "
+                   f"({str(df['label'].iloc[0])!r}); one class cannot be trained on, so this is an unlabelled "
+                   "inventory and the label is left out of manifest.csv.")
+        df = df.drop(columns="label")
     df = merge_fields(df, cfg.age_bands)
     df, key_warnings = resolve_keys(df)
     for message in key_warnings:
         state.warn(message)
     df["case_id"] = ["c" + pseudonym(p, kind="case", length=10) for p in df["path"]]
+    if task != "unlabelled":  # no split without labels (see the manifest module for why)
+        df = _split(df, classes, task, cfg, state)
+    if state.quarantine:
+        state.warn(f"{len(state.quarantine)} file(s) quarantined; see quarantine.csv for which and why.")
+    label_cols = [] if task == "unlabelled" else list(classes) if task == "multilabel" else ["label"]
+    split_col = [] if task == "unlabelled" else ["split"]
+    columns = [*ID_COLUMNS, *label_cols, *split_col, *SUBGROUP_COLUMNS, *ACQ_COLUMNS]
+    manifest = Manifest(df[columns].copy(), classes, task, state.root, list(state.warnings),
+                        _quarantine_frame(state))
+    manifest.check_leakage()
+    logger.info("indexed %d cases of %d patients", len(manifest), manifest.df["patient_key"].nunique())
+    return manifest
+
+
+def _split(df: pd.DataFrame, classes: list[str], task: Task, cfg: DataConfig, state: _State) -> pd.DataFrame:
+    """The ``split`` column: the CSV's, else a patient-level stratified split; warnings about empty splits."""
     if "csv_split" in df.columns:
         df["split"] = df["csv_split"]
         fractions = None
@@ -428,15 +484,7 @@ def _finish(df: pd.DataFrame, table: LabelTable | None, cfg: DataConfig, state: 
         fractions = {"train": 1.0, "val": cfg.val_fraction, "test": cfg.test_fraction}
     for message in split_warnings(df, classes, task, fractions=fractions):
         state.warn(message)
-    if state.quarantine:
-        state.warn(f"{len(state.quarantine)} file(s) quarantined; see quarantine.csv for which and why.")
-    label_cols = list(classes) if task == "multilabel" else ["label"]
-    columns = [*ID_COLUMNS, *label_cols, "split", *SUBGROUP_COLUMNS, *ACQ_COLUMNS]
-    manifest = Manifest(df[columns].copy(), classes, task, state.root, list(state.warnings),
-                        _quarantine_frame(state))
-    manifest.check_leakage()
-    logger.info("indexed %d cases of %d patients", len(manifest), manifest.df["patient_key"].nunique())
-    return manifest
+    return df
 
 
 def _quarantine_frame(state: _State) -> pd.DataFrame:

@@ -46,6 +46,9 @@ _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _PIXEL_TAGS = ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009))
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_VRS = _LONG_VRS | {vr.encode() for vr in ("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT",
+                                            "PN", "SH", "SL", "SS", "ST", "TM", "UI", "UL", "US")}
+_PIXEL_VRS = {b"OB", b"OW", b"UN"}  # the VRs (7FE0,0010) may have in explicit VR (PS3.5 8.2, A.4)
 _VOLUME_TOLERANCE = 1e-3  # ImageOrientationPatient cosines that differ by less are "the same"
 _AGE_UNITS = {"Y": 1.0, "M": 12.0, "W": 365.25 / 7, "D": 365.25}
 _SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
@@ -223,6 +226,11 @@ def _pixel_problem(fp: BinaryIO, ds: Any, size: int) -> tuple[str, str] | None:
 
     ``fp`` is where ``dcmread(stop_before_pixels=True)`` left it: at the start of the pixel data element,
     or at the end of the file when there is none.
+
+    Only *native* (uncompressed) pixel data is held to its length. Encapsulated pixel data (JPEG, JPEG-LS,
+    JPEG 2000, RLE...; PS3.5 A.4) is a sequence of compressed fragments whose size says nothing about
+    Rows x Columns; it is only required to be present here, and its fragments are checked when it is decoded
+    (``DataConfig.verify_pixels``, :mod:`medtransfer.data.dicom`).
     """
     if str(ds.file_meta.get("TransferSyntaxUID", "")) == _DEFLATED:
         return None  # the dataset was inflated in memory; positions no longer match the file
@@ -233,17 +241,20 @@ def _pixel_problem(fp: BinaryIO, ds: Any, size: int) -> tuple[str, str] | None:
         implicit, little = False, True
     if len(head) < 8 or struct.unpack("<HH" if little else ">HH", head[:4]) not in _PIXEL_TAGS:
         return "no_pixels", "no pixel data element; the file holds no image"
+    if _encapsulated(ds):
+        return None
     endian = "<" if little else ">"
-    if not implicit and head[4:6] in _LONG_VRS:
-        if len(head) < 12:
-            return "truncated", "file ends inside the pixel data element header; the file is truncated"
-        length, header_len = struct.unpack(f"{endian}I", head[8:12])[0], 12
-    elif implicit:
-        length, header_len = struct.unpack(f"{endian}I", head[4:8])[0], 8
+    if _explicit_element(head, implicit=implicit):
+        if head[4:6] in _LONG_VRS:
+            if len(head) < 12:
+                return "truncated", "file ends inside the pixel data element header; the file is truncated"
+            length, header_len = struct.unpack(f"{endian}I", head[8:12])[0], 12
+        else:
+            length, header_len = struct.unpack(f"{endian}H", head[6:8])[0], 8
     else:
-        length, header_len = struct.unpack(f"{endian}H", head[6:8])[0], 8
+        length, header_len = struct.unpack(f"{endian}I", head[4:8])[0], 8
     if length == 0xFFFFFFFF:
-        return None  # encapsulated (compressed) pixel data: fragments are checked when decoding
+        return None  # undefined length: encapsulated despite the transfer syntax; the decoder decides
     if length == 0:
         return "no_pixels", "pixel data element is empty; the file holds no image"
     available = size - start - header_len
@@ -251,6 +262,31 @@ def _pixel_problem(fp: BinaryIO, ds: Any, size: int) -> tuple[str, str] | None:
         return "truncated", (f"truncated: pixel data needs {length} bytes but the file has {max(available, 0)}; "
                              "copy the file again from its source")
     return None
+
+
+def _encapsulated(ds: Any) -> bool:
+    """Whether the file's transfer syntax stores pixel data encapsulated (compressed fragments, PS3.5 A.4).
+
+    A private or unknown transfer syntax counts as native here; its element then tells (undefined length).
+    """
+    from pydicom.uid import UID
+
+    ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "") or ""))
+    return bool(ts) and ts.is_transfer_syntax and ts.is_encapsulated
+
+
+def _explicit_element(head: bytes, *, implicit: bool) -> bool:
+    """Whether the pixel data element header in ``head`` is written with an explicit VR.
+
+    The encoding the file declares is trusted unless the bytes contradict it, as pydicom does when it reads
+    the dataset: some writers declare an explicit-VR transfer syntax but write implicit VR (pydicom's
+    ``SC_rgb_jpeg.dcm``), where bytes 4-7 are a 4-byte length instead of a VR. In an implicit-VR file,
+    bytes 4-5 cannot spell OB/OW/UN: pixel data lengths are even (PS3.5 7.1.1) and those letters are odd.
+    """
+    vr = head[4:6]
+    if implicit:
+        return vr in _PIXEL_VRS
+    return vr in _VRS
 
 
 def read_nifti_header(path: Path, rel: str) -> ScanHeader:

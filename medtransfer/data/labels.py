@@ -282,8 +282,8 @@ def match_rows(table: LabelTable, lookup: dict[str, int], *, existing: set[str],
     return matched, not_scans
 
 
-def resolve_classes(df: pd.DataFrame, table: LabelTable | None, *, quarantined: Iterable[str] = ()
-                    ) -> tuple[list[str], Task]:
+def resolve_classes(df: pd.DataFrame, table: LabelTable | None, *, quarantined: Iterable[str] = (),
+                    require_labels: bool = True) -> tuple[list[str], Task]:
     """The classes in model-output order (see :func:`order_classes`) and the task, for the indexed cases.
 
     Args:
@@ -291,10 +291,12 @@ def resolve_classes(df: pd.DataFrame, table: LabelTable | None, *, quarantined: 
         table: the labels CSV, or None for class sub-folders.
         quarantined: quarantined relative paths; in the class-folder layout, a folder whose every scan was
             quarantined is a class without cases and an error rather than a silently missing class.
+        require_labels: True (training, evaluation) refuses fewer than two single-label classes; False (an
+            inventory) returns ``([], "unlabelled")`` for them instead, since one class teaches nothing.
 
     Raises:
-        ManifestError: fewer than two classes, a class (folder or label column) without cases, or a label
-            column named like a manifest column.
+        ManifestError: fewer than two classes (with ``require_labels``), a class (folder or label column)
+            without cases, or a label column named like a manifest column.
     """
     if table is not None and table.label_columns:
         reserved = {*ID_COLUMNS, *SUBGROUP_COLUMNS, *ACQ_COLUMNS, "split", "label"}
@@ -313,4 +315,6 @@ def resolve_classes(df: pd.DataFrame, table: LabelTable | None, *, quarantined: 
             raise ManifestError(f"class folder(s) {lost} have no usable scan (all quarantined; see quarantine.csv). "
                                 "Fix or remove those files, or remove the folder(s).")
     classes = order_classes(df["label"].astype(str).tolist())
+    if len(classes) < 2 and not require_labels:
+        return [], "unlabelled"
     return classes, task_for(classes, multilabel=False)

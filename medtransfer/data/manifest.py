@@ -9,6 +9,13 @@ acquisition: ``sex``, ``age``, ``age_band``, ``site``, ``manufacturer``, ``view`
 ``photometric``, ``rows``, ``cols``, ``frames``, ``spacing_row``, ``spacing_col``.
 PHI never appears here: no names, IDs, birth dates or accession numbers.
 
+An **unlabelled** manifest (task ``"unlabelled"``, no classes) is the inventory of a folder without labels
+(:func:`~medtransfer.data.discovery.index_scans` with ``require_labels=False``): the same columns without the
+label column(s) *and without* ``split``. Splits are not attempted without labels: a split exists to hold
+labelled patients out for validation and testing, and one made before the labels exist would not be the
+label-stratified split made once they do, so a ``split`` column here would only mislead. Such a manifest can
+be summarised, saved and loaded, but not trained on (:meth:`Manifest.targets` refuses it).
+
 ``quarantine`` (``quarantine.csv``): one row per file that could not be used: ``path`` (relative; like
 ``manifest.csv`` it is the user's working file, so it may carry the file name), ``problem`` (short category)
 and ``reason`` (what is wrong and what to do).
@@ -30,13 +37,17 @@ import pandas as pd
 from medtransfer import io
 from medtransfer.errors import ManifestError
 
-Task = Literal["binary", "multiclass", "multilabel"]
+#: What the labels ask for; ``"unlabelled"`` is an inventory without labels (nothing to train on).
+Task = Literal["binary", "multiclass", "multilabel", "unlabelled"]
 
 ID_COLUMNS = ("case_id", "patient_key", "study_key", "path", "files", "format")
 SUBGROUP_COLUMNS = ("sex", "age", "age_band", "site", "manufacturer", "view", "modality")
 ACQ_COLUMNS = ("photometric", "rows", "cols", "frames", "spacing_row", "spacing_col")
 SPLITS = ("train", "val", "test")
 QUARANTINE_COLUMNS = ("path", "problem", "reason")
+#: What to do with an unlabelled inventory to train on it (ends its errors and the printed inventory).
+UNLABELLED_HINT = ("Training needs at least two classes: put the scans in class sub-folders (DATA/<class>/...) or "
+                   "pass a labels CSV with --labels.")
 
 
 def empty_quarantine() -> pd.DataFrame:
@@ -59,8 +70,9 @@ class Manifest:
     Attributes:
         df: one row per case (columns in the module docstring), indexed 0..N-1.
         classes: class names, in model-output order.
-        task: ``"binary"`` (two classes, one sigmoid output for ``classes[1]``), ``"multiclass"`` (softmax)
-            or ``"multilabel"`` (one sigmoid per class; columns named after the classes).
+        task: ``"binary"`` (two classes, one sigmoid output for ``classes[1]``), ``"multiclass"`` (softmax),
+            ``"multilabel"`` (one sigmoid per class; columns named after the classes) or ``"unlabelled"``
+            (an inventory: no classes, no label column, no split).
         data_dir: the scan folder that ``path`` is relative to.
         warnings: human-readable warnings collected while indexing (no PHI).
         quarantine: files that could not be used (columns ``path``, ``problem``, ``reason``).
@@ -77,7 +89,10 @@ class Manifest:
         missing = [c for c in ("case_id", "patient_key", "path") if c not in self.df.columns]
         if missing:
             raise ManifestError(f"manifest is missing columns {missing}")
-        if self.task == "multilabel":
+        if self.task == "unlabelled":
+            if self.classes:
+                raise ManifestError(f"an unlabelled manifest has no classes, but {self.classes} were given")
+        elif self.task == "multilabel":
             absent = [c for c in self.classes if c not in self.df.columns]
             if absent:
                 raise ManifestError(f"multi-label manifest is missing label columns {absent}")
@@ -89,13 +104,20 @@ class Manifest:
         return len(self.df)
 
     @property
+    def labelled(self) -> bool:
+        """Whether the cases carry labels (False for the inventory of a folder without labels)."""
+        return self.task != "unlabelled"
+
+    @property
     def label_columns(self) -> list[str]:
-        """The columns holding labels: the class columns (multi-label) or ``["label"]``."""
+        """The columns holding labels: the class columns (multi-label), ``["label"]``, or none (unlabelled)."""
+        if self.task == "unlabelled":
+            return []
         return list(self.classes) if self.task == "multilabel" else ["label"]
 
     @property
     def num_outputs(self) -> int:
-        """Model outputs: 1 for binary, else one per class."""
+        """Model outputs: 1 for binary, else one per class (0 for an unlabelled inventory)."""
         return 1 if self.task == "binary" else len(self.classes)
 
     def targets(self) -> np.ndarray:
@@ -104,7 +126,12 @@ class Manifest:
         Returns:
             binary: float (N,) in {0, 1} (1 = ``classes[1]``); multiclass: int (N,) class indices;
             multilabel: float (N, C) with 1, 0 or NaN (unknown, masked from the loss).
+
+        Raises:
+            ManifestError: the manifest is an unlabelled inventory, or a label is not among the classes.
         """
+        if self.task == "unlabelled":
+            raise ManifestError(f"this manifest is an unlabelled inventory: it has no labels. {UNLABELLED_HINT}")
         if self.task == "multilabel":
             return self.df[self.classes].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
         idx = self.df["label"].map({c: i for i, c in enumerate(self.classes)})
@@ -117,6 +144,8 @@ class Manifest:
     def split(self, name: str | Sequence[str]) -> Manifest:
         """The cases of one split (or several), as a new Manifest with the same classes."""
         names = [name] if isinstance(name, str) else list(name)
+        if self.task == "unlabelled":
+            raise ManifestError(f"an unlabelled inventory has no train/val/test split. {UNLABELLED_HINT}")
         if "split" not in self.df.columns:
             raise ManifestError("manifest has no 'split' column; index the data first")
         sub = self.df[self.df["split"].isin(names)]

@@ -13,6 +13,14 @@ cost a handful of array passes instead of 1,000 scikit-learn calls.
 Every function here draws from the same resampler (:func:`resample_weights`), so for one seed and one
 set of patient keys, :func:`bootstrap_metrics`, :func:`bootstrap_statistic` and
 :func:`resample_indices` see the same resamples.
+
+Where the bootstrap is not used. A percentile bootstrap collapses at 0 and 1: 45 positives all detected
+resample to 45/45 every time and the "interval" is (1.000-1.000). So :func:`metric_intervals` gives the
+proportions (sensitivity, specificity, PPV, NPV, accuracy) a Wilson score interval whose sample size is
+deflated for patient clustering (:func:`medtransfer.evaluation.intervals.clustered_wilson`), keeps the
+bootstrap for F1, AUROC and AUPRC, and replaces an AUROC/AUPRC bootstrap interval that is degenerate
+(zero width, too few defined resamples, or an estimate at 0 or 1) by a closed-form one that is not
+(:func:`medtransfer.evaluation.intervals.auroc_fallback_interval`). Each interval says which method made it.
 """
 
 from __future__ import annotations
@@ -20,12 +28,20 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from medtransfer.evaluation.metrics import BINARY_METRICS, clean_binary, weighted_binary_metrics
+from medtransfer.evaluation import intervals
+from medtransfer.evaluation.metrics import (
+    BINARY_METRICS,
+    PROPORTION_METRICS,
+    clean_binary,
+    proportion_masks,
+    weighted_binary_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +49,7 @@ logger = logging.getLogger(__name__)
 MIN_VALID_FRACTION = 0.5
 #: Upper bound on elements of one (chunk, N) weight matrix; bounds memory for large test sets.
 _CHUNK_ELEMENTS = 2_000_000
+_NAN = float("nan")
 
 Seed = int | Sequence[int]
 
@@ -82,6 +99,11 @@ def resample_weights(
     else:
         n_rows = len(clusters_or_n)
         codes, n_clusters = cluster_codes(clusters_or_n, n_rows)
+    yield from _weights_from_codes(codes, n_clusters, n_boot, seed)
+
+
+def _weights_from_codes(codes: np.ndarray, n_clusters: int, n_boot: int, seed: Seed) -> Iterator[np.ndarray]:
+    """:func:`resample_weights` for patient codes (N,) in 0..n_clusters-1 that are already computed."""
     rng = np.random.default_rng(seed)
     chunk = int(np.clip(_CHUNK_ELEMENTS // max(codes.size, n_clusters, 1), 1, 256))
     for first in range(0, n_boot, chunk):
@@ -158,7 +180,54 @@ def normal_ci(point: float, values: np.ndarray, ci: float, n_boot: int) -> tuple
     return point - half, point + half
 
 
-def bootstrap_metrics(
+class MetricInterval(NamedTuple):
+    """A metric with its confidence interval and the method that produced the interval.
+
+    Attributes:
+        point: the estimate on the data (NaN when undefined). lo, hi: the interval (NaN when not reported).
+        method: ``wilson-cluster`` (proportions), ``bootstrap`` (percentile, patient-level), ``hanley-mcneil``
+            / ``wilson-auc-fallback`` (AUROC) or ``wilson-auprc-fallback`` (AUPRC) where the bootstrap was
+            degenerate, or ``none`` (no interval: undefined estimate, or ``n_boot=0``).
+    """
+
+    point: float
+    lo: float
+    hi: float
+    method: str
+
+
+def class_patient_counts(y: np.ndarray, codes: np.ndarray) -> tuple[int, int]:
+    """Distinct patients with at least one positive row and with at least one negative row."""
+    return int(np.unique(codes[y == 1]).size), int(np.unique(codes[y == 0]).size)
+
+
+def guard_ranking_interval(
+    metric: str, point: float, lo: float, hi: float, *, n_pos: int, n_neg: int, ci: float
+) -> MetricInterval:
+    """Keep a bootstrap AUROC/AUPRC interval, or replace it when it is degenerate.
+
+    See :func:`medtransfer.evaluation.intervals.is_degenerate`. AUROC falls back to Hanley–McNeil inside
+    (0, 1) and to the Birnbaum–Klose/Wilson bound at 0 or 1; AUPRC to a Wilson interval over the positive
+    patients. Both use patient counts, so repeated images of a patient are not counted as new evidence.
+
+    Args:
+        metric: ``auroc`` or ``auprc``. point, lo, hi: estimate and percentile bootstrap interval.
+        n_pos, n_neg: positive and negative patients. ci: coverage.
+    """
+    if not intervals.is_degenerate(point, lo, hi):
+        method = intervals.BOOTSTRAP if np.isfinite(lo) else intervals.NO_INTERVAL
+        return MetricInterval(point, lo, hi, method)
+    if metric == "auroc":
+        f_lo, f_hi, method = intervals.auroc_fallback_interval(point, n_pos, n_neg, ci)
+    else:
+        f_lo, f_hi, method = intervals.auprc_fallback_interval(point, n_pos, ci)
+    logger.debug(
+        "%s bootstrap interval degenerate (%.4g: %.4g-%.4g); using %s", metric, point, lo, hi, method
+    )
+    return MetricInterval(point, f_lo, f_hi, method)
+
+
+def metric_intervals(
     y: np.ndarray,
     p: np.ndarray,
     threshold: float,
@@ -167,30 +236,36 @@ def bootstrap_metrics(
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: Seed = 0,
-    metrics: Sequence[str] = ("auroc", "auprc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy"),
-) -> dict[str, tuple[float, float, float]]:
-    """Binary metrics with percentile bootstrap CIs, resampling patients (when given) rather than images.
+    metrics: Sequence[str] = BINARY_METRICS,
+) -> dict[str, MetricInterval]:
+    """Binary metrics with patient-level CIs that do not collapse at 0 and 1, and the method of each.
+
+    Proportions (sensitivity, specificity, PPV, NPV, accuracy) get the patient-clustered Wilson interval;
+    F1, AUROC and AUPRC the percentile bootstrap over patients, with a closed-form fallback for AUROC/AUPRC
+    when that is degenerate (module doc). The bootstrap runs only for the metrics that need it.
 
     Args:
         y: labels (N,) in {0, 1}; NaN rows (unknown) dropped, together with their patient keys.
         p: probabilities (N,); prediction is ``p >= threshold``.
         threshold: operating point.
         clusters: patient key per row (N,); None = every row is its own patient.
-        n_boot: resamples; 0 gives point estimates with (nan, nan) intervals.
+        n_boot: resamples; 0 = no intervals at all (point estimates, NaN intervals, method ``none``).
         ci: interval coverage in (0, 1).
         seed: random seed; results are deterministic for a seed.
         metrics: names from ``auroc auprc sensitivity specificity ppv npv f1 accuracy``.
 
     Returns:
-        name -> ``(point, lo, hi)``. Resamples where a metric is undefined (e.g. no positives drawn) are
-        skipped for that metric; with fewer than half of ``n_boot`` defined, the interval is (nan, nan).
+        name -> :class:`MetricInterval` ``(point, lo, hi, method)``. An undefined metric (e.g. PPV with nothing
+        predicted positive) has NaN everywhere and method ``none``; so has an F1 interval when fewer than half
+        the resamples define it.
 
     Examples:
-        >>> rng = np.random.default_rng(0)
-        >>> y = rng.integers(0, 2, 500); p = np.clip(0.3 * y + 0.7 * rng.random(500), 0, 1)
-        >>> point, lo, hi = bootstrap_metrics(y, p, 0.5, n_boot=200)["auroc"]
-        >>> lo < point < hi
-        True
+        >>> y = np.r_[np.ones(45), np.zeros(55)]; p = np.r_[np.full(45, 0.9), np.full(55, 0.1)]
+        >>> res = metric_intervals(y, p, 0.5, n_boot=200)
+        >>> res["sensitivity"].point, round(res["sensitivity"].lo, 3), res["sensitivity"].method
+        (1.0, 0.921, 'wilson-cluster')
+        >>> res["auroc"].lo < res["auroc"].hi == 1.0, res["auroc"].method
+        (True, 'wilson-auc-fallback')
     """
     metrics = tuple(metrics)
     unknown = set(metrics) - set(BINARY_METRICS)
@@ -202,18 +277,63 @@ def bootstrap_metrics(
         raise ValueError(
             f"clusters has {keys.size} entries for {keep.size} rows; give one patient key per row"
         )
-    codes = y.size if keys is None else keys[keep]
+    codes, n_clusters = cluster_codes(None if keys is None else keys[keep], y.size)
     point = weighted_binary_metrics(y, p, threshold, np.ones((1, y.size)), metrics)
-    draws: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
-    for w in resample_weights(codes, n_boot, seed):
-        res = weighted_binary_metrics(y, p, threshold, w, metrics)
-        for m in metrics:
-            draws[m].append(res[m])
-    out = {}
-    for m in metrics:
+    if n_boot == 0:
+        return {m: MetricInterval(float(point[m][0]), _NAN, _NAN, intervals.NO_INTERVAL) for m in metrics}
+    out: dict[str, MetricInterval] = {}
+    props = tuple(m for m in metrics if m in PROPORTION_METRICS)
+    for m, (success, denom) in proportion_masks(y, p, threshold, props).items():
+        r = intervals.clustered_wilson(success, denom, codes, ci)
+        method = intervals.WILSON_CLUSTER if np.isfinite(r.lo) else intervals.NO_INTERVAL
+        out[m] = MetricInterval(float(point[m][0]), r.lo, r.hi, method)
+    boot = tuple(m for m in metrics if m not in PROPORTION_METRICS)
+    draws: dict[str, list[np.ndarray]] = {m: [] for m in boot}
+    if boot:
+        for w in _weights_from_codes(codes, n_clusters, n_boot, seed):
+            res = weighted_binary_metrics(y, p, threshold, w, boot)
+            for m in boot:
+                draws[m].append(res[m])
+    n_pos, n_neg = class_patient_counts(y, codes)
+    for m in boot:
         values = np.concatenate(draws[m]) if draws[m] else np.empty(0)
-        out[m] = (float(point[m][0]), *percentile_ci(values, ci, n_boot))
-    return out
+        est, (lo, hi) = float(point[m][0]), percentile_ci(values, ci, n_boot)
+        if m in ("auroc", "auprc"):
+            out[m] = guard_ranking_interval(m, est, lo, hi, n_pos=n_pos, n_neg=n_neg, ci=ci)
+        else:
+            out[m] = MetricInterval(
+                est, lo, hi, intervals.BOOTSTRAP if np.isfinite(lo) else intervals.NO_INTERVAL
+            )
+    return {m: out[m] for m in metrics}
+
+
+def bootstrap_metrics(
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    *,
+    clusters: np.ndarray | pd.Series | None = None,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: Seed = 0,
+    metrics: Sequence[str] = BINARY_METRICS,
+) -> dict[str, tuple[float, float, float]]:
+    """:func:`metric_intervals` without the method names: name -> ``(point, lo, hi)``.
+
+    Kept for callers that unpack three values. The name is historical: proportions are no longer
+    bootstrapped (module doc); use :func:`metric_intervals` to know which method made each interval.
+
+    Examples:
+        >>> rng = np.random.default_rng(0)
+        >>> y = rng.integers(0, 2, 500); p = np.clip(0.3 * y + 0.7 * rng.random(500), 0, 1)
+        >>> point, lo, hi = bootstrap_metrics(y, p, 0.5, n_boot=200)["auroc"]
+        >>> lo < point < hi
+        True
+    """
+    res = metric_intervals(
+        y, p, threshold, clusters=clusters, n_boot=n_boot, ci=ci, seed=seed, metrics=metrics
+    )
+    return {m: (r.point, r.lo, r.hi) for m, r in res.items()}
 
 
 def bootstrap_statistic(

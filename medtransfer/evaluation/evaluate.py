@@ -24,15 +24,17 @@ import numpy as np
 import pandas as pd
 
 from medtransfer._version import __version__
+from medtransfer.checks import evaluation_checks
+from medtransfer.commands import Commands
 from medtransfer.config import DataConfig
 from medtransfer.data.discovery import index_scans
 from medtransfer.data.manifest import Manifest
 from medtransfer.errors import ManifestError, RunDirError
-from medtransfer.evaluation.bootstrap import bootstrap_metrics
+from medtransfer.evaluation.bootstrap import metric_intervals
 from medtransfer.evaluation.calibration import brier, ece, reliability_curve
 from medtransfer.evaluation.metrics import BINARY_METRICS, binary_metrics
 from medtransfer.evaluation.result import EvaluationResult
-from medtransfer.evaluation.subgroups import subgroup_gaps, subgroup_table
+from medtransfer.evaluation.subgroups import GAP_COLUMNS, TABLE_COLUMNS, subgroup_gaps, subgroup_table
 from medtransfer.models.card import ModelCard
 from medtransfer.models.outputs import scored_classes, thresholds_of
 from medtransfer.run_dir import Run, load_run
@@ -115,6 +117,8 @@ def evaluate(
                                               "intersections": [list(i) for i in inter]})
     meta["timing"] = {"inference_s": round(t1 - t0, 3), "statistics_s": round(time.perf_counter() - t1, 3)}
     result = EvaluationResult(**tables, predictions=preds, meta=meta)
+    commands = Commands.for_run(run.path, [c for c in preds.columns if preds[c].notna().any()])
+    meta["checks"] = [c.to_dict() for c in evaluation_checks(result, commands)]
     out = Path(out_dir) if out_dir is not None else default_out
     if data is not None:  # the external cases' manifest + quarantine.csv: working files beside the result
         manifest.save(out)
@@ -215,8 +219,10 @@ def compute_tables(preds: pd.DataFrame, card: ModelCard, *, attributes: Sequence
     overall_df = pd.DataFrame(overall)
     if card.task != "binary" and len(overall_df):
         overall_df = pd.concat([overall_df, _macro_row(overall_df, preds)], ignore_index=True)
+    # Empty tables keep their columns, so that ``result.gaps[result.gaps.flagged]`` works on data without subgroups.
+    empty = {"by_group": ["class", *TABLE_COLUMNS], "gaps": ["class", *GAP_COLUMNS], "reliability": []}
     return {"overall": overall_df, "per_class": pd.DataFrame(per_class), "calibration": pd.DataFrame(calib),
-            **{k: pd.concat(v, ignore_index=True) if v else pd.DataFrame() for k, v in parts.items()}}
+            **{k: pd.concat(v, ignore_index=True) if v else pd.DataFrame(columns=empty[k]) for k, v in parts.items()}}
 
 
 def _overall_row(c: str, y: np.ndarray, p: np.ndarray, keys: np.ndarray, thr: float, *, n_boot: int, ci: float,
@@ -225,11 +231,11 @@ def _overall_row(c: str, y: np.ndarray, p: np.ndarray, keys: np.ndarray, thr: fl
     row: dict[str, Any] = {"class": c, "n": int(len(y)), "n_patients": int(len(set(keys))),
                            "n_pos": int(np.sum(y == 1)), "prevalence": float(np.mean(y)) if len(y) else np.nan,
                            "threshold": float(thr)}
-    boot = (bootstrap_metrics(y, p, thr, clusters=keys, n_boot=n_boot, ci=ci, seed=seed, metrics=BINARY_METRICS)
+    boot = (metric_intervals(y, p, thr, clusters=keys, n_boot=n_boot, ci=ci, seed=seed, metrics=BINARY_METRICS)
             if n_boot > 0 and len(y) else {})
     for m in BINARY_METRICS:
-        value, lo, hi = boot.get(m, (point.get(m, np.nan), np.nan, np.nan))
-        row.update({m: float(value), f"{m}_lo": float(lo), f"{m}_hi": float(hi)})
+        value, lo, hi, method = boot.get(m, (point.get(m, np.nan), np.nan, np.nan, "none"))
+        row.update({m: float(value), f"{m}_lo": float(lo), f"{m}_hi": float(hi), f"{m}_ci_method": method})
     return row
 
 
@@ -247,7 +253,7 @@ def _macro_row(overall: pd.DataFrame, preds: pd.DataFrame) -> pd.DataFrame:
     for m in BINARY_METRICS:
         vals = overall[m].to_numpy(float)
         row.update({m: float(np.nanmean(vals)) if np.isfinite(vals).any() else np.nan,
-                    f"{m}_lo": np.nan, f"{m}_hi": np.nan})
+                    f"{m}_lo": np.nan, f"{m}_hi": np.nan, f"{m}_ci_method": "none"})
     return pd.DataFrame([row])
 
 
@@ -322,5 +328,6 @@ def _card_summary(card: ModelCard) -> dict[str, Any]:
     t = card.training
     return {"name": card.name, "backbone": card.backbone, "strategy": card.strategy, "task": card.task,
             "classes": list(card.classes), "input_size": list(card.input.size), "channels": card.input.channels,
-            "temperature": card.temperature, "thresholds": dict(card.thresholds), "created": card.created,
+            "temperature": card.temperature, "calibration": dict(card.calibration),
+            "thresholds": dict(card.thresholds), "created": card.created,
             "best_epoch": t.get("best_epoch"), "best_val_auroc": t.get("best_val_auroc")}

@@ -64,6 +64,46 @@ def macro_auroc(targets: np.ndarray, scores: np.ndarray, task: str, n_classes: i
 THRESHOLD_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")
 RANKING_METRICS = ("auroc", "auprc")
 BINARY_METRICS = RANKING_METRICS + THRESHOLD_METRICS
+#: Threshold metrics that are a proportion of rows (successes / denominator): they get score intervals
+#: (:mod:`medtransfer.evaluation.intervals`). F1 is not a proportion of rows and keeps the bootstrap.
+PROPORTION_METRICS = ("sensitivity", "specificity", "ppv", "npv", "accuracy")
+
+
+def proportion_masks(
+    y: np.ndarray, p: np.ndarray, threshold: float, metrics: tuple[str, ...] | list[str] = PROPORTION_METRICS
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Which rows count as a success and which in the denominator, per proportion metric.
+
+    The row-level form of the rates in :func:`weighted_binary_metrics` (the same definitions), for intervals
+    that need to know which patient each success and each denominator row belongs to.
+
+    Args:
+        y: clean labels (N,) in {0, 1} (see :func:`clean_binary`). p: scores (N,); prediction is
+            ``p >= threshold``. threshold: operating point. metrics: names from :data:`PROPORTION_METRICS`.
+
+    Returns:
+        name -> ``(success (N,) bool, denominator (N,) bool)``; the proportion is success.sum() / denom.sum().
+
+    Examples:
+        >>> ok, den = proportion_masks(np.array([0, 1, 1]), np.array([0.2, 0.7, 0.4]), 0.5)["sensitivity"]
+        >>> int(ok.sum()), int(den.sum())
+        (1, 2)
+    """
+    unknown = set(metrics) - set(PROPORTION_METRICS)
+    if unknown:
+        raise ValueError(
+            f"unknown proportion metrics {sorted(unknown)}; choose from {list(PROPORTION_METRICS)}"
+        )
+    pos = np.asarray(y) == 1
+    pred = np.asarray(p) >= threshold
+    masks = {
+        "sensitivity": (pos & pred, pos),
+        "specificity": (~pos & ~pred, ~pos),
+        "ppv": (pos & pred, pred),
+        "npv": (~pos & ~pred, ~pred),
+        "accuracy": (pos == pred, np.ones_like(pos)),
+    }
+    return {name: masks[name] for name in metrics}
 
 
 def clean_binary(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -124,10 +164,10 @@ def _ranking_metrics(
     ys = y[order].astype(bool)
     start, end = _tie_groups(p[order])
     w = weights[:, order]
-    zeros = np.zeros((w.shape[0], 1))
-    cum_neg = np.hstack([zeros, np.cumsum(w * ~ys, axis=1)])  # (B, N+1): weighted negatives below position
-    cum_pos = np.hstack([zeros, np.cumsum(w * ys, axis=1)])
-    tot_neg, tot_pos = cum_neg[:, -1], cum_pos[:, -1]
+    b, n = w.shape
+    cum_neg = np.zeros((b, n + 1))  # (B, N+1): weighted negatives below each position
+    np.cumsum(w * ~ys, axis=1, out=cum_neg[:, 1:])
+    tot_neg, tot_pos = cum_neg[:, -1], w @ ys.astype(np.float64)
     out: dict[str, np.ndarray] = {}
     if "auroc" in names:
         group_of = np.repeat(np.arange(start.size), end - start)[ys]  # tie group of each positive
@@ -136,6 +176,8 @@ def _ranking_metrics(
         wins = np.einsum("bi,bi->b", w[:, ys], below + 0.5 * tied)
         out["auroc"] = _ratio(wins, tot_pos * tot_neg)
     if "auprc" in names:
+        cum_pos = np.zeros((b, n + 1))  # only AUPRC needs the positives' running total
+        np.cumsum(w * ys, axis=1, out=cum_pos[:, 1:])
         tp = tot_pos[:, None] - cum_pos[:, start]  # (B, U): positives scored >= each distinct score
         fp = tot_neg[:, None] - cum_neg[:, start]
         d_recall = cum_pos[:, end] - cum_pos[:, start]

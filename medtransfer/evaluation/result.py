@@ -27,7 +27,7 @@ from medtransfer.predictions import PREDICTIONS_FILE, read_predictions
 
 EVALUATION_FILE = "evaluation.json"
 FORMAT = "medtransfer-evaluation"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: gap metrics sensitivity/specificity (were tpr/fpr), CI methods, checks
 TABLES = ("overall", "per_class", "by_group", "gaps", "calibration", "reliability", "thresholds")
 
 def _empty() -> pd.DataFrame:
@@ -42,20 +42,23 @@ class EvaluationResult:
         overall: one row per evaluated class (binary: the positive class) plus ``macro`` for multi-class and
             multi-label tasks: ``class``, ``n``, ``n_patients``, ``n_pos``, ``prevalence``, ``threshold`` and
             ``auroc``, ``auprc``, ``sensitivity``, ``specificity``, ``ppv``, ``npv``, ``f1``, ``accuracy``, each
-            with ``_lo``/``_hi`` (patient-clustered bootstrap percentile CI; NaN for ``macro``).
+            with ``_lo``/``_hi`` and ``_ci_method`` (proportions: Wilson score interval clustered by patient;
+            F1/AUROC/AUPRC: patient bootstrap, AUROC/AUPRC with a closed-form fallback where the bootstrap
+            is degenerate; NaN for ``macro``).
         per_class: the operating point per class: ``class``, ``threshold`` and the confusion counts
             (``tp``, ``fp``, ``tn``, ``fn``) with the point metrics.
         by_group: per subgroup (``class``, ``attribute``, ``group``): n, patients, prevalence, AUROC,
-            sensitivity, specificity with CIs, ECE and ``status`` (``ok`` or why a group was not assessed).
-        gaps: per ``class`` x ``attribute`` x ``metric`` (auroc/tpr/fpr): worst-minus-best gap with CI, the
-            groups involved and ``flagged`` (the CI excludes zero).
+            sensitivity, specificity with CIs and ``_ci_method``, ECE and ``status`` (``ok`` or why a group was
+            not assessed).
+        gaps: per ``class`` x ``attribute`` x ``metric`` (auroc/sensitivity/specificity): worst-minus-best gap
+            with CI (``ci_method``), the groups involved and ``flagged`` (the CI excludes zero).
         calibration: per class: ``temperature``; ``ece``, ``ece_adaptive`` and ``brier`` after temperature
             scaling and the same with ``_uncalibrated``.
         reliability: reliability-curve bins per ``class`` and ``stage`` (``uncalibrated``/``calibrated``).
         thresholds: per class: ``threshold``, ``method``, ``target``, ``source`` (where it was chosen).
-        predictions: the predictions table (see :mod:`medtransfer.evaluation.predict`).
+        predictions: the predictions table (see :mod:`medtransfer.inference`).
         meta: split, data (folder name), n_cases, n_patients, run_id, n_boot, ci, seed, prevalence, warnings,
-            model (card summary), timing.
+            model (card summary), timing, checks (:mod:`medtransfer.checks`: passed / flagged / not assessed).
         saved_to: the folder of the last :meth:`save` / :meth:`load` (not stored).
     """
 

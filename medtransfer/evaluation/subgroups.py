@@ -1,26 +1,42 @@
 """Subgroup performance and gaps (bias audit) with patient-level uncertainty.
 
-:func:`subgroup_table` reports each group's metrics with cluster-bootstrap CIs; :func:`subgroup_gaps`
+:func:`subgroup_table` reports each group's metrics with patient-level CIs; :func:`subgroup_gaps`
 reports, per attribute, the spread between the best and worst group and whether it is distinguishable
 from noise.
 
 Where fairlearn fits and where it does not. Per-group point estimates come from
 ``fairlearn.metrics.MetricFrame`` (scores go in as ``y_pred``; thresholded metrics threshold inside the
-callable). Three things MetricFrame does not do, so they are done here: (1) CIs that resample
+callable). Three things MetricFrame does not do, so they are done here: (1) CIs that account for
 *patients* (MetricFrame's bootstrap resamples rows, i.e. images); (2) groups too small to evaluate, which
 must be reported as insufficient rather than as a number; (3) a gap CI that can include zero (below).
 
+Group CIs. Sensitivity and specificity get the patient-clustered Wilson interval, AUROC the patient
+bootstrap with a closed-form fallback where that is degenerate (see :mod:`medtransfer.evaluation.bootstrap`):
+a small group at sensitivity 1.0 reads e.g. "1.00 (0.83-1.00)", never "1.00 (1.00-1.00)". Each interval's
+method is in ``<metric>_ci_method``.
+
+Gap metrics. ``auroc``, ``sensitivity`` (equal opportunity) and ``specificity`` (with sensitivity,
+equalized odds; its gap equals the FPR gap in size). Lower is worse for all three.
+
 Gap CI method. The gap ``max - min`` over groups is always >= 0 and, re-maximised on every resample, is
 biased upward: a max-min CI would exclude zero even when all groups are identical. Instead we fix the
-best and worst groups from the point estimates and bootstrap their *difference* (best - worst), resampling
-patients over the whole data set and re-evaluating both groups on each resample (so patients shared by
-groups and random group sizes are accounted for). Because that pair was selected as the most extreme of
-K groups, the interval is widened for the K(K-1)/2 possible pairs (Bonferroni): its level is
-``1 - (1 - ci) / (K(K-1)/2)``, reported as ``ci_level``. At such levels (99.7% for K = 4) the tails of
-1,000 resamples are too sparse for a percentile interval, which then comes out too narrow (simulated
-false-flag rate ~10% at K = 4), so the interval is ``gap -/+ z * SE`` with SE the bootstrap standard
-deviation of the difference (false-flag rate ~5% or less in simulation for K = 2 and 4). ``flagged``
-means this interval lies entirely above zero. No correction is made across attributes or metrics.
+best and worst groups from the point estimates and put an interval on their *difference* (best - worst).
+Because that pair was selected as the most extreme of K groups, the interval is widened for the K(K-1)/2
+possible pairs (Bonferroni): its level is ``1 - (1 - ci) / (K(K-1)/2)``, reported as ``ci_level``.
+
+- Sensitivity, specificity: Newcombe's hybrid score interval for a difference of proportions, built from
+  the two groups' clustered Wilson intervals at ``ci_level`` (``ci_method`` "newcombe-wilson-cluster").
+  Two groups both at 1.0 give an interval around 0 of non-zero width, where a bootstrap gives (0, 0).
+- AUROC: the bootstrap of the difference, resampling patients over the whole data set and re-evaluating
+  both groups on each resample (so patients shared by groups and random group sizes are accounted for).
+  At levels such as 99.7% (K = 4) the tails of 1,000 resamples are too sparse for a percentile interval,
+  which then comes out too narrow (simulated false-flag rate ~10% at K = 4), so the interval is
+  ``gap -/+ z * SE`` with SE the bootstrap standard deviation of the difference (false-flag rate ~5% or
+  less in simulation for K = 2 and 4; "bootstrap-normal"). Where that is degenerate (either group's AUROC
+  at 0 or 1, which resamples never leave, or a zero-width / undefined interval), the two groups' closed-form
+  AUROC intervals are combined by the same Newcombe formula (the MOVER method; "mover-auc-fallback").
+
+``flagged`` means the interval lies entirely above zero. No correction is made across attributes or metrics.
 """
 
 from __future__ import annotations
@@ -34,17 +50,25 @@ import pandas as pd
 from fairlearn.metrics import MetricFrame
 
 from medtransfer.errors import ConfigError
-from medtransfer.evaluation.bootstrap import bootstrap_metrics, cluster_codes, normal_ci, resample_weights
+from medtransfer.evaluation import intervals
+from medtransfer.evaluation.bootstrap import (
+    class_patient_counts,
+    cluster_codes,
+    metric_intervals,
+    normal_ci,
+    resample_weights,
+)
 from medtransfer.evaluation.calibration import ece
-from medtransfer.evaluation.metrics import clean_binary, fast_auroc, weighted_binary_metrics
+from medtransfer.evaluation.metrics import clean_binary, fast_auroc, proportion_masks, weighted_binary_metrics
 
 logger = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
 SEP = "×"
-CI_METRICS = ("auroc", "sensitivity", "specificity")
-GAP_METRICS = ("auroc", "tpr", "fpr")  # auroc; equal opportunity (TPR); equalized odds' other half (FPR)
-_LOWER_IS_WORSE = {"auroc": True, "tpr": True, "fpr": False}
+#: Metrics reported per group, each with ``_lo``, ``_hi`` and ``_ci_method``.
+GROUP_METRICS = ("auroc", "sensitivity", "specificity")
+#: Metrics whose best-vs-worst gap is reported; lower is worse for all three.
+GAP_METRICS = ("auroc", "sensitivity", "specificity")
 TABLE_COLUMNS = (
     "attribute",
     "group",
@@ -52,7 +76,7 @@ TABLE_COLUMNS = (
     "n_patients",
     "n_pos",
     "prevalence",
-    *(f"{m}{s}" for m in CI_METRICS for s in ("", "_lo", "_hi")),
+    *(f"{m}{s}" for m in GROUP_METRICS for s in ("", "_lo", "_hi", "_ci_method")),
     "ece",
     "status",
 )
@@ -63,6 +87,7 @@ GAP_COLUMNS = (
     "gap_lo",
     "gap_hi",
     "ci_level",
+    "ci_method",
     "worst_group",
     "worst_value",
     "best_group",
@@ -77,6 +102,7 @@ _NO_GAP = {
     "gap_lo": _NAN,
     "gap_hi": _NAN,
     "ci_level": _NAN,
+    "ci_method": intervals.NO_INTERVAL,
     "worst_group": None,
     "worst_value": _NAN,
     "best_group": None,
@@ -224,23 +250,24 @@ def subgroup_table(
     seed: int = 0,
     intersections: Sequence[tuple[str, str]] = (),
 ) -> pd.DataFrame:
-    """Per-group metrics with patient-level bootstrap CIs, one binary outcome.
+    """Per-group metrics with patient-level CIs, one binary outcome.
 
     Args:
         df: one row per case (e.g. predictions.csv): label, probability, patient key, attribute columns.
         y_col: label column, 0/1 (NaN = unknown, row dropped). p_col: probability column in [0, 1].
         threshold: operating point (chosen on validation); prediction is ``p >= threshold``.
         attributes: attribute columns, e.g. ``["sex", "age_band", "site"]``; missing values form "unknown".
-        cluster_col: patient key column, resampled as a unit; None = every row its own patient.
+        cluster_col: patient key column (a patient is resampled, and counted, as a unit); None = every row
+            its own patient.
         min_group_size: fewer patients than this -> status "insufficient: ..." and NaN metrics.
-        n_boot: resamples per group (0 = no CIs); ci: coverage; seed: random seed (deterministic).
+        n_boot: AUROC resamples per group (0 = no CIs at all); ci: coverage; seed: random seed (deterministic).
         intersections: attribute pairs, e.g. ``[("sex", "age_band")]`` -> attribute "sex×age_band",
             groups like "F×40-59".
 
     Returns:
-        One row per (attribute, group): ``attribute, group, n, n_patients, n_pos, prevalence, auroc,
-        auroc_lo, auroc_hi, sensitivity, sensitivity_lo, sensitivity_hi, specificity, specificity_lo,
-        specificity_hi, ece, status``. Counts are always filled; metrics are NaN when the group is
+        One row per (attribute, group): ``attribute, group, n, n_patients, n_pos, prevalence``, then for each
+        of ``auroc, sensitivity, specificity`` the value, ``_lo``, ``_hi`` and ``_ci_method`` (module doc),
+        then ``ece, status``. Counts are always filled; metrics are NaN (method "none") when the group is
         insufficient (never a fabricated 0 or 1).
 
     Raises:
@@ -254,10 +281,10 @@ def subgroup_table(
         points = _group_points(data, labels, order, threshold, min_group_size)
         for g_idx, (group, pt) in enumerate(points.iterrows()):
             row = {"attribute": attribute, "group": group, **pt[["n", "n_patients", "n_pos", "prevalence"]]}
-            cis = {m: (np.nan, np.nan) for m in CI_METRICS}
+            cis = {m: (_NAN, _NAN, intervals.NO_INTERVAL) for m in GROUP_METRICS}
             if pt["status"] == "ok":
                 mask = (labels == group).to_numpy()
-                res = bootstrap_metrics(
+                res = metric_intervals(
                     data.y[mask],
                     data.p[mask],
                     threshold,
@@ -265,35 +292,79 @@ def subgroup_table(
                     n_boot=n_boot,
                     ci=ci,
                     seed=(seed, a_idx, g_idx),
-                    metrics=CI_METRICS,
+                    metrics=GROUP_METRICS,
                 )
-                cis = {m: res[m][1:] for m in CI_METRICS}
-            for m in CI_METRICS:
-                row.update({m: pt[m], f"{m}_lo": cis[m][0], f"{m}_hi": cis[m][1]})
+                cis = {m: (res[m].lo, res[m].hi, res[m].method) for m in GROUP_METRICS}
+            for m in GROUP_METRICS:
+                lo, hi, method = cis[m]
+                row.update({m: pt[m], f"{m}_lo": lo, f"{m}_hi": hi, f"{m}_ci_method": method})
             rows.append({**row, "ece": pt["ece"], "status": pt["status"]})
     out = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     return out.astype({"n": np.int64, "n_patients": np.int64, "n_pos": np.int64}) if rows else out
 
 
-def _gap_pair(values: pd.Series, metric: str) -> tuple[str, str]:
-    """(worst group, best group) by point estimate; stable order breaks ties."""
+def _gap_pair(values: pd.Series) -> tuple[str, str]:
+    """(worst group, best group) by point estimate (lower is worse); stable order breaks ties."""
     ordered = values.sort_values(kind="mergesort")
-    low, high = ordered.index[0], ordered.index[-1]
-    return (low, high) if _LOWER_IS_WORSE[metric] else (high, low)
+    return ordered.index[0], ordered.index[-1]
 
 
-def _resampled_group_metrics(
+def _resampled_group_auroc(
     data: _Data, masks: dict[str, np.ndarray], threshold: float, n_boot: int, seed: int
-) -> dict[str, dict[str, np.ndarray]]:
-    """Per group: auroc, tpr, fpr on each whole-data patient resample -> (n_boot,) arrays."""
-    acc: dict[str, dict[str, list[np.ndarray]]] = {g: {m: [] for m in GAP_METRICS} for g in masks}
+) -> dict[str, np.ndarray]:
+    """Per group: AUROC on each whole-data patient resample -> (n_boot,) array (NaN where undefined)."""
+    acc: dict[str, list[np.ndarray]] = {g: [] for g in masks}
     for w in resample_weights(data.codes, n_boot, seed):
         for g, mask in masks.items():
-            res = weighted_binary_metrics(data.y[mask], data.p[mask], threshold, w[:, mask], CI_METRICS)
-            acc[g]["auroc"].append(res["auroc"])
-            acc[g]["tpr"].append(res["sensitivity"])
-            acc[g]["fpr"].append(1 - res["specificity"])
-    return {g: {m: np.concatenate(v) if v else np.empty(0) for m, v in d.items()} for g, d in acc.items()}
+            res = weighted_binary_metrics(data.y[mask], data.p[mask], threshold, w[:, mask], ("auroc",))
+            acc[g].append(res["auroc"])
+    return {g: np.concatenate(v) if v else np.empty(0) for g, v in acc.items()}
+
+
+def _rate_gap(
+    data: _Data,
+    masks: dict[str, np.ndarray],
+    metric: str,
+    best: str,
+    worst: str,
+    threshold: float,
+    level: float,
+) -> tuple[float, float, float, str]:
+    """Newcombe interval of ``metric[best] - metric[worst]`` from clustered Wilson intervals at ``level``."""
+    ends = {}
+    for g in (best, worst):
+        m = masks[g]
+        success, denom = proportion_masks(data.y[m], data.p[m], threshold, (metric,))[metric]
+        r = intervals.clustered_wilson(success, denom, data.codes[m], level)
+        ends[g] = (r.point, (r.lo, r.hi))
+    gap, lo, hi = intervals.newcombe_difference(*ends[best], *ends[worst])
+    return float(gap), lo, hi, intervals.NEWCOMBE
+
+
+def _auroc_gap(
+    data: _Data,
+    masks: dict[str, np.ndarray],
+    values: pd.Series,
+    boot: dict[str, np.ndarray],
+    best: str,
+    worst: str,
+    level: float,
+    n_boot: int,
+) -> tuple[float, float, float, str]:
+    """Bootstrap-normal interval of ``auroc[best] - auroc[worst]``, or MOVER when that is degenerate."""
+    gap = float(values[best] - values[worst])
+    lo, hi = normal_ci(gap, boot[best] - boot[worst], level, n_boot)
+    # a group at AUROC 0 or 1 stays there in every resample, so the SE would ignore its uncertainty
+    at_bound = any(not 0 < values[g] < 1 for g in (best, worst))
+    if not at_bound and np.isfinite(lo) and hi - lo > 1e-12:
+        return gap, lo, hi, intervals.BOOTSTRAP_NORMAL
+    ends = {}
+    for g in (best, worst):
+        n_pos, n_neg = class_patient_counts(data.y[masks[g]], data.codes[masks[g]])
+        f_lo, f_hi, _ = intervals.auroc_fallback_interval(float(values[g]), n_pos, n_neg, level)
+        ends[g] = (float(values[g]), (f_lo, f_hi))
+    _, lo, hi = intervals.newcombe_difference(*ends[best], *ends[worst])
+    return gap, lo, hi, intervals.MOVER_AUC_FALLBACK
 
 
 def _gap_rows(
@@ -311,7 +382,6 @@ def _gap_rows(
     # "sex not recorded" says nothing about fairness, so it never takes part in gaps.
     ok = points[(points["status"] == "ok") & (points.index.astype(str) != UNKNOWN)]
     k = len(ok)
-    values = {"auroc": ok["auroc"], "tpr": ok["sensitivity"], "fpr": 1 - ok["specificity"]}
     if k < 2:
         reason = f"fewer than 2 groups with enough data ({k} of {len(points)} sufficient)"
         return [
@@ -319,14 +389,18 @@ def _gap_rows(
             for m in GAP_METRICS
         ]
     masks = {g: (labels == g).to_numpy() for g in ok.index}
-    boot = _resampled_group_metrics(data, masks, threshold, n_boot, seed)
+    boot = _resampled_group_auroc(data, masks, threshold, n_boot, seed) if n_boot > 0 else {}
     level = 1 - (1 - ci) / (k * (k - 1) / 2)
     rows = []
     for m in GAP_METRICS:
-        worst, best = _gap_pair(values[m], m)
-        high, low = (best, worst) if _LOWER_IS_WORSE[m] else (worst, best)
-        gap = float(values[m][high] - values[m][low])
-        lo, hi = normal_ci(gap, boot[high][m] - boot[low][m], level, n_boot)
+        worst, best = _gap_pair(ok[m])
+        if n_boot == 0:
+            gap, lo, hi, method = float(ok[m][best] - ok[m][worst]), _NAN, _NAN, intervals.NO_INTERVAL
+        elif m == "auroc":
+            gap, lo, hi, method = _auroc_gap(data, masks, ok[m], boot, best, worst, level, n_boot)
+        else:
+            gap, lo, hi, method = _rate_gap(data, masks, m, best, worst, threshold, level)
+        reason = "ok" if np.isfinite(lo) else "CI not requested (n_boot=0)" if n_boot == 0 else "CI undefined"
         rows.append(
             {
                 "attribute": attribute,
@@ -335,13 +409,14 @@ def _gap_rows(
                 "gap_lo": lo,
                 "gap_hi": hi,
                 "ci_level": level,
+                "ci_method": method,
                 "worst_group": worst,
-                "worst_value": float(values[m][worst]),
+                "worst_value": float(ok[m][worst]),
                 "best_group": best,
-                "best_value": float(values[m][best]),
+                "best_value": float(ok[m][best]),
                 "n_groups": k,
                 "flagged": bool(lo > 0),
-                "reason": "ok" if np.isfinite(lo) else "CI undefined",
+                "reason": reason,
             }
         )
     return rows
@@ -363,20 +438,23 @@ def subgroup_gaps(
 ) -> pd.DataFrame:
     """Best-vs-worst group gap per attribute and metric, with a patient-level CI that can include zero.
 
-    Metrics: ``auroc``; ``tpr`` (equal opportunity); ``fpr`` (with tpr, equalized odds). Worst = lowest
-    AUROC/TPR, highest FPR. Only groups with status "ok" (see :func:`subgroup_table`) take part.
+    Metrics: ``auroc``; ``sensitivity`` (equal opportunity); ``specificity`` (with sensitivity, equalized
+    odds; the specificity gap equals the FPR gap). Worst = lowest value for all three. Only groups with status
+    "ok" (see :func:`subgroup_table`) take part.
 
     Args:
         df, y_col, p_col, threshold, attributes, cluster_col, min_group_size, intersections: as for
             :func:`subgroup_table`.
-        n_boot: whole-data patient resamples; ci: nominal coverage before the multiplicity widening;
-        seed: random seed (deterministic).
+        n_boot: whole-data patient resamples for the AUROC gap (0 = no gap CIs at all); ci: nominal coverage
+            before the multiplicity widening; seed: random seed (deterministic).
 
     Returns:
         One row per (attribute, metric): ``attribute, metric, gap`` (max - min over sufficient groups),
         ``gap_lo, gap_hi`` (CI of best - worst, see module doc), ``ci_level`` (the widened level),
+        ``ci_method`` ("newcombe-wilson-cluster", "bootstrap-normal", "mover-auc-fallback" or "none"),
         ``worst_group, worst_value, best_group, best_value, n_groups, flagged`` (gap_lo > 0), ``reason``
-        ("ok", "CI undefined", or why there is no gap: fewer than 2 sufficient groups -> NaN gap, not flagged).
+        ("ok", "CI undefined", "CI not requested (n_boot=0)", or why there is no gap: fewer than 2 sufficient
+        groups -> NaN gap, not flagged).
     """
     data = _prepare(
         df, y_col, p_col, cluster_col, [*attributes, *(a for pair in intersections for a in pair)]

@@ -248,7 +248,8 @@ def _sanity(run: Any, ds: Any, where: dict[str, int], chosen: pd.DataFrame, meth
     x = torch.stack([ds[where[c]]["image"] for c in ids])
     result = sanity_check(run, x, method=method, target=_output_index(run.card, cls))
     table = result.table.assign(method=method, target_class=cls, sanity_score=result.sanity_score,
-                                passed=result.passed, threshold=result.threshold)
+                                passed=result.passed, threshold=result.threshold, status=result.status,
+                                reason=result.reason)
     with io.atomic_path(path) as tmp:
         table.to_csv(tmp, index=False)
     return result.sanity_score, result.passed

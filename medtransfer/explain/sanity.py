@@ -19,9 +19,13 @@ rank correlation (per image, on the flattened [0, 1] maps, then averaged over im
 Departures from the paper: re-initialisation uses each module's own ``reset_parameters()`` (PyTorch's
 default init; BatchNorm back to identity with fresh running statistics) instead of a truncated normal, and
 parameters that no module owns (ViT's class token) are drawn from N(0, 0.02²). Maps compared are the
-scaled maps (ReLU'd Grad-CAM, |gradients|), the paper's "absolute value" variant. A pair where either
-map is constant (e.g. Grad-CAM with no positive evidence left) has no rank correlation; it counts as 0
-(the maps share no structure), and the number of such pairs is logged.
+scaled maps (ReLU'd Grad-CAM, |gradients|), the paper's "absolute value" variant.
+
+Constant maps. A pair where either map is constant (Grad-CAM with no positive evidence left; occlusion of
+a randomised model whose output no patch changes) has no rank correlation. Such pairs are left out of the
+mean and counted (``n_constant``); when the randomised model's maps are constant for most images at full
+randomisation, there is nothing to compare and the check is **not assessed** (``status``), never passed:
+counting those pairs as "no shared structure" made a degenerate check read as a perfect pass.
 """
 
 from __future__ import annotations
@@ -57,9 +61,11 @@ class SanityResult:
             this step), ``mean_spearman``, ``std_spearman``, ``n_images``.
         mean_spearman: mean Spearman correlation at full randomisation (last row).
         sanity_score: ``1 - mean_spearman`` clipped to [0, 1] (higher = the map depends on the model).
-        passed: ``mean_spearman < threshold``.
+        passed: ``mean_spearman < threshold`` (False when not assessed).
         threshold: the threshold used.
         method: the saliency method name.
+        status: ``passed``, ``failed`` or ``not assessed`` (most map pairs constant at full randomisation).
+        reason: why, in one sentence (for the report).
     """
 
     table: pd.DataFrame
@@ -68,6 +74,8 @@ class SanityResult:
     passed: bool
     threshold: float
     method: str
+    status: str = "passed"
+    reason: str = ""
 
 
 def sanity_check(
@@ -110,15 +118,28 @@ def sanity_check(
         for step, (stage, name) in enumerate(zip(stages, names, strict=True)):
             randomise(stage)
             rho = spearman_per_image(reference, fn(work, images, targets).detach())
-            rows.append({"step": step, "randomised": name, "mean_spearman": float(np.mean(rho)),
-                         "std_spearman": float(np.std(rho)), "n_images": len(rho)})
+            defined = rho[np.isfinite(rho)]
+            rows.append({"step": step, "randomised": name,
+                         "mean_spearman": float(np.mean(defined)) if defined.size else float("nan"),
+                         "std_spearman": float(np.std(defined)) if defined.size else float("nan"),
+                         "n_images": len(rho), "n_constant": int(len(rho) - defined.size)})
     table = pd.DataFrame(rows)
-    mean_rho = float(table["mean_spearman"].iloc[-1])
-    result = SanityResult(table=table, mean_spearman=mean_rho, sanity_score=float(np.clip(1.0 - mean_rho, 0.0, 1.0)),
-                          passed=bool(mean_rho < threshold), threshold=threshold,
-                          method=method if explain_fn is None else getattr(explain_fn, "__name__", "custom"))
-    log.info("sanity check (%s): mean Spearman at full randomisation %.3f -> %s", result.method, mean_rho,
-             "passed" if result.passed else "NOT passed")
+    last = table.iloc[-1]
+    mean_rho = float(last["mean_spearman"])
+    name = method if explain_fn is None else getattr(explain_fn, "__name__", "custom")
+    if not last["n_constant"] * 2 < last["n_images"]:
+        status = "not assessed"
+        reason = (f"the maps were constant for {int(last['n_constant'])} of {int(last['n_images'])} images once the "
+                  "weights were randomised, so there is nothing to compare; check with another --method")
+    else:
+        status = "passed" if mean_rho < threshold else "failed"
+        reason = (f"mean Spearman correlation with the trained model's maps at full randomisation {mean_rho:.2f} "
+                  f"({'below' if status == 'passed' else 'not below'} {threshold:.2f}"
+                  + (f"; {int(last['n_constant'])} constant map(s) left out" if last["n_constant"] else "") + ")")
+    score = float(np.clip(1.0 - mean_rho, 0.0, 1.0)) if status != "not assessed" else float("nan")
+    result = SanityResult(table=table, mean_spearman=mean_rho, sanity_score=score, passed=status == "passed",
+                          threshold=threshold, method=name, status=status, reason=reason)
+    log.info("sanity check (%s): %s: %s", result.method, status, reason)
     return result
 
 
@@ -161,16 +182,14 @@ def randomise(module: nn.Module) -> None:
 
 
 def spearman_per_image(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    """Spearman rank correlation of each pair of maps (N, ...) (flattened); constant maps count as 0."""
+    """Spearman rank correlation of each pair of maps (N, ...) (flattened); NaN where either map is constant."""
     x = a.reshape(len(a), -1).cpu().numpy()
     y = b.reshape(len(b), -1).cpu().numpy()
-    out = np.zeros(len(x))
-    undefined = 0
+    out = np.full(len(x), np.nan)
     for i in range(len(x)):
-        if np.ptp(x[i]) == 0 or np.ptp(y[i]) == 0:
-            undefined += 1
-            continue
-        out[i] = float(spearmanr(x[i], y[i]).statistic)
+        if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0:
+            out[i] = float(spearmanr(x[i], y[i]).statistic)
+    undefined = int(np.isnan(out).sum())
     if undefined:
-        log.info("%d of %d map pairs were constant (no rank correlation; counted as 0)", undefined, len(x))
+        log.info("%d of %d map pairs were constant (no rank correlation; left out)", undefined, len(x))
     return out

@@ -22,7 +22,7 @@ import yaml
 
 from medtransfer.config import ReportConfig
 from medtransfer.data.manifest import SPLITS, Manifest
-from medtransfer.reports import checklist, figures
+from medtransfer.reports import checklist, figures, guidelines
 from medtransfer.reports.files import RunFiles
 from medtransfer.reports.format import NOT_PROVIDED, is_num, num, pct, plain_config, with_ci
 
@@ -54,10 +54,13 @@ def build_context(files: RunFiles) -> dict[str, Any]:
     ctx["evaluation"] = evaluation_summary(result)
     ctx["biggest_gap"] = biggest_gap(result)
     ctx["audit"] = audit_section(files.audit)
+    ctx["commands"] = checklist.commands_for(files)
     ctx["checks"] = checklist.warnings(files, ctx)
+    ctx["checks_open"] = [c for c in ctx["checks"] if c["status"] != "passed"]
+    ctx["checks_passed"] = [c for c in ctx["checks"] if c["status"] == "passed"]
     ctx["limitations"] = checklist.limitations(files, ctx)
-    ctx["checklist"] = checklist.checklist_items(files, ctx)
     ctx["repro"] = repro_section(files)
+    ctx["guidelines"] = guidelines.guideline_items(ctx)
     return ctx
 
 
@@ -81,14 +84,17 @@ def model_section(files: RunFiles) -> dict[str, Any]:
     window = (f"DICOM window/VOI LUT when present, else {spec.percentiles[0]}–{spec.percentiles[1]} percentile "
               "clipping" if spec.window == "file" else f"{spec.window} intensity scaling")
     return {
-        "present": True, "name": card.name, "created": card.created[:10], "backbone": card.backbone,
+        "present": True, "name": model_name(card, files.run_dir.name), "created": card.created[:10],
+        "backbone": card.backbone,
         "pretraining": source, "pretrained_file": w.get("file") or NOT_PROVIDED,
         "pretrained_sha256": w.get("sha256") or NOT_PROVIDED, "strategy": card.strategy, "task": card.task,
         "task_sentence": task_sentence(card.task, card.classes, modalities), "classes": card.classes,
         "input": f"{modalities}; {spec.channels} channel(s) resized to {size} px"
                  f"{' (aspect kept by padding)' if spec.keep_aspect else ''}; {window}; "
                  f"normalised with mean {list(spec.mean)}, std {list(spec.std)}",
-        "temperature": num(card.temperature, 3) if card.temperature else "none (uncalibrated)",
+        "temperature_short": f"T = {num(card.temperature, 2)}" if card.temperature else "not applied",
+        "temperature": (f"T = {num(card.temperature, 2)}" if card.temperature else "not applied") + (
+            f" ({card.calibration['reason']})" if card.calibration.get("reason") else ""),
         "thresholds": {c: num(v, 3) for c, v in card.thresholds.items()},
         "epochs_run": t.get("epochs_run", NOT_PROVIDED), "best_epoch": t.get("best_epoch", NOT_PROVIDED),
         "best_val_auroc": num(t.get("best_val_auroc")), "seconds": num(t.get("seconds"), 1),
@@ -109,15 +115,41 @@ def task_sentence(task: str, classes: list[str], modality: str) -> str:
     return f"Estimates, for each of {', '.join(classes)}, the probability that it is present in a {modality} image."
 
 
+#: Card names that are defaults, not a name a user gave (the model is then named by backbone and run).
+DEFAULT_NAMES = frozenset({"medtransfer model", "medtransfer model report", ""})
+
+
+def model_name(card: Any, run_id: str) -> str:
+    """The model's name: the one the user gave (config ``report.title``), else backbone, classes and run."""
+    if card.name not in DEFAULT_NAMES:
+        return card.name
+    return f"{card.backbone} {' vs '.join(card.classes) if card.task == 'binary' else card.task} classifier (run {run_id})"
+
+
+def _values(d: dict[str, Any], key: str) -> list[str]:
+    return [str(v) for v in d.get(key) or [] if str(v).strip()]
+
+
 def _population(d: dict[str, Any]) -> dict[str, str]:
+    """The training population, field by field, and as one sentence that names only what was recorded."""
     ages = d.get("age_range") or []
-    return {
-        "modalities": ", ".join(d.get("modalities") or []) or NOT_PROVIDED,
-        "views": ", ".join(d.get("views") or []) or NOT_PROVIDED,
-        "sites": f"{len(d['sites'])}: " + ", ".join(d["sites"]) if d.get("sites") else NOT_PROVIDED,
-        "sexes": ", ".join(d.get("sexes") or []) or NOT_PROVIDED,
+    mods, views, sexes, sites = (_values(d, k) for k in ("modalities", "views", "sexes", "sites"))
+    fields = {
+        "modalities": ", ".join(mods) or NOT_PROVIDED,
+        "views": ", ".join(views) or NOT_PROVIDED,
+        "sites": (f"{len(sites)} ({', '.join(sites)})" if sites else NOT_PROVIDED),
+        "sexes": ", ".join(sexes) or NOT_PROVIDED,
         "ages": f"{ages[0]:g}–{ages[1]:g} years" if len(ages) == 2 and all(map(is_num, ages)) else NOT_PROVIDED,
     }
+    known = [f"{fields['modalities']} scans" if mods else "", f"views {fields['views']}" if views else "",
+             f"ages {fields['ages']}" if fields["ages"] != NOT_PROVIDED else "", f"sex {fields['sexes']}" if sexes else "",
+             f"{len(sites)} site{'s' if len(sites) != 1 else ''} ({', '.join(sites)})" if sites else ""]
+    absent = [name for name, value in (("modality", mods), ("view", views), ("age", fields["ages"] != NOT_PROVIDED),
+                                       ("sex", sexes), ("site", sites)) if not value]
+    sentence = "; ".join(k for k in known if k)
+    if absent:
+        sentence += ("; " if sentence else "") + f"not recorded: {', '.join(absent)}"
+    return {**fields, "sentence": sentence}
 
 
 def data_section(files: RunFiles) -> dict[str, Any]:
@@ -216,8 +248,34 @@ def evaluation_summary(result: EvaluationResult | None) -> dict[str, Any] | None
         "prevalence": {c: pct(v) for c, v in (m.get("prevalence") or {}).items()},
         "training_prevalence": {c: pct(v) for c, v in (m.get("training_prevalence") or {}).items()},
         "min_group_size": m.get("min_group_size", NOT_PROVIDED), "warnings": list(m.get("warnings") or []),
+        "ci_text": ci_text(result),
         "date": str(m.get("created", NOT_PROVIDED))[:10],
     }
+
+
+CI_METHOD_WORDS = {
+    "wilson-cluster": "Wilson score intervals adjusted for patients with several images",
+    "bootstrap": "patient-level bootstrap",
+    "hanley-mcneil": "Hanley–McNeil (the bootstrap was degenerate)",
+    "wilson-auc-fallback": "a Wilson bound (perfect or null separation: the bootstrap had no spread)",
+    "wilson-auprc-fallback": "a Wilson bound (the bootstrap had no spread)",
+}
+
+
+def ci_text(result: EvaluationResult) -> str:
+    """How the intervals were made, per metric, in one sentence (from the ``<metric>_ci_method`` columns)."""
+    m, overall = result.meta, result.overall
+    level = f"{100 * m['ci']:.0f}%" if is_num(m.get("ci")) else "95%"
+    if not is_num(m.get("n_boot")) or not m.get("n_boot"):
+        return f"No confidence intervals (n_boot = {m.get('n_boot', 0)})."
+    rows = overall[overall["class"] != "macro"] if "class" in overall else overall
+    parts = []
+    for metric, label in (("sensitivity", "sensitivity, specificity, PPV and NPV"), ("auroc", "AUROC")):
+        methods = sorted({str(v) for v in rows.get(f"{metric}_ci_method", pd.Series(dtype=object)).dropna()} - {"none"})
+        if methods:
+            parts.append(f"{label}: {' / '.join(CI_METHOD_WORDS.get(x, x) for x in methods)}")
+    how = "; ".join(parts) if parts else "patient-level bootstrap"
+    return f"{level} CIs ({how}; {m['n_boot']} resamples where bootstrapped)."
 
 
 def repro_section(files: RunFiles) -> dict[str, Any]:
@@ -336,6 +394,9 @@ def _not_assessed(*_: Any) -> str:
     return "not assessed"
 
 
+METRIC_LABELS = {"auroc": "AUROC", "sensitivity": "sensitivity", "specificity": "specificity"}
+
+
 def biggest_gap(result: EvaluationResult | None) -> dict[str, Any] | None:
     """The largest computed subgroup gap (flagged ones first), formatted; None when none was computed."""
     if result is None or result.gaps.empty or "gap" not in result.gaps.columns:
@@ -344,7 +405,7 @@ def biggest_gap(result: EvaluationResult | None) -> dict[str, Any] | None:
     if gaps.empty:
         return None
     g = gaps.assign(_f=gaps["flagged"].fillna(False).astype(bool)).sort_values(["_f", "gap"], ascending=False).iloc[0]
-    return {"text": f"{g['metric'].upper()} gap {with_ci(g['gap'], g['gap_lo'], g['gap_hi'])} by {g['attribute']}: "
+    return {"text": f"{METRIC_LABELS.get(g['metric'], g['metric'])} gap {with_ci(g['gap'], g['gap_lo'], g['gap_hi'])} by {g['attribute']}: "
                     f"{g['worst_group']} ({num(g['worst_value'])}) vs {g['best_group']} ({num(g['best_value'])})"
                     f"{' for ' + str(g['class']) if 'class' in g else ''}",
             "flagged": bool(g["_f"])}

@@ -239,3 +239,32 @@ def test_monochrome1_inversion_is_logged_once_at_info(tmp_path, caplog, monkeypa
     messages = [r for r in caplog.records if "MONOCHROME1" in r.getMessage()]
     assert len(messages) == 1 and messages[0].levelname == "INFO"
     assert "invert_monochrome1" in messages[0].getMessage()
+
+
+def _jpeg_corpus_file(tmp_path):
+    """pydicom's SC_rgb_jpeg.dcm (JPEG Baseline, RGB; implicit VR under an explicit-VR transfer syntax)."""
+    from pathlib import Path
+
+    import pydicom.data
+
+    out = tmp_path / "SC_rgb_jpeg.dcm"
+    out.write_bytes((Path(pydicom.data.__file__).parent / "test_files" / "SC_rgb_jpeg.dcm").read_bytes())
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:Expected explicit VR")  # pydicom's own read of this file, for the reference
+def test_jpeg_baseline_decodes_like_pydicom(tmp_path):
+    path = _jpeg_corpus_file(tmp_path)
+    out, info = _read(path)
+    expected = read_back(path).pixel_array.astype(np.float32) @ LUMA / 255
+    assert out.shape == (256, 256) and info["transfer_syntax"] == "JPEG Baseline (Process 1)"
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_compressed_pixel_data_cut_short_is_called_truncated(tmp_path):
+    # pydicom drops an encapsulated element the file ends inside (with a warning only): it must not read as
+    # "no PixelData: not an image", nor be measured against the uncompressed length
+    path = _jpeg_corpus_file(tmp_path)
+    path.write_bytes(path.read_bytes()[:-500])
+    with pytest.raises(ScanReadError, match="truncated: the file ends inside its compressed pixel data"):
+        _read(path)

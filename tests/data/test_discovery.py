@@ -126,8 +126,10 @@ def test_bad_files_are_quarantined_with_reasons_and_indexing_continues(tmp_path:
                                       "b/report.dcm": "non_image", "b/fake.dcm": "not_image"}
     assert "Basic Text SR" in q.loc["b/report.dcm", "reason"] and "truncated" in q.loc["b/truncated.dcm", "reason"]
     assert any("4 file(s) quarantined" in w for w in m.warnings)
-    assert summary_dict(m)["quarantine"] == {"total": 4, "by_problem": {"empty": 1, "truncated": 1, "non_image": 1,
-                                                                        "not_image": 1}}
+    summary = summary_dict(m)["quarantine"]
+    assert (summary["total"], summary["by_problem"]) == (4, {"empty": 1, "truncated": 1, "non_image": 1,
+                                                             "not_image": 1})
+    assert summary["reasons"]["truncated"] == [q.loc["b/truncated.dcm", "reason"]]  # why, per problem
 
 
 def test_strict_raises_for_the_first_bad_file(tmp_path: Path) -> None:
@@ -238,3 +240,75 @@ def test_phi_never_leaks_into_outputs_logs_or_summary(tmp_path: Path, caplog: py
         for canary in (*CANARIES, "CANARYSTREET"):
             assert canary not in text, f"{canary} leaked into {where}"
     assert CANARY_ID in (out / "manifest.csv").read_text()  # the check above can fail: the path column has it
+
+
+# -- folders without labels: an inventory (require_labels=False, what `medtransfer index` does) ----------------
+def _unlabelled(root: Path) -> Path:
+    """Scans as a scanner export leaves them: no class sub-folders and no labels CSV."""
+    write_dicom(root / "cr1.dcm", chest_like(16), patient_id="P1", sex="F", age="045Y", view="PA")
+    write_dicom(root / "cr2.dcm", chest_like(16, seed=1), patient_id="P1", sex="F", age="045Y", view="LL")
+    write_dicom(root / "dx.dcm", chest_like(24, seed=2), patient_id="P2", sex="M", age=None, modality="DX", view="AP")
+    ct_series(root, 3, patient_id="P3")  # slices directly in the folder: one case, path "."
+    (root / "broken.dcm").write_bytes(b"")
+    return root
+
+
+def test_a_folder_without_labels_is_an_inventory_without_labels_or_split(tmp_path: Path) -> None:
+    data = _unlabelled(tmp_path / "data")
+    out = tmp_path / "out"
+    m = index_scans(data, config=FAST, out_dir=out, require_labels=False)
+    assert (m.task, m.classes, m.labelled, m.label_columns) == ("unlabelled", [], False, [])
+    assert "label" not in m.df.columns and "split" not in m.df.columns  # no split without labels
+    assert sorted(m.df["path"]) == [".", "cr1.dcm", "cr2.dcm", "dx.dcm"]
+    assert m.quarantine.set_index("path")["problem"].to_dict() == {"broken.dcm": "empty"}
+    info = summary_dict(m)
+    assert (info["n_cases"], info["n_files"], info["n_series"], info["n_patients"]) == (4, 6, 1, 3)
+    assert info["inventory"]["kind"] == {"2D image": 3, "series (volume)": 1}
+    assert info["inventory"]["size"] == {"16x16": 2, "16x16x3": 1, "24x24": 1}
+    assert info["inventory"]["modality"] == {"CR": 2, "CT": 1, "DX": 1}
+    assert info["inventory"]["view"] == {"AP": 1, "LL": 1, "PA": 2}  # the CT's too
+    assert info["subgroups"]["sex"] == {"F": 3, "M": 1}
+    assert info["age"] == {"known": 3, "min": 45.0, "median": 45.0, "max": 45.0}
+    assert info["splits"] == {} and info["quarantine"]["reasons"]["empty"][0].startswith("empty file")
+    loaded = Manifest.load(out)
+    assert (loaded.task, loaded.classes, len(loaded), loaded.digest()) == ("unlabelled", [], 4, m.digest())
+    assert json.loads((out / "summary.json").read_text())["task"] == "unlabelled"
+    for refused in (loaded.targets, lambda: loaded.split("train")):
+        with pytest.raises(ManifestError, match="unlabelled inventory.*at least two classes"):
+            refused()
+
+
+def test_labels_stay_required_by_default_with_the_two_classes_message(tmp_path: Path) -> None:
+    data = _unlabelled(tmp_path / "data")
+    with pytest.raises(ManifestError, match="need at least two classes.*found none.*none in a class sub-folder"):
+        index_scans(data, config=FAST)
+
+
+def test_a_single_class_folder_is_inventoried_whole(tmp_path: Path) -> None:
+    write_dicom(tmp_path / "DICOM" / "a.dcm", chest_like(16), patient_id="A")
+    write_dicom(tmp_path / "b.dcm", chest_like(16, seed=1), patient_id="B")  # beside it, not in a class folder
+    m = index_scans(tmp_path, config=FAST, require_labels=False)
+    assert m.task == "unlabelled" and sorted(m.df["path"]) == ["DICOM/a.dcm", "b.dcm"]
+    assert any("only one class sub-folder ('DICOM')" in w for w in m.warnings)
+    with pytest.raises(ManifestError, match="at least two classes.*found only 'DICOM'"):
+        index_scans(tmp_path, config=FAST)
+
+
+def test_class_folders_are_used_the_same_whether_labels_are_required_or_not(mixed: Path) -> None:
+    required = index_scans(mixed, config=FAST)
+    optional = index_scans(mixed, config=FAST, require_labels=False)
+    assert optional.task == required.task == "binary"
+    pd.testing.assert_frame_equal(optional.df, required.df)
+
+
+def test_inventory_summary_names_no_file(tmp_path: Path) -> None:
+    """Quarantine reasons reach summary.json and the console; a file name a decoder's message quoted does not."""
+    data = _unlabelled(tmp_path / "data")
+    m = index_scans(data, config=FAST, require_labels=False)
+    m.quarantine = pd.DataFrame({"path": [f"x/{CANARY_ID}.dcm"], "problem": ["pixels"],
+                                 "reason": [f"decoder error (OSError: cannot read x/{CANARY_ID}.dcm)"]})
+    console = Console(record=True, width=200)
+    render_summary(m, console)
+    text = console.export_text() + json.dumps(summary_dict(m))
+    assert "decoder error (OSError: cannot read <file>)" in text and CANARY_ID not in text
+    assert "no labels (inventory)" in text and "what was found" in text

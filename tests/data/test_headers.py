@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pydicom
+import pydicom.data
 import pytest
 from pydicom.uid import BasicTextSRStorage, GrayscaleSoftcopyPresentationStateStorage
 
@@ -87,6 +89,74 @@ def test_truncated_pixel_data_is_detected_without_decoding(tmp_path: Path) -> No
     with pytest.raises(HeaderProblem, match="truncated: pixel data needs 2048 bytes but the file has 1948") as exc:
         _read(path)
     assert exc.value.problem == "truncated" and isinstance(exc.value, ScanReadError) and exc.value.path == "t.dcm"
+
+
+#: pydicom's bundled test files (read from the package folder: pydicom's own look-ups may try to download).
+CORPUS = Path(pydicom.data.__file__).parent / "test_files"
+
+
+def _corpus_file(name: str, tmp_path: Path) -> Path:
+    """A copy of one of pydicom's bundled test files."""
+    out = tmp_path / name
+    out.write_bytes((CORPUS / name).read_bytes())
+    return out
+
+
+def test_compressed_pixel_data_is_not_held_to_the_uncompressed_length(tmp_path: Path) -> None:
+    # JPEG Baseline written (by highdicom 0.1.0) in implicit VR under an explicit-VR transfer syntax: the old
+    # check read the item tag of the first fragment as a 65535-byte length and quarantined it as truncated
+    path = _corpus_file("SC_rgb_jpeg.dcm", tmp_path)
+    header = _read(path)
+    assert (header.rows, header.cols, header.photometric) == (256, 256, "RGB")
+    path.write_bytes(path.read_bytes()[:-500])  # a cut fragment is the decoder's to find (verify_pixels)
+    assert _read(path).rows == 256
+
+
+def test_no_encapsulated_corpus_file_is_called_truncated() -> None:
+    seen = 0
+    for path in sorted(CORPUS.rglob("*.dcm")):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom warns about the corpus' deliberately odd files
+                syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        except Exception:  # noqa: BLE001 - files without a readable meta header are not what this test is about
+            continue
+        if not syntax.is_encapsulated:
+            continue
+        seen += 1
+        try:
+            _read(path)
+        except HeaderProblem as exc:
+            assert exc.problem != "truncated", (path.name, exc.reason)
+    assert seen >= 20
+
+
+def _implicit_under_explicit(path: Path) -> Path:
+    """A native image whose meta header says Explicit VR Little Endian but whose dataset is implicit VR."""
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    ds = pydicom.dcmread(write_dicom(path, chest_like(16)))
+    with open(path, "wb") as fh:
+        fh.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(DicomFileLike(fh), ds.file_meta)
+        body = DicomFileLike(fh)
+        body.is_little_endian, body.is_implicit_VR = True, True
+        write_dataset(body, ds)
+    return path
+
+
+def test_native_length_is_read_as_the_element_is_written(tmp_path: Path) -> None:
+    path = _implicit_under_explicit(tmp_path / "m.dcm")
+    with pytest.warns(UserWarning, match="found implicit VR"):  # pydicom notices the mismatch too
+        assert str(pydicom.dcmread(path).file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.1"
+    assert _read(path).rows == 16  # was "pixel data element is empty" (bytes 6-7 of a 4-byte length)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(HeaderProblem, match="needs 512 bytes but the file has 412") as exc:
+        _read(path)
+    assert exc.value.problem == "truncated"
+    with pytest.raises(HeaderProblem, match="needs 8192 bytes but the file has 8130"):
+        _read(_corpus_file("MR_truncated.dcm", tmp_path))  # native explicit VR, truly cut short
 
 
 @pytest.mark.parametrize(("sop", "modality"), [(BasicTextSRStorage, "SR"), (BasicTextSRStorage, "OT"),

@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from medtransfer.config import DataConfig
 from medtransfer.data.discovery import index_scans
-from medtransfer.data.labels import order_classes, read_labels_csv, task_for
+from medtransfer.data.labels import order_classes, read_labels_csv, resolve_classes, task_for
 from medtransfer.data.privacy import pseudonym
 from medtransfer.errors import ManifestError
 from tests.factories import chest_like, write_dicom, write_png
@@ -114,6 +115,26 @@ def test_task_needs_two_classes() -> None:
     assert task_for(["a"], multilabel=True) == "multilabel"
     with pytest.raises(ManifestError, match="at least two classes.*found only 'a'"):
         task_for(["a"], multilabel=False)
+
+
+def test_fewer_than_two_classes_are_an_inventory_only_when_labels_are_optional() -> None:
+    one = pd.DataFrame({"path": ["a/x.png", "a/y.png"], "label": ["a", "a"]})
+    assert resolve_classes(one, None, require_labels=False) == ([], "unlabelled")
+    with pytest.raises(ManifestError, match="at least two classes.*found only 'a'"):
+        resolve_classes(one, None)
+    two = one.assign(label=["normal", "sick"])
+    assert resolve_classes(two, None, require_labels=False) == (["normal", "sick"], "binary")
+
+
+def test_a_labels_csv_with_one_class_is_an_inventory_for_index(tmp_path: Path) -> None:
+    _pngs(tmp_path / "data", ["a.png", "b.png", "c.png"])
+    csv = _csv(tmp_path / "labels.csv", "path,label,sex\na.png,normal,F\nb.png,normal,M\n")
+    m = index_scans(tmp_path / "data", labels=csv, config=FAST, require_labels=False)
+    assert m.task == "unlabelled" and "label" not in m.df.columns and sorted(m.df["path"]) == ["a.png", "b.png"]
+    assert sorted(m.df["sex"]) == ["F", "M"]  # the CSV's other columns still count
+    assert any("one label in labels.csv ('normal')" in w for w in m.warnings)
+    with pytest.raises(ManifestError, match="at least two classes.*found only 'normal'"):
+        index_scans(tmp_path / "data", labels=csv, config=FAST)
 
 
 def _pngs(data: Path, names: list[str]) -> None:

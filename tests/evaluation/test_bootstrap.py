@@ -1,4 +1,4 @@
-"""Patient-level bootstrap: coverage sanity, width, clusters matter, determinism, speed."""
+"""Patient-level CIs: coverage sanity, width, clusters matter, determinism, speed, no collapse at 0 and 1."""
 
 from __future__ import annotations
 
@@ -10,10 +10,15 @@ import pytest
 from medtransfer.evaluation.bootstrap import (
     bootstrap_metrics,
     bootstrap_statistic,
+    guard_ranking_interval,
+    metric_intervals,
     percentile_ci,
     resample_indices,
 )
+from medtransfer.evaluation.intervals import clustered_wilson, hanley_mcneil_interval, wilson_interval
 from medtransfer.evaluation.metrics import fast_auroc
+
+Z95 = 1.959963984540054
 
 
 def make_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -118,3 +123,70 @@ def test_fast_enough_for_1000_cases_and_1000_resamples():
     assert (
         time.perf_counter() - start < 5.0
     )  # ~0.2 s on a shared laptop core; sklearn per resample is ~100x slower
+
+
+def test_each_interval_says_how_it_was_made():
+    y, p = make_data(300)
+    pk = np.arange(300) // 2
+    res = metric_intervals(y, p, 0.5, clusters=pk, n_boot=200)
+    methods = {m: r.method for m, r in res.items()}
+    assert methods == {
+        "auroc": "bootstrap", "auprc": "bootstrap", "f1": "bootstrap",
+        "sensitivity": "wilson-cluster", "specificity": "wilson-cluster", "ppv": "wilson-cluster",
+        "npv": "wilson-cluster", "accuracy": "wilson-cluster",
+    }  # fmt: skip
+    three = bootstrap_metrics(y, p, 0.5, clusters=pk, n_boot=200)
+    assert three == {m: tuple(r[:3]) for m, r in res.items()}  # the 3-tuple API is the same numbers
+    none = metric_intervals(y, p, 0.5, n_boot=0)
+    assert {r.method for r in none.values()} == {"none"} and all(np.isnan(r.lo) for r in none.values())
+
+
+def test_proportions_are_clustered_wilson():
+    y, p = make_data(240, seed=5)
+    pk = np.arange(240) // 3
+    res = metric_intervals(y, p, 0.5, clusters=pk, n_boot=50, metrics=("sensitivity", "npv"))
+    pos, pred = y == 1, p >= 0.5
+    sens = clustered_wilson(pos & pred, pos, pk)
+    npv = clustered_wilson(~pos & ~pred, ~pred, pk)
+    assert res["sensitivity"][:3] == pytest.approx((sens.point, sens.lo, sens.hi))
+    assert res["npv"][:3] == pytest.approx((npv.point, npv.lo, npv.hi))
+    # no patient keys: plain Wilson on the counts
+    plain = metric_intervals(y, p, 0.5, n_boot=50, metrics=("sensitivity",))["sensitivity"]
+    tp, n_pos = int((pos & pred).sum()), int(pos.sum())
+    assert plain[1:3] == pytest.approx(wilson_interval(tp / n_pos, n_pos))
+
+
+def test_sensitivity_of_one_does_not_collapse():
+    # 45 positives, all detected, one image each: sensitivity 1.000, interval (45/(45+z^2), 1) = (0.921, 1)
+    y = np.r_[np.ones(45), np.zeros(60)]
+    p = np.r_[np.linspace(0.6, 0.99, 45), np.linspace(0.01, 0.7, 60)]
+    point, lo, hi = bootstrap_metrics(y, p, 0.5, n_boot=200)["sensitivity"]
+    assert point == 1.0 and hi == 1.0
+    assert lo == pytest.approx(45 / (45 + Z95**2))
+    # the old percentile bootstrap of the same data would say (1.000-1.000)
+    assert percentile_ci(np.ones(200), 0.95, 200) == (1.0, 1.0)
+
+
+def test_perfect_separation_auroc_falls_back_to_a_nonzero_width_interval():
+    rng = np.random.default_rng(3)
+    pk = np.repeat(np.arange(50), 2)  # 50 patients x 2 images; 20 positive patients, 30 negative
+    y = (pk < 20).astype(float)
+    p = np.where(y == 1, 0.6 + 0.4 * rng.random(100), 0.5 * rng.random(100))
+    res = metric_intervals(y, p, 0.5, clusters=pk, n_boot=300)
+    auroc = res["auroc"]
+    assert auroc.point == 1.0 and auroc.hi == 1.0 and auroc.lo < 1.0
+    assert auroc.method == "wilson-auc-fallback"
+    assert auroc.lo == pytest.approx(20 / (20 + Z95**2))  # min(20, 30) positive/negative *patients*
+    auprc = res["auprc"]
+    assert auprc.point == 1.0 and auprc.lo < auprc.hi == 1.0 and auprc.method == "wilson-auprc-fallback"
+    assert res["sensitivity"].lo < 1.0 and res["specificity"].lo < 1.0
+
+
+def test_too_few_defined_resamples_fall_back_to_hanley_mcneil():
+    # the bootstrap gives no interval (too few resamples defined) although the AUROC is defined
+    r = guard_ranking_interval("auroc", 0.8, np.nan, np.nan, n_pos=10, n_neg=10, ci=0.95)
+    assert r.method == "hanley-mcneil" and (r.lo, r.hi) == pytest.approx(hanley_mcneil_interval(0.8, 10, 10))
+    kept = guard_ranking_interval("auroc", 0.8, 0.7, 0.88, n_pos=10, n_neg=10, ci=0.95)
+    assert kept == (0.8, 0.7, 0.88, "bootstrap")
+    undefined = guard_ranking_interval("auroc", np.nan, np.nan, np.nan, n_pos=0, n_neg=10, ci=0.95)
+    assert undefined.method == "none"

@@ -12,7 +12,13 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from medtransfer.evaluation.metrics import binary_metrics, fast_auroc, macro_auroc
+from medtransfer.evaluation.metrics import (
+    PROPORTION_METRICS,
+    binary_metrics,
+    fast_auroc,
+    macro_auroc,
+    proportion_masks,
+)
 
 # 8 rows, threshold 0.5. Predictions: [0, 0, 0, 1 | 1, 0, 1, 1]
 Y8 = np.array([0, 0, 0, 0, 1, 1, 1, 1])
@@ -92,3 +98,21 @@ def test_fast_auroc_one_class_is_nan():
 
 def test_existing_training_metric_still_works():
     assert macro_auroc(Y8, P8, "binary", 2) == pytest.approx(11 / 16)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_proportion_masks_define_the_same_rates(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 150).astype(float)
+    p = np.round(rng.random(150), 1)  # ties at the threshold: p >= threshold is positive
+    m = binary_metrics(y, p, 0.5)
+    masks = proportion_masks(y, p, 0.5)
+    assert set(masks) == set(PROPORTION_METRICS) == {"sensitivity", "specificity", "ppv", "npv", "accuracy"}
+    for name, (success, denom) in masks.items():
+        assert not (success & ~denom).any(), name  # a success is always in the denominator
+        assert success.sum() / denom.sum() == pytest.approx(m[name]), name
+    assert (
+        int(masks["sensitivity"][1].sum()) == m["n_pos"] and int(masks["ppv"][1].sum()) == m["tp"] + m["fp"]
+    )
+    with pytest.raises(ValueError, match="f1"):
+        proportion_masks(y, p, 0.5, ("f1",))

@@ -9,6 +9,8 @@ from fairlearn.metrics import MetricFrame
 from sklearn.metrics import recall_score, roc_auc_score
 
 from medtransfer.errors import ConfigError
+from medtransfer.evaluation import subgroups
+from medtransfer.evaluation.intervals import clustered_wilson, newcombe_difference
 from medtransfer.evaluation.subgroups import subgroup_gaps, subgroup_table
 
 KW = {"y_col": "y", "p_col": "p", "threshold": 0.5}
@@ -134,10 +136,12 @@ def test_column_contract_even_without_sufficient_groups():
     table = subgroup_table(df, **KW, attributes=["group"], n_boot=20)
     assert list(table.columns) == [
         "attribute", "group", "n", "n_patients", "n_pos", "prevalence",
-        "auroc", "auroc_lo", "auroc_hi", "sensitivity", "sensitivity_lo", "sensitivity_hi",
-        "specificity", "specificity_lo", "specificity_hi", "ece", "status",
+        "auroc", "auroc_lo", "auroc_hi", "auroc_ci_method",
+        "sensitivity", "sensitivity_lo", "sensitivity_hi", "sensitivity_ci_method",
+        "specificity", "specificity_lo", "specificity_hi", "specificity_ci_method", "ece", "status",
     ]  # fmt: skip
     assert table["status"].str.startswith("insufficient").all()
+    assert (table[["auroc_ci_method", "sensitivity_ci_method"]] == "none").all().all()
     gaps = subgroup_gaps(df, **KW, attributes=["group"], n_boot=20)
     assert list(gaps.columns) == [
         "attribute",
@@ -146,6 +150,7 @@ def test_column_contract_even_without_sufficient_groups():
         "gap_lo",
         "gap_hi",
         "ci_level",
+        "ci_method",
         "worst_group",
         "worst_value",
         "best_group",
@@ -155,3 +160,71 @@ def test_column_contract_even_without_sufficient_groups():
         "reason",
     ]
     assert gaps["n_groups"].eq(0).all() and not gaps["flagged"].any()
+
+
+def test_one_name_per_rate():
+    assert subgroups.GAP_METRICS == ("auroc", "sensitivity", "specificity")
+    assert subgroups.GROUP_METRICS == ("auroc", "sensitivity", "specificity")
+    assert not hasattr(subgroups, "CI_METRICS")  # renamed: evaluate.CI_METRICS is the overall list
+    df = make_df(seed=4, noise={"A": 0.5, "B": 1.2})
+    gaps = subgroup_gaps(df, **KW, attributes=["group"], n_boot=100).set_index("metric")
+    assert list(gaps.index) == ["auroc", "sensitivity", "specificity"]
+    fpr = {g: ((d["y"] == 0) & (d["p"] >= 0.5)).sum() / (d["y"] == 0).sum() for g, d in df.groupby("group")}
+    row = gaps.loc["specificity"]
+    assert row["gap"] == pytest.approx(abs(fpr["A"] - fpr["B"]))  # the specificity gap is the FPR gap
+    assert row["worst_value"] == pytest.approx(1 - max(fpr.values()))  # lower specificity is worse
+    assert row["best_value"] - row["worst_value"] == pytest.approx(row["gap"])
+
+
+def test_table_rates_are_clustered_wilson_and_auroc_bootstrap():
+    df = make_df(seed=5)
+    table = subgroup_table(df, **KW, attributes=["group"], n_boot=100).set_index("group")
+    for g in ("A", "B"):
+        rows = df[df["group"] == g]
+        pos, pred = rows["y"].to_numpy() == 1, rows["p"].to_numpy() >= 0.5
+        sens = clustered_wilson(pos & pred, pos, rows["patient_key"].to_numpy())
+        assert table.loc[g, ["sensitivity", "sensitivity_lo", "sensitivity_hi"]].tolist() == pytest.approx(
+            [sens.point, sens.lo, sens.hi]
+        )
+        assert (
+            table.loc[g, "sensitivity_ci_method"] == table.loc[g, "specificity_ci_method"] == "wilson-cluster"
+        )
+        assert table.loc[g, "auroc_ci_method"] == "bootstrap"
+
+
+def test_rate_gap_is_newcombe_at_the_widened_level():
+    df = make_df(seed=6, noise={"A": 0.5, "B": 0.9, "C": 1.4})
+    gaps = subgroup_gaps(df, **KW, attributes=["group"], n_boot=100).set_index("metric")
+    row = gaps.loc["sensitivity"]
+    assert row["ci_level"] == pytest.approx(1 - 0.05 / 3) and row["ci_method"] == "newcombe-wilson-cluster"
+    ends = []
+    for g in (row["best_group"], row["worst_group"]):
+        rows = df[df["group"] == g]
+        pos, pred = rows["y"].to_numpy() == 1, rows["p"].to_numpy() >= 0.5
+        r = clustered_wilson(pos & pred, pos, rows["patient_key"].to_numpy(), row["ci_level"])
+        ends.append((r.point, (r.lo, r.hi)))
+    _, lo, hi = newcombe_difference(*ends[0], *ends[1])
+    assert (row["gap_lo"], row["gap_hi"]) == pytest.approx((lo, hi))
+    assert gaps.loc["auroc", "ci_method"] == "bootstrap-normal"
+
+
+def test_perfect_groups_give_gap_intervals_of_nonzero_width():
+    """Two groups both at sensitivity, specificity and AUROC 1.0: gap 0, interval around 0, not flagged."""
+    rng = np.random.default_rng(7)
+    df = make_df(seed=7, n_patients=120)
+    df["p"] = np.where(df["y"] == 1, 0.6 + 0.4 * rng.random(len(df)), 0.4 * rng.random(len(df)))
+    table = subgroup_table(df, **KW, attributes=["group"], n_boot=100).set_index("group")
+    for m in ("auroc", "sensitivity", "specificity"):
+        assert (table[m] == 1.0).all() and (table[f"{m}_hi"] == 1.0).all() and (table[f"{m}_lo"] < 1.0).all()
+    assert (table["auroc_ci_method"] == "wilson-auc-fallback").all()
+    gaps = subgroup_gaps(df, **KW, attributes=["group"], n_boot=100).set_index("metric")
+    assert (gaps["gap"] == 0).all() and not gaps["flagged"].any()
+    assert (gaps["gap_lo"] < 0).all() and (gaps["gap_hi"] > 0).all()
+    assert gaps.loc["auroc", "ci_method"] == "mover-auc-fallback"
+    assert gaps.loc["sensitivity", "ci_method"] == "newcombe-wilson-cluster"
+
+
+def test_no_resamples_means_no_gap_intervals():
+    gaps = subgroup_gaps(make_df(), **KW, attributes=["group"], n_boot=0)
+    assert gaps["gap"].notna().all() and gaps["gap_lo"].isna().all() and not gaps["flagged"].any()
+    assert (gaps["ci_method"] == "none").all() and gaps["reason"].str.contains("n_boot=0").all()

@@ -53,7 +53,23 @@ def test_randomise_changes_every_parameter_of_the_stage() -> None:
     assert changed[0] and changed[1]
 
 
-def test_spearman_constant_maps_count_as_zero() -> None:
+def test_spearman_constant_maps_are_undefined_not_zero() -> None:
     a = torch.rand(2, 8, 8)
     b = torch.stack([a[0], torch.zeros(8, 8)])
-    np.testing.assert_allclose(spearman_per_image(a, b), [1.0, 0.0])
+    np.testing.assert_allclose(spearman_per_image(a, b), [1.0, np.nan])
+
+
+def test_a_check_whose_randomised_maps_are_constant_is_not_assessed_never_passed() -> None:
+    """Occlusion of a randomised model gave all-zero maps; counting those pairs as rho = 0 read as a pass."""
+    model = tiny_classifier()
+    calls = {"n": 0}
+
+    def fn(m: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        # the trained model's maps vary; every randomised model's maps are constant
+        return torch.rand(len(images), 8, 8) if calls["n"] == 1 else torch.zeros(len(images), 8, 8)
+
+    result = sanity_check(model, torch.rand(4, 1, 8, 8), explain_fn=fn, target=0)
+    assert result.status == "not assessed" and not result.passed, result
+    assert np.isnan(result.sanity_score) and "constant for 4 of 4" in result.reason
+    assert int(result.table["n_constant"].iloc[-1]) == 4

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from medtransfer.commands import Commands
 from medtransfer.errors import ConfigError, MissingDependency, RunDirError
 from medtransfer.evaluation.result import EvaluationResult
 from medtransfer.reports import render
@@ -63,10 +64,11 @@ def test_missing_saliency_and_evaluation_say_how_to_produce_them(run_copy: Path)
 
     shutil.rmtree(run_copy / "saliency")
     html = render_report(run_copy, formats=["html"])["html"].read_text("utf-8")
-    assert "Saliency maps: not provided" in html and f"medtransfer explain {run_copy.name}" in html
+    cmds = Commands.for_run(run_copy)
+    assert "Saliency maps: not provided" in html and cmds.explain in html
     (run_copy / "evaluation.json").unlink()
     html = render_report(run_copy, formats=["html"])["html"].read_text("utf-8")
-    assert "Not evaluated" in html and f"medtransfer evaluate {run_copy.name}" in html
+    assert "Not evaluated" in html and cmds.evaluate in html
     assert "Performance: not provided" in html
     for sid in SECTION_IDS:
         assert f'id="{sid}"' in html, sid
@@ -137,20 +139,33 @@ def test_config_paths_are_reduced_to_names() -> None:
     assert with_ci(float("nan"), 0.1, 0.2) == NOT_PROVIDED
 
 
+#: CPU seconds a re-render in a fresh process may take (imports included), by formats. Measured on the project's
+#: 2-core machine while other test runs kept it at load 6-7: html 1.8 s, html+pdf 3.7 s CPU (wall 4.7 s and
+#: 10-11 s). The bounds are ~2.5x that: a 3x slower renderer trips them, while a CI machine 1.5x slower per
+#: core and the extra CPU time of a contended cache (~1.3x) stay under. CPU time, not wall time, because a
+#: loaded machine stretches wall time by its load (here ~3x) but barely the CPU time the render itself uses.
+RERENDER_CPU_BOUND = {"html": 4.5, "html+pdf": 9.0}
+#: Wall-clock safety net for what CPU time cannot see (waiting: a network fetch, a lock): 3x the loaded figure.
+RERENDER_WALL_BOUND = 30.0
+
+
 def test_rerender_does_not_import_torch_and_is_fast(report_run: BuiltRun, tmp_path: Path) -> None:
     formats = ["html", "pdf"] if _weasyprint_ok() else ["html"]
-    code = ("import sys, time; t = time.perf_counter(); from medtransfer.reports.render import render_report; "
+    code = ("import sys, time; t = time.perf_counter(); c = time.process_time(); "
+            "from medtransfer.reports.render import render_report; "
             f"render_report({str(report_run.run_dir)!r}, {str(tmp_path)!r}, formats={formats!r}); "
-            "print(round(time.perf_counter() - t, 2)); "
+            "print(round(time.perf_counter() - t, 2), round(time.process_time() - c, 2)); "
             "bad = [m for m in ('torch', 'monai', 'captum') if m in sys.modules]; assert not bad, bad")
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    seconds = float(proc.stdout.strip().splitlines()[-1])
-    print(f"re-render ({'+'.join(formats)}) in a fresh process: {seconds:.1f} s "
+    wall, cpu = map(float, proc.stdout.strip().splitlines()[-1].split())
+    kind = "+".join(formats)
+    print(f"re-render ({kind}) in a fresh process: {wall:.1f} s wall, {cpu:.1f} s CPU "
           f"(process wall {time.perf_counter() - started:.1f} s)")
-    assert seconds < 60, f"rendering took {seconds:.1f} s"
+    assert cpu < RERENDER_CPU_BOUND[kind], f"rendering {kind} used {cpu:.1f} s of CPU (bound {RERENDER_CPU_BOUND[kind]} s)"
+    assert wall < RERENDER_WALL_BOUND, f"rendering {kind} took {wall:.1f} s wall, {cpu:.1f} s CPU: waiting on something?"
     for fmt in formats:
         assert (tmp_path / f"report.{fmt}").stat().st_size > 10_000
 

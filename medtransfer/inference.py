@@ -94,7 +94,7 @@ class TolerantDataset(torch.utils.data.Dataset):
 
     def __init__(self, ds: ScanDataset) -> None:
         self.ds = ds
-        self.targets = ds.manifest.targets() if has_labels(ds.manifest) else None
+        self.targets = ds.manifest.targets() if ds.manifest.has_labels else None
         self.dtype = torch.long if ds.manifest.task == "multiclass" else torch.float32
 
     def __len__(self) -> int:
@@ -200,19 +200,12 @@ def _tap(loader: Iterable[dict[str, Any]], errors: dict[int, str], progress: boo
             yield batch
 
 
-def has_labels(manifest: Manifest) -> bool:
-    """True when at least one case of ``manifest`` has a known label (new scans to predict have none)."""
-    df = manifest.df
-    cols = list(manifest.classes) if manifest.task == "multilabel" else ["label"]
-    return any(c in df and df[c].notna().any() for c in cols)
-
-
 def predictions_table(manifest: Manifest, card: ModelCard, result: Inference) -> pd.DataFrame:
     """The predictions table (module docstring) for ``manifest`` from an inference pass."""
     df = manifest.df
     out = pd.DataFrame({"case_id": df["case_id"].astype(str), "patient_key": df["patient_key"].astype(str),
                         "split": df["split"].astype(str) if "split" in df else "", "path": df["path"].astype(str)})
-    if has_labels(manifest):
+    if manifest.has_labels:
         out = pd.concat([out, _truth(manifest)], axis=1)
     out = pd.concat([out, _scores(card, result, df.index)], axis=1)
     for col in SUBGROUP_COLUMNS:
@@ -317,7 +310,7 @@ def _unlabelled(df: pd.DataFrame, card: ModelCard, data_dir: Path) -> Manifest:
 
 def _score_folder(model: torch.nn.Module, card: ModelCard, given: str | os.PathLike[str], **kw: Any) -> pd.DataFrame:
     indexed = index_scans(given, config=DataConfig(val_fraction=0, test_fraction=0, verify_pixels=False),
-                          spatial_dims=card.input.spatial_dims, unlabelled=True, progress=kw["progress"])
+                          spatial_dims=card.input.spatial_dims, require_labels=False, progress=kw["progress"])
     out = []
     if len(indexed):
         manifest = _unlabelled(indexed.df, card, indexed.data_dir)

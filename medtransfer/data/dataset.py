@@ -82,7 +82,7 @@ class ScanDataset(torch.utils.data.Dataset):
         self.manifest = manifest
         self.spec = spec
         self.train = train
-        self._targets = manifest.targets()
+        self._targets = manifest.targets() if manifest.has_labels else None  # new scans to predict: none
         self._resize = resize_transforms(spec)
         self._random = random_transforms(augment or AugmentConfig(), spec.spatial_dims) if train else None
         self._finalise = finalise_transforms(spec)
@@ -163,6 +163,8 @@ class ScanDataset(torch.utils.data.Dataset):
             logger.warning("could not write the image cache in %s (%s); continuing without it", path.parent, exc)
 
     def _label(self, index: int) -> torch.Tensor:
+        if self._targets is None:  # unlabelled cases: a placeholder that nothing learns from
+            return torch.tensor(0 if self.manifest.task == "multiclass" else 0.0)
         target = self._targets[index]
         if self.manifest.task == "multiclass":
             return torch.tensor(int(target), dtype=torch.long)

@@ -109,6 +109,11 @@ class Manifest:
         return self.task != "unlabelled"
 
     @property
+    def has_labels(self) -> bool:
+        """True when at least one case has a known label (an inventory, or new scans to predict, have none)."""
+        return any(c in self.df and self.df[c].notna().any() for c in self.label_columns)
+
+    @property
     def label_columns(self) -> list[str]:
         """The columns holding labels: the class columns (multi-label), ``["label"]``, or none (unlabelled)."""
         if self.task == "unlabelled":

@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
 import medtransfer as mt
+from medtransfer.cli import app
 from medtransfer.errors import ManifestError
-from medtransfer.evaluation.predict import predict_cases, predict_paths
+from medtransfer.evaluation.predict import predict
 from medtransfer.evaluation.result import read_predictions
-from medtransfer.training.run import Run
+from medtransfer.run_dir import Run
 from tests.evaluation.test_evaluate import CANARY_FILE, trained_run, write_case
 from tests.factories import CANARIES
 
@@ -24,7 +26,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 def test_predictions_table_columns_and_operating_point(run: Run) -> None:
     test = run.manifest.split("test")
-    table = predict_cases(run, test)
+    table = run.predict(test)
     assert table.columns[:5].tolist() == ["case_id", "patient_key", "split", "path", "label"]
     assert {"true_normal", "true_pneumonia", "p_pneumonia", "p_raw_pneumonia", "pred_pneumonia", "predicted",
             "sex", "age", "age_band", "site", "manufacturer", "view", "modality", "error"} <= set(table.columns)
@@ -44,8 +46,8 @@ def test_predictions_table_columns_and_operating_point(run: Run) -> None:
 
 def test_batched_equals_per_case(run: Run) -> None:
     cases = run.manifest.split("val")
-    batched = predict_cases(run, cases, batch_size=16)
-    single = predict_cases(run, cases, batch_size=1)
+    batched = run.predict(cases, batch_size=16)
+    single = run.predict(cases, batch_size=1)
     np.testing.assert_allclose(batched["p_raw_pneumonia"], single["p_raw_pneumonia"], rtol=1e-4, atol=1e-6)
     # and equal to Run.predict on the same files, the engine's own preprocessing path;
     # Run.predict returns calibrated probabilities, like the evaluation table's p_<class>
@@ -71,8 +73,8 @@ def test_predict_paths_scores_new_scans_and_reports_unreadable_files(run: Run, t
     (new / "ward" / "truncated.dcm").write_bytes((new / "ward" / f"{CANARY_FILE}_1.dcm").read_bytes()[:400])
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "preds.csv"
-    table = predict_paths(run, ["new_scans", "one.dcm"], out=out)
-    assert table.columns.tolist() == ["case_id", "file", "p_pneumonia", "predicted", "error"]
+    table = predict(run, ["new_scans", "one.dcm"], out=out)
+    assert table.columns.tolist() == ["case_id", "file", "p_pneumonia", "pred_pneumonia", "predicted", "error"]
     by_file = table.set_index("file")
     good = [f"new_scans/ward/{CANARY_FILE}_{i}.dcm" for i in range(3)] + ["one.dcm"]
     assert sorted(by_file.index) == sorted([*good, "new_scans/ward/broken.dcm", "new_scans/ward/truncated.dcm"])
@@ -87,4 +89,27 @@ def test_predict_paths_scores_new_scans_and_reports_unreadable_files(run: Run, t
 
 def test_predict_paths_refuses_a_missing_path(run: Run, tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="not found"):
-        predict_paths(run, [tmp_path / "nope"])
+        predict(run, [tmp_path / "nope"])
+
+
+def test_cli_and_load_run_predict_give_the_evaluations_calibrated_probabilities(run: Run, tmp_path: Path) -> None:
+    """The round trip: ``medtransfer predict RUN FILES`` and ``load_run(RUN).predict(FILES)`` give the test scans
+    the calibrated probabilities (and labels) that ``evaluate`` wrote to predictions.csv for the same cases."""
+    evaluated = tmp_path / "evaluated"
+    mt.evaluate(run.path, split="test", n_boot=0, out_dir=evaluated)
+    expected = pd.read_csv(evaluated / "predictions.csv")
+    assert len(expected) == len(run.manifest.split("test")) and expected["p_pneumonia"].std() > 0.05
+    files = [str((run.manifest.data_dir / rel).resolve()) for rel in expected["path"]]
+
+    out = tmp_path / "cli.csv"
+    result = CliRunner().invoke(app, ["--quiet", "predict", str(run.path), *files, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    by_cli = pd.read_csv(out).set_index("file").loc[files]
+    assert by_cli["error"].isna().all(), by_cli["error"].dropna()
+    np.testing.assert_allclose(by_cli["p_pneumonia"], expected["p_pneumonia"], rtol=0, atol=1e-5)
+    by_api = mt.load_run(run.path).predict(files)
+    np.testing.assert_allclose(by_api["p_pneumonia"], expected["p_pneumonia"], rtol=0, atol=1e-5)
+
+    # the same label at the card's operating point (cases within the tolerance of the threshold aside)
+    clear = (expected["p_pneumonia"] - run.card.thresholds["pneumonia"]).abs() > 1e-5
+    assert (by_cli["predicted"].to_numpy()[clear] == expected["predicted"][clear]).all()

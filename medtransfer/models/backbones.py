@@ -17,15 +17,16 @@ validates backbone names against it) is usable without torch.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
 import logging
 import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from medtransfer import io
 from medtransfer.data.spec import IMAGENET_MEAN, IMAGENET_STD
 from medtransfer.digest import sha256_file
 from medtransfer.errors import CheckpointError, ConfigError, WeightsUnavailable
@@ -338,17 +339,30 @@ def _fetch_torchvision(spec: BackboneSpec) -> Path:
     if _offline():
         raise WeightsUnavailable(_unavailable_message(spec, path, url, f"{OFFLINE_ENV} is set"))
     match = torch.hub.HASH_REGEX.search(path.name)
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # urllib has no per-call timeout in torch.hub: fail fast
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         log.info("%s: downloading %s to %s", spec.name, url, path)
-        torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, progress=False)
+        _download(url, path, match.group(1) if match else None)
     except Exception as exc:  # URLError, timeout, hash mismatch, read-only cache
         raise WeightsUnavailable(_unavailable_message(spec, path, url, f"download failed: {exc}")) from exc
-    finally:
-        socket.setdefaulttimeout(old_timeout)
     return path
+
+
+def _download(url: str, path: Path, hash_prefix: str | None) -> None:
+    """Stream ``url`` to ``path`` atomically, with a per-call timeout, checking torch hub's sha256 prefix.
+
+    torch.hub's downloader takes no timeout, and setting the process-wide socket default around it would change
+    every other connection in the process; ``urlopen(timeout=...)`` bounds this call alone.
+    """
+    import urllib.request
+
+    h = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, io.atomic_path(path) as tmp:  # noqa: S310
+        with open(tmp, "wb") as fh:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                fh.write(block)
+                h.update(block)
+        if hash_prefix is not None and not h.hexdigest().startswith(hash_prefix):
+            raise ValueError(f"sha256 {h.hexdigest()[:12]}... does not match the expected prefix {hash_prefix}")
 
 
 def _unavailable_message(spec: BackboneSpec, path: Path, url: str, reason: str) -> str:

@@ -41,7 +41,7 @@ def no_network(tmp_path, monkeypatch):
         calls.append(url)
         raise urllib.error.URLError("network disabled in tests")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fail)
+    monkeypatch.setattr(bb, "_download", fail)
     return calls
 
 
@@ -227,3 +227,21 @@ def test_grey_input_stats_average_the_rgb_stats():
     mean, std = get_backbone("resnet18").input_stats(1)
     assert mean == (0.449,) and std == (0.226,)
     assert get_backbone("efficientnet_lite0").input_stats(3) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_a_download_never_changes_the_process_wide_socket_timeout(tmp_path, monkeypatch):
+    """The weights download bounds its own call; other connections in the process keep their timeout."""
+    import socket
+
+    seen = {}
+
+    def fake_urlopen(url, timeout=None):
+        seen["timeout"] = timeout
+        raise urllib.error.URLError("network disabled in tests")
+
+    monkeypatch.setattr("urllib.request.urlopen", fake_urlopen)
+    before = socket.getdefaulttimeout()
+    with pytest.raises(urllib.error.URLError):
+        bb._download("https://example.invalid/w.pth", tmp_path / "w-abcdef12.pth", "abcdef12")
+    assert seen["timeout"] == bb.DOWNLOAD_TIMEOUT_S and socket.getdefaulttimeout() == before
+    assert not list(tmp_path.iterdir())  # no half file left behind

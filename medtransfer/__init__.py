@@ -39,6 +39,8 @@ _PUBLIC = {
     "explain_run": "medtransfer.explain.run",
     "render_report": "medtransfer.reports.render",
     "run_demo": "medtransfer.demo",
+    "audit": "medtransfer.audit.run",
+    "Audit": "medtransfer.audit.run",
     "audit_transfer": "medtransfer.audit.transfer",
     "audit_shortcuts": "medtransfer.audit.shortcuts",
     "AuditResult": "medtransfer.audit.transfer",
@@ -47,6 +49,7 @@ _PUBLIC = {
 
 __all__ = [
     "__version__",
+    "Audit",
     "AuditResult",
     "CheckpointError",
     "ConfigError",
@@ -61,6 +64,7 @@ __all__ = [
     "ScanReadError",
     "ShortcutAudit",
     "WeightsUnavailable",
+    "audit",
     "audit_shortcuts",
     "audit_transfer",
     "build_model",
@@ -81,6 +85,7 @@ __all__ = [
 assert set(__all__[1:]) == set(_PUBLIC), "keep __all__ and _PUBLIC in step"
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from medtransfer.audit.run import Audit, audit
     from medtransfer.audit.shortcuts import ShortcutAudit, audit_shortcuts
     from medtransfer.audit.transfer import AuditResult, audit_transfer
     from medtransfer.config import RunConfig, load_config

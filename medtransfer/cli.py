@@ -382,39 +382,27 @@ def audit(
     transfer: Annotated[bool, typer.Option(help="Run the transfer (pretrained vs scratch) audit.")] = True,
 ) -> None:
     """Does pretraining help on this data, and is the model learning the hospital? Resumable."""
-    from medtransfer.audit.shortcuts import audit_shortcuts
-    from medtransfer.audit.transfer import audit_transfer
-    from medtransfer.config import load_config
-    from medtransfer.run_dir import load_run
+    from medtransfer.audit.run import DEFAULT_FRACTIONS, DEFAULT_STRATEGIES
+    from medtransfer.audit.run import audit as audit_run
 
-    is_run = (data / "model_card.json").is_file()
-    run_dir = run or (data if is_run else None)
-    target = out or (run_dir / "audit" if run_dir else Path("runs/audit"))
-    if transfer:
-        if is_run:
-            loaded = load_run(data)
-            cfg = load_config(config) if config else loaded.config
-            source: Any = loaded.manifest
-        else:
-            cfg, source = load_config(config or "quickstart"), data
-        result = audit_transfer(source, labels=labels, config=cfg, strategies=strategy or
-                                ("scratch", "linear-probe", "gradual"), fractions=fraction or (0.1, 0.25, 0.5, 1.0),
-                                seeds=seeds, budget_epochs=epochs, out=target, progress=not quiet())
-        console.print(_audit_table(result), highlight=False)
-        for w in result.warnings:
+    result = audit_run(data, labels=labels, config=config, out=out, run=run,
+                       strategies=strategy or DEFAULT_STRATEGIES, fractions=fraction or DEFAULT_FRACTIONS,
+                       seeds=seeds, budget_epochs=epochs, transfer=transfer, shortcuts=shortcuts,
+                       progress=not quiet())
+    if result.transfer is not None:
+        console.print(_audit_table(result.transfer), highlight=False)
+        for w in result.transfer.warnings:
             err_console.print(f"warning: {w}", highlight=False, soft_wrap=True)
-        say(f"wrote {target / 'transfer.json'}")
-    if shortcuts:
-        if run_dir is None:
-            say("shortcut audit skipped: pass a trained run (--run RUN_DIR, or a run directory as DATA)")
-            return
-        sc = audit_shortcuts(run_dir, out=target, progress=not quiet())
-        for r in sc.probe.to_dict("records"):
+        say(f"wrote {result.out / 'transfer.json'}")
+    for note in result.skipped:
+        say(note)
+    if result.shortcuts is not None:
+        for r in result.shortcuts.probe.to_dict("records"):
             if r.get("balanced_accuracy") is not None:
                 say(f"{r['attribute']} probe: balanced accuracy {r['balanced_accuracy']:.2f} (chance {r['chance']:.2f})")
-        for w in sc.warnings:
+        for w in result.shortcuts.warnings:
             err_console.print(f"warning: {w}", highlight=False, soft_wrap=True)
-        say(f"wrote {target / 'shortcuts.json'}; re-render the report to include the audit")
+        say(f"wrote {result.out / 'shortcuts.json'}; re-render the report to include the audit")
 
 
 def _audit_table(result: Any) -> str:

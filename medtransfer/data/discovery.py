@@ -175,7 +175,19 @@ def index_scans(
     if out_dir is not None:
         manifest.save(out_dir)
         io.write_json(Path(out_dir) / "summary.json", summary_dict(manifest))
+    _log_quarantine(manifest, out_dir)
     return manifest
+
+
+def _log_quarantine(manifest: Manifest, out_dir: str | Path | None) -> None:
+    """One warning naming how many files were left out and why (every command that indexes shows it)."""
+    q = manifest.quarantine
+    if not len(q):
+        return
+    counts = ", ".join(f"{k}: {v}" for k, v in q["problem"].value_counts().items())
+    where = f"{Path(out_dir) / 'quarantine.csv'}" if out_dir is not None else "manifest.quarantine"
+    logger.warning("%d file(s) could not be used and were quarantined (%s); each file and reason is in %s",
+                   len(q), counts, where)
 
 
 def _check_root(data_dir: str | Path) -> Path:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from medtransfer import io
 from medtransfer.config import RunConfig, apply_overrides, dump_config, load_config
 from medtransfer.data.manifest import Manifest
 from medtransfer.data.spec import InputSpec
-from medtransfer.errors import ConfigError, ManifestError, RunDirError
+from medtransfer.errors import ConfigError, ManifestError, MedtransferError, RunDirError
 from medtransfer.models.card import ModelCard
 from medtransfer.run_dir import Run, load_run
 from medtransfer.training.calibrate import calibrate
@@ -87,9 +88,40 @@ def train(
         The finished :class:`Run`.
     """
     run_dir = Path(out) if out else default_run_dir()
-    with run_lock(run_dir):
-        cfg, manifest, resume = _prepare(run_dir, data, labels, label_columns, config, overrides, resume, progress)
-        return _fit_and_save(run_dir, cfg, manifest, resume, progress, on_epoch)
+    fresh = not run_dir.exists()
+    prepared = False
+    try:
+        with run_lock(run_dir):
+            cfg, manifest, resume = _prepare(run_dir, data, labels, label_columns, config, overrides, resume,
+                                             progress)
+            prepared = True
+            return _fit_and_save(run_dir, cfg, manifest, resume, progress, on_epoch)
+    except MedtransferError as exc:
+        if fresh and not prepared:
+            _discard_unstarted(run_dir, exc)
+        raise
+
+
+def _discard_unstarted(run_dir: Path, exc: MedtransferError) -> None:
+    """A run that failed before training started (bad config, data that cannot be indexed) leaves no folder.
+
+    The exception: a list of quarantined files explains the failure, so ``quarantine.csv`` is kept (alone)
+    and the error names it.
+    """
+    quarantine = run_dir / "quarantine.csv"
+    keep = quarantine.is_file() and len(quarantine.read_text(encoding="utf-8").strip().splitlines()) > 1
+    for child in run_dir.iterdir():
+        if keep and child == quarantine:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink(missing_ok=True)
+    if keep:
+        exc.args = (f"{exc.args[0] if exc.args else exc} (the files that could not be used are listed in "
+                    f"{quarantine})", *exc.args[1:])
+    else:
+        run_dir.rmdir()
 
 
 def default_run_dir() -> Path:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import yaml
 
+from medtransfer.commands import run_ref
 from medtransfer.config import ReportConfig
 from medtransfer.data.manifest import SPLITS, Manifest
 from medtransfer.reports import checklist, figures, guidelines
@@ -52,6 +53,7 @@ def build_context(files: RunFiles) -> dict[str, Any]:
     ctx["subgroups"] = subgroup_section(result) if result is not None else None
     ctx["explain"] = figures.gallery(files.run_dir / "saliency", files.saliency, files.sanity)
     ctx["evaluation"] = evaluation_summary(result)
+    ctx["external"] = external_section(files)
     ctx["biggest_gap"] = biggest_gap(result)
     ctx["audit"] = audit_section(files.audit)
     ctx["commands"] = checklist.commands_for(files)
@@ -251,6 +253,22 @@ def evaluation_summary(result: EvaluationResult | None) -> dict[str, Any] | None
         "ci_text": ci_text(result),
         "date": str(m.get("created", NOT_PROVIDED))[:10],
     }
+
+
+def external_section(files: RunFiles) -> list[dict[str, Any]]:
+    """One entry per external evaluation saved under the run (``external/<name>/``), with its headline metrics."""
+    out = []
+    for name, r in files.external.items():
+        rows = [{"class": x["class"], "auroc": with_ci(x.get("auroc"), x.get("auroc_lo"), x.get("auroc_hi")),
+                 "sensitivity": with_ci(x.get("sensitivity"), x.get("sensitivity_lo"), x.get("sensitivity_hi")),
+                 "specificity": with_ci(x.get("specificity"), x.get("specificity_lo"), x.get("specificity_hi"))}
+                for x in r.overall.to_dict("records") if x.get("class") != "macro"]
+        own = files.run_dir / "external" / name / "report.html"
+        out.append({"name": name, "date": str(r.meta.get("created", NOT_PROVIDED))[:10], "rows": rows,
+                    "n_cases": r.meta.get("n_cases", NOT_PROVIDED), "n_patients": r.meta.get("n_patients", NOT_PROVIDED),
+                    "report": f"external/{name}/report.html" if own.is_file() else
+                              f"not rendered: run 'medtransfer report {run_ref(files.run_dir / 'external' / name)}'"})
+    return out
 
 
 CI_METHOD_WORDS = {

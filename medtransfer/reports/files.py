@@ -36,6 +36,7 @@ class RunFiles:
     sanity: dict[str, pd.DataFrame] = field(default_factory=dict)
     audit: dict[str, Any] | None = None
     weights_sha256: str | None = None
+    external: dict[str, EvaluationResult] = field(default_factory=dict)
 
 
 def load_run_files(run_dir: Path, result: EvaluationResult | None = None) -> RunFiles:
@@ -69,6 +70,12 @@ def load_run_files(run_dir: Path, result: EvaluationResult | None = None) -> Run
     audit = {name: _optional(lambda p=path: json.loads(p.read_text("utf-8")), path)
              for name in ("transfer", "shortcuts") if (path := run_dir / "audit" / f"{name}.json").is_file()}
     files.audit = {k: v for k, v in audit.items() if v is not None} or None
+    for path in sorted(run_dir.glob("external/*/evaluation.json")):
+        if result is not None and result.saved_to is not None and Path(result.saved_to) == path.parent:
+            continue  # the report of this external evaluation itself
+        loaded = _optional(lambda p=path: EvaluationResult.load(p.parent), path)
+        if loaded is not None:
+            files.external[path.parent.name] = loaded
     if (run_dir / "model.safetensors").is_file():
         files.weights_sha256 = sha256_file(run_dir / "model.safetensors")
     return files

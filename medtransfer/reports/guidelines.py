@@ -462,7 +462,7 @@ def r_failures(f: _Facts) -> Verdict:
     items = [i for c in f.explain.get("classes") or [] for i in c.get("items") or []]
     wrong = [i for i in items if i.get("kind") in ("FP", "FN")]
     if not wrong:
-        todo = "Review the misclassified cases (predictions.csv, 'medtransfer explain') and describe the failure modes."
+        todo = f"Review the misclassified cases (predictions.csv, '{f.commands.explain}') and describe the failure modes."
         return PROVIDE, "", todo
     hinted = sum(1 for i in wrong if i.get("has_hint"))
     return (PARTLY, f"{EXPLAIN}: heat maps of {len(wrong)} false-positive/negative case(s), {hinted} with a shortcut "

@@ -125,6 +125,10 @@ def _resolve(arg: EvaluationResult | str | os.PathLike[str]) -> tuple[Path, Eval
     if not (run_dir / "model_card.json").is_file() and not (run_dir / "evaluation.json").is_file():
         raise RunDirError(f"{run_dir}: neither model_card.json nor evaluation.json found; give a run directory "
                           "written by 'medtransfer train' (then 'medtransfer evaluate RUN_DIR')")
+    if not (run_dir / "model_card.json").is_file():  # an evaluation folder (<run>/external/<name>): its run above
+        for folder in (run_dir.parent, run_dir.parent.parent):
+            if (folder / "model_card.json").is_file():
+                return folder, EvaluationResult.load(run_dir)
     return run_dir, None
 
 

@@ -31,10 +31,10 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from medtransfer.evaluation.bootstrap import metric_intervals, resample_indices  # noqa: E402
-from medtransfer.evaluation.calibration import brier, ece, reliability_curve  # noqa: E402
 from medtransfer.evaluation.subgroups import subgroup_gaps, subgroup_table  # noqa: E402
-from medtransfer.evaluation.thresholds import choose_threshold  # noqa: E402
+from medtransfer.stats.bootstrap import metric_intervals, resample_indices  # noqa: E402
+from medtransfer.stats.calibration import brier, ece, reliability_curve  # noqa: E402
+from medtransfer.stats.thresholds import choose_threshold  # noqa: E402
 
 ATTRIBUTES = ("sex", "age_band", "site")
 

@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 import medtransfer as mt  # noqa: E402
 from medtransfer.data.dataset import ScanDataset, make_loader  # noqa: E402
-from medtransfer.evaluation.metrics import macro_auroc  # noqa: E402
-from medtransfer.training.device import resolve_device  # noqa: E402
+from medtransfer.device import resolve_device  # noqa: E402
+from medtransfer.stats.metrics import macro_auroc  # noqa: E402
 from medtransfer.training.loop import predict_batches  # noqa: E402
 
 

@@ -193,8 +193,8 @@ def _leave_one_site_out(run: Any, manifest: Any, n_boot: int, progress: bool) ->
 def _loso_stats(y: np.ndarray, p_all: np.ndarray, p_out: np.ndarray, patients: np.ndarray, n_boot: int
                 ) -> tuple[tuple[float, float, float], ...]:
     """Patient-bootstrap (point, lo, hi) of AUROC with all sites, left out, and their difference."""
-    from medtransfer.evaluation.bootstrap import bootstrap_statistic
-    from medtransfer.evaluation.metrics import fast_auroc
+    from medtransfer.stats.bootstrap import bootstrap_statistic
+    from medtransfer.stats.metrics import fast_auroc
 
     def boot(stat: Any) -> tuple[float, float, float]:
         return bootstrap_statistic(stat, len(y), clusters=patients, n_boot=n_boot)

@@ -30,14 +30,14 @@ from medtransfer.config import DataConfig
 from medtransfer.data.discovery import index_scans
 from medtransfer.data.manifest import Manifest
 from medtransfer.errors import ManifestError, RunDirError
-from medtransfer.evaluation.bootstrap import metric_intervals
-from medtransfer.evaluation.calibration import brier, ece, reliability_curve
-from medtransfer.evaluation.metrics import BINARY_METRICS, binary_metrics
 from medtransfer.evaluation.result import EvaluationResult
 from medtransfer.evaluation.subgroups import GAP_COLUMNS, TABLE_COLUMNS, subgroup_gaps, subgroup_table
 from medtransfer.models.card import ModelCard
 from medtransfer.models.outputs import scored_classes, thresholds_of
 from medtransfer.run_dir import Run, load_run
+from medtransfer.stats.bootstrap import metric_intervals
+from medtransfer.stats.calibration import brier, ece, reliability_curve
+from medtransfer.stats.metrics import BINARY_METRICS, binary_metrics
 from medtransfer.training.calibrate import calibrate
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ callable). Three things MetricFrame does not do, so they are done here: (1) CIs 
 must be reported as insufficient rather than as a number; (3) a gap CI that can include zero (below).
 
 Group CIs. Sensitivity and specificity get the patient-clustered Wilson interval, AUROC the patient
-bootstrap with a closed-form fallback where that is degenerate (see :mod:`medtransfer.evaluation.bootstrap`):
+bootstrap with a closed-form fallback where that is degenerate (see :mod:`medtransfer.stats.bootstrap`):
 a small group at sensitivity 1.0 reads e.g. "1.00 (0.83-1.00)", never "1.00 (1.00-1.00)". Each interval's
 method is in ``<metric>_ci_method``.
 
@@ -50,16 +50,16 @@ import pandas as pd
 from fairlearn.metrics import MetricFrame
 
 from medtransfer.errors import ConfigError
-from medtransfer.evaluation import intervals
-from medtransfer.evaluation.bootstrap import (
+from medtransfer.stats import intervals
+from medtransfer.stats.bootstrap import (
     class_patient_counts,
     cluster_codes,
     metric_intervals,
     normal_ci,
     resample_weights,
 )
-from medtransfer.evaluation.calibration import ece
-from medtransfer.evaluation.metrics import clean_binary, fast_auroc, proportion_masks, weighted_binary_metrics
+from medtransfer.stats.calibration import ece
+from medtransfer.stats.metrics import clean_binary, fast_auroc, proportion_masks, weighted_binary_metrics
 
 logger = logging.getLogger(__name__)
 

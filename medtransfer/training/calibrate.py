@@ -27,11 +27,11 @@ import torch
 
 from medtransfer.config import RunConfig
 from medtransfer.data.manifest import Manifest
-from medtransfer.evaluation.calibration import T_BOUNDS, ece, fit_temperature
-from medtransfer.evaluation.thresholds import choose_threshold
 from medtransfer.inference import run_model
 from medtransfer.models.card import ModelCard
 from medtransfer.models.outputs import apply_temperature, probabilities, scored_classes
+from medtransfer.stats.calibration import T_BOUNDS, ece, fit_temperature
+from medtransfer.stats.thresholds import choose_threshold
 
 logger = logging.getLogger(__name__)
 

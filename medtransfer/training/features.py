@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from medtransfer import io
 from medtransfer.data.manifest import Manifest
 from medtransfer.data.spec import InputSpec
+from medtransfer.device import autocast, to_device
 from medtransfer.progress import progress_bar
-from medtransfer.training.device import autocast, to_device
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,17 @@ def compute_features(
     """Pooled features (N, F) float32 of every batch in ``loader`` (model in eval mode)."""
     model.eval()
     out = []
+    # counted in images, not batches: "120/480 images" in a log says how far a long frozen pass has got
+    n_images = len(loader.dataset) if hasattr(loader, "dataset") else None  # type: ignore[arg-type]
     with progress_bar(progress) as bar:
-        task = bar.add_task(description, total=len(loader), info="")
+        task = bar.add_task(description, total=n_images if n_images is not None else len(loader),
+                            unit="images" if n_images is not None else "batches", info="")
         for batch in loader:
             x = to_device(batch["image"], device, channels_last=channels_last)
             with autocast(device, amp):
                 f = model.features(x)
             out.append(f.float().cpu())
-            bar.advance(task)
+            bar.advance(task, len(x) if n_images is not None else 1)
     return torch.cat(out) if out else torch.empty(0)
 
 

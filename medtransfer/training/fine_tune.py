@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from medtransfer import device as dev
 from medtransfer.config import RunConfig
 from medtransfer.data.dataset import ScanDataset, make_loader
 from medtransfer.data.manifest import Manifest
 from medtransfer.errors import ManifestError
-from medtransfer.evaluation.metrics import macro_auroc
 from medtransfer.models import checkpoint
 from medtransfer.progress import progress_bar
-from medtransfer.training import device as dev
+from medtransfer.stats.metrics import macro_auroc
 from medtransfer.training.features import cached_features
 from medtransfer.training.loop import Stepper, predict_batches, recompute_bn_stats, train_epoch
 from medtransfer.training.losses import build_loss
@@ -73,6 +73,32 @@ class FitResult:
     stopped_early: bool
     device: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    trained: str = ""
+
+
+def trained_parts(phases_run: list[str]) -> str:
+    """What the epochs actually trained, from the phases of the history rows, for the model card.
+
+    ``"head only"`` (backbone frozen throughout: a linear probe), ``"full network"`` (every layer from the
+    first epoch) or ``"head then full network"`` (gradual unfreezing that did unfreeze).
+    """
+    head, full = "head" in phases_run, "all" in phases_run
+    if head and full:
+        return "head then full network"
+    return "full network" if full else "head only" if head else "nothing"
+
+
+def frozen_only_warning(strategy: str, epochs: int, freeze_epochs: int) -> str | None:
+    """The warning for a ``gradual`` run whose epochs all fall in the head phase, or None.
+
+    Such a run never unfreezes the backbone: it is a linear probe, whatever the preset says. Quickstart's
+    ``freeze_epochs`` is 2, so ``--epochs 2`` (a natural first try) silently fine-tunes nothing.
+    """
+    if strategy != "gradual" or epochs > freeze_epochs:
+        return None
+    return (f"train.epochs={epochs} <= train.freeze_epochs={freeze_epochs}: the backbone is never unfrozen, so this "
+            f"run is a linear probe (only the new head trains). Raise --epochs (train.epochs) above {freeze_epochs} "
+            f"to fine-tune the whole network, or set train.strategy=linear-probe to say a probe is what you want.")
 
 
 def plan_phases(strategy: str, epochs: int, freeze_epochs: int) -> list[Phase]:
@@ -86,6 +112,13 @@ def plan_phases(strategy: str, epochs: int, freeze_epochs: int) -> list[Phase]:
     if epochs > k:
         phases.append(Phase("all", k, epochs, False))
     return phases
+
+
+def _advancing(batches: Iterable[Any], bar: Any, task_id: Any) -> Iterator[Any]:
+    """Yield ``batches``, advancing ``task_id`` of ``bar`` by one per batch (validation, precise BN)."""
+    for batch in batches:
+        yield batch
+        bar.advance(task_id)
 
 
 def reseed(seed: int, epoch: int) -> None:
@@ -189,7 +222,7 @@ class _Trainer:
                        dev.make_scaler(self.device, self.amp), self.tc.grad_clip,
                        self.channels_last and not phase.frozen)
 
-    def run_epoch(self, phase: Phase, st: Stepper, epoch: int, bar: Any) -> dict[str, Any]:
+    def run_epoch(self, phase: Phase, st: Stepper, epoch: int) -> dict[str, Any]:
         """Train one epoch and validate; returns the history row."""
         reseed(self.tc.seed, epoch)
         t0 = time.perf_counter()
@@ -202,18 +235,28 @@ class _Trainer:
             batches = self._loader(self._dataset(self.train_m, train=True), shuffle=True, epoch=epoch)
             val_batches = self._loader(self._dataset(self.val_m, train=False), shuffle=False)
             val_net = self.model
-        task_id = bar.add_task(f"epoch {epoch + 1}/{self.tc.epochs} [{phase.name}]", total=len(batches), info="")
-        lr = current_lr(st.optimizer)
-        train_loss = train_epoch(st, batches, on_batch=lambda loss: bar.update(
-            task_id, advance=1, info=f"loss {loss:.3f}"))
-        if not phase.frozen and self.precise_bn:
-            self.model.train()
-            recompute_bn_stats(self.model, batches, device=self.device, channels_last=st.channels_last)
-        pred = predict_batches(val_net, val_batches, task=self.task, device=self.device, amp=self.amp,
-                               channels_last=st.channels_last, loss_fn=self.loss_fn)
-        auroc = macro_auroc(pred["targets"], pred["scores"], self.task, self.n_classes)
-        st.end_epoch(pred.get("loss", float("nan")) if self.tc.plateau_on == "val_loss" else auroc)
-        bar.update(task_id, info=f"loss {train_loss:.3f} val_auroc {auroc:.3f}")
+        precise = not phase.frozen and self.precise_bn
+        # One display per epoch, opened after the feature cache (which has its own) and closed before
+        # on_epoch prints the epoch's line: nothing is drawn over that line and no bar is reprinted. Its
+        # total counts every pass of the epoch (train, precise-BN, validation), so it ends when the epoch does.
+        # transient when on_epoch reports the epoch (the CLI prints a line), else the finished row stays.
+        with progress_bar(self.progress, transient=self.on_epoch is not None) as bar:
+            task_id = bar.add_task(f"epoch {epoch + 1}/{self.tc.epochs} [{phase.name}]", unit="batches", info="",
+                                   total=len(batches) * (2 if precise else 1) + len(val_batches))
+            lr = current_lr(st.optimizer)
+            train_loss = train_epoch(st, batches, on_batch=lambda loss: bar.update(
+                task_id, advance=1, info=f"loss {loss:.3f}"))
+            if precise:
+                self.model.train()
+                if not recompute_bn_stats(self.model, _advancing(batches, bar, task_id), device=self.device,
+                                          channels_last=st.channels_last):  # no BatchNorm: no pass was made
+                    bar.update(task_id, total=len(batches) + len(val_batches))
+            pred = predict_batches(val_net, _advancing(val_batches, bar, task_id), task=self.task,
+                                   device=self.device, amp=self.amp, channels_last=st.channels_last,
+                                   loss_fn=self.loss_fn)
+            auroc = macro_auroc(pred["targets"], pred["scores"], self.task, self.n_classes)
+            st.end_epoch(pred.get("loss", float("nan")) if self.tc.plateau_on == "val_loss" else auroc)
+            bar.update(task_id, info=f"loss {train_loss:.3f} val_auroc {auroc:.3f}")
         return {"epoch": epoch + 1, "phase": phase.name, "lr": lr, "train_loss": train_loss,
                 "val_loss": pred.get("loss", float("nan")), "val_auroc": auroc,
                 "seconds": time.perf_counter() - t0}
@@ -254,32 +297,35 @@ class _Trainer:
     def fit(self, resume: bool) -> FitResult:
         t0 = time.perf_counter()
         phases = plan_phases(self.tc.strategy, self.tc.epochs, self.tc.freeze_epochs)
+        warning = frozen_only_warning(self.tc.strategy, self.tc.epochs, self.tc.freeze_epochs)
+        if warning is not None:
+            log.warning(warning)
         start, saved = self.try_resume() if resume else (0, None)
         stopped = False
-        with progress_bar(self.progress) as bar:
-            for phase in phases:
-                if phase.end <= start:
-                    continue
-                st = self.stepper(phase)
-                if saved is not None:
-                    same_phase = saved.get("extra", {}).get("phase") == phase.name
-                    checkpoint.load_training_state(self._ckpt("last"), self.model,
-                                                   st.optimizer if same_phase else None,
-                                                   st.scheduler if same_phase else None)
-                    saved = None
-                for epoch in range(max(start, phase.start), phase.end):
-                    stopped = self._epoch(phase, st, epoch, bar)
-                    if stopped:
-                        break
+        for phase in phases:
+            if phase.end <= start:
+                continue
+            st = self.stepper(phase)
+            if saved is not None:
+                same_phase = saved.get("extra", {}).get("phase") == phase.name
+                checkpoint.load_training_state(self._ckpt("last"), self.model,
+                                               st.optimizer if same_phase else None,
+                                               st.scheduler if same_phase else None)
+                saved = None
+            for epoch in range(max(start, phase.start), phase.end):
+                stopped = self._epoch(phase, st, epoch)
                 if stopped:
                     break
+            if stopped:
+                break
         self._restore_best()
         return FitResult(pd.DataFrame(self.history, columns=HISTORY_COLUMNS), self.best_epoch,
                          float(self.best_metric), len(self.history), stopped,
-                         dev.describe(self.device, self.amp), time.perf_counter() - t0)
+                         dev.describe(self.device, self.amp), time.perf_counter() - t0,
+                         trained=trained_parts([str(r["phase"]) for r in self.history]))
 
-    def _epoch(self, phase: Phase, st: Stepper, epoch: int, bar: Any) -> bool:
-        row = self.run_epoch(phase, st, epoch, bar)
+    def _epoch(self, phase: Phase, st: Stepper, epoch: int) -> bool:
+        row = self.run_epoch(phase, st, epoch)
         self.history.append(row)
         metric = row["val_auroc"] if np.isfinite(row["val_auroc"]) else -row["val_loss"]
         if metric > self.best_metric:
@@ -325,7 +371,8 @@ def fine_tune(
         run_dir: where ``checkpoints/last`` (resumable) and ``checkpoints/best`` are written; None keeps
             everything in memory.
         resume: continue from ``run_dir/checkpoints/last`` when it exists.
-        progress: show a progress bar per epoch.
+        progress: show progress on stderr for each feature pass and epoch: bars on a terminal, a line at least
+            every 30 s in a log (see :mod:`medtransfer.progress`).
         on_epoch: called with each history row (epoch, phase, lr, train_loss, val_loss, val_auroc, seconds).
 
     Returns:

@@ -21,10 +21,10 @@ import torch
 
 import medtransfer as mt
 from medtransfer.errors import ManifestError
-from medtransfer.evaluation import calibration, thresholds
 from medtransfer.evaluation.result import EvaluationResult
 from medtransfer.models.outputs import apply_temperature
 from medtransfer.run_dir import Run
+from medtransfer.stats import calibration, thresholds
 from medtransfer.training import calibrate as calibrate_module
 from tests.factories import CANARIES, CANARY_ID, chest_like, write_dicom
 from tests.training.conftest import TINY_OVERRIDES
@@ -156,7 +156,10 @@ def test_evaluate_returns_tables_with_cis_that_contain_the_point(binary_run: Run
     row = r.overall.iloc[0]
     test = binary_run.manifest.split("test").df
     assert row["n"] == len(test) and row["n_patients"] == test["patient_key"].nunique() < len(test)
-    assert row["auroc"] > 0.7, r.overall
+    # deterministic on CPU for a version: 0.7878 (48 x 48 case pairs, 1 pair = 0.0004), measured with torch 2.14.1
+    # CPU by evaluating the session's "binary" run; +-0.025 absorbs float differences between CPUs and catches a
+    # real loss (or a leak: noisy 700-amplitude opacities do not give 0.9). Re-measure if training changes on purpose.
+    assert abs(row["auroc"] - 0.788) < 0.025, r.overall
     for m in ("auroc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy"):
         assert row[f"{m}_lo"] <= row[m] <= row[f"{m}_hi"], m
         assert row[f"{m}_hi"] - row[f"{m}_lo"] > 0, m  # 48 cases: a real interval, not a point
@@ -290,7 +293,8 @@ def test_external_folder_is_evaluated_with_the_cards_operating_point_and_input_s
     assert (r.predictions["pred_pneumonia"] == (p >= card.thresholds["pneumonia"])).all()
     out = binary_run.path / "external" / "ext_site"
     assert r.saved_to == out and (out / "evaluation.json").is_file() and (out / "predictions.csv").is_file()
-    assert r.overall["auroc"].iloc[0] > 0.6
+    # deterministic on CPU for a version: 0.6528 (12 x 12 pairs, 1 pair = 0.007), measured as above; +-0.04 = 5 pairs
+    assert abs(r.overall["auroc"].iloc[0] - 0.653) < 0.04, r.overall
 
 
 def test_no_phi_in_evaluation_json_or_predictions(binary_run: Run, binary_result: EvaluationResult) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import medtransfer as mt
@@ -113,3 +114,12 @@ def test_cli_and_load_run_predict_give_the_evaluations_calibrated_probabilities(
     # the same label at the card's operating point (cases within the tolerance of the threshold aside)
     clear = (expected["p_pneumonia"] - run.card.thresholds["pneumonia"]).abs() > 1e-5
     assert (by_cli["predicted"].to_numpy()[clear] == expected["predicted"][clear]).all()
+
+    # all three share one inference path, so anchor it outside that path: dataset -> model -> logit / T
+    cases = run.manifest.split("test")
+    order = cases.df.set_index("case_id").index.get_indexer(expected["case_id"])
+    ds = mt.ScanDataset(cases, run.card.input, train=False)
+    with torch.no_grad():
+        logits = run.model(torch.stack([ds[int(i)]["image"] for i in order])).numpy().reshape(-1)
+    temperature = run.card.temperature or 1.0
+    np.testing.assert_allclose(expected["p_pneumonia"], 1 / (1 + np.exp(-logits / temperature)), rtol=0, atol=1e-5)

@@ -10,8 +10,8 @@ from sklearn.metrics import recall_score, roc_auc_score
 
 from medtransfer.errors import ConfigError
 from medtransfer.evaluation import subgroups
-from medtransfer.evaluation.intervals import clustered_wilson, newcombe_difference
 from medtransfer.evaluation.subgroups import subgroup_gaps, subgroup_table
+from medtransfer.stats.intervals import clustered_wilson, newcombe_difference
 
 KW = {"y_col": "y", "p_col": "p", "threshold": 0.5}
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from medtransfer.evaluation.bootstrap import (
+from medtransfer.stats.bootstrap import (
     bootstrap_metrics,
     bootstrap_statistic,
     guard_ranking_interval,
@@ -15,8 +15,8 @@ from medtransfer.evaluation.bootstrap import (
     percentile_ci,
     resample_indices,
 )
-from medtransfer.evaluation.intervals import clustered_wilson, hanley_mcneil_interval, wilson_interval
-from medtransfer.evaluation.metrics import fast_auroc
+from medtransfer.stats.intervals import clustered_wilson, hanley_mcneil_interval, wilson_interval
+from medtransfer.stats.metrics import fast_auroc
 
 Z95 = 1.959963984540054
 

@@ -7,7 +7,7 @@ patients with replacement and taking all of their images keeps the correlation i
 
 Why weights: a resample is represented by how often each row was drawn, a (B, N) count matrix built
 in chunks. Metrics are then weighted sums over that matrix (see
-:func:`medtransfer.evaluation.metrics.weighted_binary_metrics`), so 1,000 resamples of 1,000 cases
+:func:`medtransfer.stats.metrics.weighted_binary_metrics`), so 1,000 resamples of 1,000 cases
 cost a handful of array passes instead of 1,000 scikit-learn calls.
 
 Every function here draws from the same resampler (:func:`resample_weights`), so for one seed and one
@@ -17,10 +17,10 @@ set of patient keys, :func:`bootstrap_metrics`, :func:`bootstrap_statistic` and
 Where the bootstrap is not used. A percentile bootstrap collapses at 0 and 1: 45 positives all detected
 resample to 45/45 every time and the "interval" is (1.000-1.000). So :func:`metric_intervals` gives the
 proportions (sensitivity, specificity, PPV, NPV, accuracy) a Wilson score interval whose sample size is
-deflated for patient clustering (:func:`medtransfer.evaluation.intervals.clustered_wilson`), keeps the
+deflated for patient clustering (:func:`medtransfer.stats.intervals.clustered_wilson`), keeps the
 bootstrap for F1, AUROC and AUPRC, and replaces an AUROC/AUPRC bootstrap interval that is degenerate
 (zero width, too few defined resamples, or an estimate at 0 or 1) by a closed-form one that is not
-(:func:`medtransfer.evaluation.intervals.auroc_fallback_interval`). Each interval says which method made it.
+(:func:`medtransfer.stats.intervals.auroc_fallback_interval`). Each interval says which method made it.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from medtransfer.evaluation import intervals
-from medtransfer.evaluation.metrics import (
+from medtransfer.stats import intervals
+from medtransfer.stats.metrics import (
     BINARY_METRICS,
     PROPORTION_METRICS,
     clean_binary,
@@ -206,7 +206,7 @@ def guard_ranking_interval(
 ) -> MetricInterval:
     """Keep a bootstrap AUROC/AUPRC interval, or replace it when it is degenerate.
 
-    See :func:`medtransfer.evaluation.intervals.is_degenerate`. AUROC falls back to Hanley–McNeil inside
+    See :func:`medtransfer.stats.intervals.is_degenerate`. AUROC falls back to Hanley–McNeil inside
     (0, 1) and to the Birnbaum–Klose/Wilson bound at 0 or 1; AUPRC to a Wilson interval over the positive
     patients. Both use patient counts, so repeated images of a patient are not counted as new evidence.
 

@@ -7,13 +7,13 @@ import pytest
 from scipy.special import expit, log_softmax, logit, softmax
 from sklearn.metrics import brier_score_loss
 
-from medtransfer.evaluation.calibration import (
+from medtransfer.models.outputs import apply_temperature
+from medtransfer.stats.calibration import (
     brier,
     ece,
     fit_temperature,
     reliability_curve,
 )
-from medtransfer.models.outputs import apply_temperature
 
 
 def calibrated(n: int = 20000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

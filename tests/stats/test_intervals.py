@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medtransfer.evaluation.intervals import (
+from medtransfer.stats.intervals import (
     HANLEY_MCNEIL,
     WILSON_AUC_FALLBACK,
     auprc_fallback_interval,

@@ -65,7 +65,7 @@ THRESHOLD_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "accuracy
 RANKING_METRICS = ("auroc", "auprc")
 BINARY_METRICS = RANKING_METRICS + THRESHOLD_METRICS
 #: Threshold metrics that are a proportion of rows (successes / denominator): they get score intervals
-#: (:mod:`medtransfer.evaluation.intervals`). F1 is not a proportion of rows and keeps the bootstrap.
+#: (:mod:`medtransfer.stats.intervals`). F1 is not a proportion of rows and keeps the bootstrap.
 PROPORTION_METRICS = ("sensitivity", "specificity", "ppv", "npv", "accuracy")
 
 
@@ -237,7 +237,7 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
     Args:
         y: labels (N,) in {0, 1}; NaN rows (unknown labels) are dropped.
         p: probabilities (N,) in [0, 1]; the prediction is ``p >= threshold``.
-        threshold: operating point, usually from :func:`medtransfer.evaluation.thresholds.choose_threshold`.
+        threshold: operating point, usually from :func:`medtransfer.stats.thresholds.choose_threshold`.
 
     Returns:
         ``n, n_pos, tp, fp, tn, fn`` (int) and ``prevalence, auroc, auprc`` (average precision),

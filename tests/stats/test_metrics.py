@@ -12,7 +12,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from medtransfer.evaluation.metrics import (
+from medtransfer.stats.metrics import (
     PROPORTION_METRICS,
     binary_metrics,
     fast_auroc,

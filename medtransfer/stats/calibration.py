@@ -18,7 +18,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_expit, log_softmax
 
 from medtransfer.data.spec import TASKS
-from medtransfer.evaluation.metrics import clean_binary
+from medtransfer.stats.metrics import clean_binary
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 
 from medtransfer.errors import ConfigError
-from medtransfer.evaluation.metrics import clean_binary
+from medtransfer.stats.metrics import clean_binary
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medtransfer.errors import ConfigError
-from medtransfer.evaluation.thresholds import choose_threshold
+from medtransfer.stats.thresholds import choose_threshold
 
 
 def rates(y: np.ndarray, p: np.ndarray, t: float) -> tuple[float, float]:

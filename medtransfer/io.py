@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fnmatch
 import glob
 import json
 import os
 import re
-import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from medtransfer import faults
 from medtransfer.errors import DiskFullError
 
 
@@ -42,23 +41,6 @@ _UMASK = _current_umask()  # read once at import: os.umask can only be read by s
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # Libraries that write through Rust (safetensors) report the OS error in their message only.
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
-
-# Fault injection for the crash tests (tests/reliability): with MEDTRANSFER_FAULT_KILL_IN_WRITE="PATTERN[:N]"
-# the process sends itself SIGKILL during its N-th (default: first) atomic write of a file whose name matches
-# the fnmatch PATTERN, after the temporary file is written and before it is renamed, the worst moment for a
-# crash. The variable is read once at import and never set outside tests.
-_KILL_IN_WRITE = os.environ.get("MEDTRANSFER_FAULT_KILL_IN_WRITE", "")
-_kill_matches = 0
-
-
-def _maybe_kill_in_write(final: Path) -> None:
-    global _kill_matches
-    pattern, _, nth = _KILL_IN_WRITE.partition(":")
-    if pattern and fnmatch.fnmatch(final.name, pattern):
-        _kill_matches += 1
-        if _kill_matches == int(nth or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
-
 
 def disk_full_errno(exc: BaseException) -> int | None:
     """The errno of ``exc`` when it means the disk/quota/file-size limit is full, else None."""
@@ -102,8 +84,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_file(tmp)
-        if _KILL_IN_WRITE:
-            _maybe_kill_in_write(final)
+        faults.point("write", final)  # the crash tests' worst moment: data written, not yet renamed
         if tmp.exists():  # mkstemp makes 0600; give the final file the mode a plain open() would (umask)
             os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, final)

@@ -11,9 +11,8 @@ import pandas as pd
 import pydicom
 import pytest
 
-from medtransfer import sample_data
+from medtransfer.datasets.synthetic import SITES, generate, generate_sample_data, render_preview, sample_truth
 from medtransfer.errors import ConfigError, MedtransferError
-from medtransfer.sample_data import SITES, generate_sample_data, render_preview, sample_truth
 
 SMALL = {"n": 36, "size": 64}
 
@@ -143,7 +142,7 @@ def test_second_call_is_idempotent_and_new_params_regenerate(tmp_path: Path) -> 
 
 def test_interrupted_generation_leaves_nothing_under_the_final_name(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    real, calls = sample_data._write_case, []
+    real, calls = generate._write_case, []
 
     def flaky(*args: object, **kwargs: object) -> dict:
         calls.append(1)
@@ -151,7 +150,7 @@ def test_interrupted_generation_leaves_nothing_under_the_final_name(tmp_path: Pa
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sample_data, "_write_case", flaky)
+    monkeypatch.setattr(generate, "_write_case", flaky)
     with pytest.raises(KeyboardInterrupt):
         generate_sample_data(tmp_path / "d", n=24, size=64)
     assert list(tmp_path.iterdir()) == []
@@ -161,7 +160,7 @@ def test_interrupted_regeneration_keeps_the_previous_data_set(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     out = generate_sample_data(tmp_path / "d", n=24, size=64, extras=False)
     before = _hashes(out)
-    monkeypatch.setattr(sample_data, "_write_extras", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(generate, "write_extras", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         generate_sample_data(tmp_path / "d", n=24, size=64, extras=True)
     assert _hashes(out) == before and [p.name for p in tmp_path.iterdir()] == ["d"]
@@ -201,3 +200,14 @@ def test_generation_json_and_preview(dataset: Path, tmp_path: Path) -> None:
     from PIL import Image
 
     assert Image.open(png).size == (4 * 256, 256 + 18)
+
+
+def test_datasets_package_imports_without_torch_and_the_old_module_is_gone() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib.util, medtransfer.datasets.synthetic; "
+            "assert 'torch' not in sys.modules, 'medtransfer.datasets pulled in torch'; "
+            "assert importlib.util.find_spec('medtransfer.sample_data') is None, 'old module still importable'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

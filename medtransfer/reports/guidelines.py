@@ -223,8 +223,7 @@ def r_background(f: _Facts) -> Verdict:
 
 def r_intended_use(f: _Facts) -> Verdict:
     pop = f.model.get("population") or {}
-    population = (f"target population: {pop.get('modalities')} images, views {pop.get('views')}, ages "
-                  f"{pop.get('ages')}, sex {pop.get('sexes')}, sites {pop.get('sites')}") if f.has_model else ""
+    population = f"target population: {pop.get('sentence') or NOT_PROVIDED}" if f.has_model else ""
     if f.intended_use and f.has_model:
         return FILLED, f"{FACTS}: intended use “{f.intended_use}”; {population}", ""
     if f.has_model:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medtransfer import faults
 from tests.factories import CANARY_BIRTH, chest_like, write_dicom
 
 SIZE = 32
@@ -52,7 +53,7 @@ N_BOOT = "50"
 
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for a CLI subprocess: test salt, CPU only, one thread, no fault injection unless asked."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDTRANSFER_FAULT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(faults.ENV_PREFIX)}
     env.update(MEDTRANSFER_SALT="test-salt-not-secret", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
                MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
     env.update(extra)

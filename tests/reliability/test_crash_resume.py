@@ -1,11 +1,12 @@
 """Item 1: crash anywhere, lose nothing.
 
-Each stage of the pipeline is killed with a real SIGKILL at a precise point, through one of two tiny fault
-hooks that are inert unless their environment variable is set:
+Each stage of the pipeline is killed with a real SIGKILL at a precise point, through one of two fault points
+(medtransfer/faults.py) that are inert unless armed; here they are armed in the CLI subprocess through its
+environment (``faults.subprocess_env``):
 
-- ``MEDTRANSFER_FAULT_KILL_IN_WRITE="PATTERN[:N]"`` (medtransfer/io.py): SIGKILL during the N-th atomic write
-  of a file whose name matches PATTERN, after its temporary file is written and before the rename;
-- ``MEDTRANSFER_FAULT_KILL_AT_STEP=N`` (medtransfer/training/loop.py): SIGKILL just before optimiser step N.
+- ``write`` (in ``io.atomic_path``): SIGKILL during the N-th atomic write of a file whose name matches a
+  pattern, after its temporary file is written and before the rename;
+- ``step`` (in ``training.loop.Stepper``): SIGKILL just before optimiser step N.
 
 After the kill, no file under a final name is partial; then the same command is run again and its outputs
 must equal those of the uninterrupted pipeline (``conftest.pipeline``, CPU, same seed). The mid-epoch kill of
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from medtransfer import faults
 from tests.reliability.conftest import (
     N_BOOT,
     Pipeline,
@@ -50,7 +52,7 @@ def _killed(proc: subprocess.CompletedProcess[str]) -> None:
 def test_sigkill_while_indexing_then_the_same_command_redoes_it(pipeline: Pipeline, tmp_path: Path) -> None:
     out = tmp_path / "index"
     args = ["--quiet", "index", str(pipeline.data), "--out", str(out)]
-    _killed(cli(*args, env=cli_env(MEDTRANSFER_FAULT_KILL_IN_WRITE="manifest.json")))
+    _killed(cli(*args, env=cli_env(**faults.subprocess_env("write", match="manifest.json"))))
     assert (out / "manifest.csv").is_file() and not (out / "manifest.json").exists()
     assert_no_partial_files(out)
     assert temporaries(out), "the kill was meant to land between writing the temporary file and renaming it"
@@ -64,10 +66,10 @@ def test_sigkill_while_indexing_then_the_same_command_redoes_it(pipeline: Pipeli
 # 12 training cases / batch 8 = 2 optimiser steps per epoch: step 3 is the first step of epoch 2. Checkpoint
 # writes per epoch: the tensors (staging file, then renamed) and training_state.json, so ":2" is epoch 2's.
 KILL_POINTS = {
-    "mid-epoch": {"MEDTRANSFER_FAULT_KILL_AT_STEP": "3"},
-    "checkpoint-tensors": {"MEDTRANSFER_FAULT_KILL_IN_WRITE": "training_state.staging.safetensors:2"},
-    "checkpoint-json": {"MEDTRANSFER_FAULT_KILL_IN_WRITE": "training_state.json:2"},
-    "model-card": {"MEDTRANSFER_FAULT_KILL_IN_WRITE": "model_card.json"},
+    "mid-epoch": faults.subprocess_env("step", nth=3),
+    "checkpoint-tensors": faults.subprocess_env("write", match="training_state.staging.safetensors", nth=2),
+    "checkpoint-json": faults.subprocess_env("write", match="training_state.json", nth=2),
+    "model-card": faults.subprocess_env("write", match="model_card.json"),
 }
 
 
@@ -103,7 +105,7 @@ def test_sigkill_while_evaluating_then_the_same_command_redoes_it(pipeline: Pipe
     run = copy_run(pipeline.run, tmp_path, drop=("evaluation.json", "predictions.csv", "saliency", "report.*",
                                                   "checkpoints"))
     args = ["--quiet", "evaluate", str(run), "--n-boot", N_BOOT]
-    _killed(cli(*args, env=cli_env(MEDTRANSFER_FAULT_KILL_IN_WRITE="evaluation.json")))
+    _killed(cli(*args, env=cli_env(**faults.subprocess_env("write", match="evaluation.json"))))
     assert (run / "predictions.csv").is_file() and not (run / "evaluation.json").exists()
     assert_no_partial_files(run)
 
@@ -117,7 +119,7 @@ def test_sigkill_while_evaluating_then_the_same_command_redoes_it(pipeline: Pipe
 def test_sigkill_while_explaining_then_the_same_command_redoes_it(pipeline: Pipeline, tmp_path: Path) -> None:
     run = copy_run(pipeline.run, tmp_path, drop=("saliency", "report.*", "checkpoints"))
     args = ["--quiet", "explain", str(run), "--cases", "1"]
-    _killed(cli(*args, env=cli_env(MEDTRANSFER_FAULT_KILL_IN_WRITE="*.png")))
+    _killed(cli(*args, env=cli_env(**faults.subprocess_env("write", match="*.png"))))
     assert not (run / "saliency" / "index.csv").exists()
     assert not list((run / "saliency").rglob("*.png"))
     assert_no_partial_files(run)
@@ -144,7 +146,7 @@ def test_sigkill_while_rendering_the_report_then_the_same_command_redoes_it(pipe
                                                                             tmp_path: Path) -> None:
     run = copy_run(pipeline.run, tmp_path, drop=("report.*", "checkpoints"))
     args = ["--quiet", "report", str(run)]
-    _killed(cli(*args, env=cli_env(MEDTRANSFER_FAULT_KILL_IN_WRITE="report.pdf")))
+    _killed(cli(*args, env=cli_env(**faults.subprocess_env("write", match="report.pdf"))))
     assert (run / "report.html").is_file() and not (run / "report.pdf").exists()
     assert_no_partial_files(run)
 

@@ -11,6 +11,7 @@ import sys
 import pandas as pd
 import pytest
 
+from medtransfer import faults
 from tests.training.conftest import TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_data, tmp_path,
 
     crashed = tmp_path / "crashed"
     proc = subprocess.run(_train_cmd(tiny_data, crashed, strategy),
-                          env={**env, "MEDTRANSFER_FAULT_KILL_AT_STEP": str(kill_step)}, capture_output=True)
+                          env={**env, **faults.subprocess_env("step", nth=kill_step)}, capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     state = json.loads((crashed / "checkpoints" / "last" / "training_state.json").read_text())
     assert state["epoch"] == 1  # killed during epoch 2

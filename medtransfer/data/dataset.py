@@ -187,7 +187,7 @@ def _read_cache(path: Path, spec: InputSpec) -> np.ndarray | None:
     """A cache entry, or None (logged) when it is unreadable or does not match the spec."""
     try:
         image = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         logger.warning("ignoring unreadable cache entry %s (%s)", path.name, exc)
         return None
     if image.dtype != np.float32 or image.shape != (1, *spec.size):

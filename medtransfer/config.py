@@ -243,10 +243,14 @@ def resolve_config_path(name: str | Path | None) -> Path | None:
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
     """Load a YAML config (or the defaults), apply ``key=value`` overrides, and validate.
 
+    An error names where the offending key came from: the YAML file (its path), or the override that set it
+    (``--set train.pateince=3``), so that a typo on the command line is not blamed on the preset.
+
     Args:
         path: YAML file or a preset name (``quickstart``, ``chexnet``, ``linear-probe``); ``None`` starts
             from the defaults.
-        overrides: ``["train.epochs=3", "model.backbone=resnet18"]`` (values parsed as YAML) or a nested dict.
+        overrides: ``["train.epochs=3", "model.backbone=resnet18"]`` (values parsed as YAML, as ``--set``
+            gives them) or a nested dict.
 
     Raises:
         ConfigError: unknown key (with a did-you-mean suggestion), wrong type, or unreadable file.
@@ -256,7 +260,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         >>> cfg.train.epochs
         3
     """
-    raw: dict[str, Any] = {}
+    layers: list[tuple[str, dict[str, Any]]] = []
     if path is not None:
         p = resolve_config_path(path) or Path(path)
         if not p.is_file():
@@ -267,43 +271,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             raise ConfigError(f"{p}: not valid YAML ({exc}).") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (data, model, train, ...).")
-    if isinstance(overrides, dict):
-        raw = _deep_merge(raw, overrides)
-    else:
-        for item in overrides or []:
-            raw = _deep_merge(raw, parse_override(item))
-    return validate_config(raw, source=str(path) if path else "config")
+        layers.append((str(p), raw))
+    layers += _override_layers(overrides)
+    return _validate_layers(layers)
 
 
 def validate_config(raw: dict[str, Any], *, source: str = "config") -> RunConfig:
-    """Validate a nested dict as a :class:`RunConfig`; unknown keys fail with a suggestion."""
-    _check_unknown_keys(raw, RunConfig, prefix="", source=source)
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(f"{source}: '{where}': {first['msg']} (got {first.get('input')!r}).") from exc
+    """Validate a nested dict as a :class:`RunConfig`; unknown keys fail with a suggestion naming ``source``."""
+    return _validate_layers([(source, raw)])
 
 
 def apply_overrides(cfg: RunConfig, overrides: Sequence[str] | None) -> RunConfig:
-    """A copy of ``cfg`` with ``key=value`` overrides applied and validated."""
+    """A copy of ``cfg`` with ``key=value`` overrides applied and validated (errors name the override)."""
     if not overrides:
         return cfg
-    raw = cfg.model_dump(mode="json")
-    for item in overrides:
-        raw = _deep_merge(raw, parse_override(item))
-    return validate_config(raw, source="overrides")
+    return _validate_layers([("the given config", cfg.model_dump(mode="json")), *_override_layers(list(overrides))])
 
 
 def parse_override(item: str) -> dict[str, Any]:
     """Turn ``"train.epochs=3"`` into ``{"train": {"epochs": 3}}`` (the value is parsed as YAML)."""
     if "=" not in item:
-        raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.epochs=3")
+        raise ConfigError(f"--set {item}: an override must look like section.key=value, e.g. train.epochs=3")
     key, value = item.split("=", 1)
     parts = [k for k in key.strip().split(".") if k]
     if not parts:
-        raise ConfigError(f"override '{item}' has an empty key")
+        raise ConfigError(f"--set {item}: the key before '=' is empty; write section.key=value, e.g. train.epochs=3")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
@@ -317,6 +309,60 @@ def parse_override(item: str) -> dict[str, Any]:
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML text (paths as strings, tuples as lists)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _override_layers(overrides: list[str] | dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """(source label, nested dict) per override: ``--set key=value`` strings each name themselves."""
+    if isinstance(overrides, dict):
+        return [("overrides", overrides)]
+    return [(f"--set {item}", parse_override(item)) for item in overrides or []]
+
+
+def _validate_layers(layers: Sequence[tuple[str, dict[str, Any]]]) -> RunConfig:
+    """Merge ``(source, dict)`` layers in order (later wins) and validate; errors name the source of the key.
+
+    Unknown keys are checked layer by layer, so the message names the layer holding the typo; a bad value is
+    traced through ``origins`` (dotted key -> source of its current value) to the layer that set it last.
+    """
+    raw: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for source, layer in layers:
+        _check_unknown_keys(layer, RunConfig, prefix="", source=source)
+        raw = _deep_merge(raw, layer)
+        for key in _leaf_keys(layer):
+            for other in [k for k in origins if k.startswith(key + ".") or key.startswith(k + ".")]:
+                del origins[other]  # replaced wholesale, or a scalar replaced by a section
+            origins[key] = source
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        source = _source_of(where, origins) or (layers[-1][0] if layers else "config")
+        got = f" (got {first['input']!r})" if "input" in first and not isinstance(first["input"], dict) else ""
+        raise ConfigError(f"{source}: '{where}': {first['msg']}{got}.") from exc
+
+
+def _leaf_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys of the values in a nested dict that are not non-empty dicts themselves."""
+    keys: list[str] = []
+    for k, v in d.items():
+        dotted = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            keys += _leaf_keys(v, f"{dotted}.")
+        else:
+            keys.append(dotted)
+    return keys
+
+
+def _source_of(where: str, origins: dict[str, str]) -> str | None:
+    """The source(s) that set the key at ``where``: the key itself or a section above it, else keys inside it."""
+    parts = where.split(".") if where else []
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in origins:
+            return origins[".".join(parts[:n])]
+    inside = [s for k, s in origins.items() if not where or k.startswith(where + ".")]
+    return " and ".join(dict.fromkeys(inside)) or None  # a section-level check: every source that touched it
 
 
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -191,7 +191,7 @@ def _tap(loader: Iterable[dict[str, Any]], errors: dict[int, str], progress: boo
          description: str) -> Iterator[dict[str, Any]]:
     """Pass batches through, recording decode errors and advancing the progress display."""
     with progress_bar(progress) as bar:
-        task = bar.add_task(description, total=len(loader), info="")  # type: ignore[arg-type]
+        task = bar.add_task(description, total=len(loader), unit="batches", info="")  # type: ignore[arg-type]
         for batch in loader:
             for i, reason in zip(batch["index"].tolist(), batch["error"], strict=True):
                 if reason:

@@ -39,6 +39,7 @@ from medtransfer.data.transforms import (
     resize_transforms,
 )
 from medtransfer.errors import ScanReadError
+from medtransfer.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -282,9 +283,7 @@ def warm_cache(dataset: ScanDataset, *, progress: bool = False) -> list[tuple[in
     """
     indices: Any = range(len(dataset))
     if progress:
-        from rich.progress import track
-
-        indices = track(indices, description="Decoding scans", total=len(dataset))
+        indices = track(indices, "decoding scans", total=len(dataset), unit="scans")
     failures: list[tuple[int, str]] = []
     for i in indices:
         try:

@@ -66,6 +66,7 @@ from medtransfer.data.privacy import pseudonym
 from medtransfer.data.splits import assign_splits, resolve_keys, split_warnings
 from medtransfer.data.summary import summary_dict
 from medtransfer.errors import ManifestError, ScanReadError
+from medtransfer.progress import track
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -449,9 +450,7 @@ def _keep_dims(df: pd.DataFrame, dims: pd.Series, state: _State, spatial_dims: i
 def _track(items: Sequence[T], description: str, enabled: bool) -> Iterable[T]:
     if not enabled or not items:
         return items
-    from rich.progress import track
-
-    return track(items, description=description, total=len(items), transient=True)
+    return track(items, description, unit="files", transient=True)
 
 
 def _finish(df: pd.DataFrame, table: LabelTable | None, cfg: DataConfig, state: _State) -> Manifest:

@@ -28,6 +28,7 @@ import torch
 from scipy import ndimage
 
 from medtransfer.explain.saliency import model_and_task, model_device, prepared, probabilities
+from medtransfer.inference import forward_batches
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +109,9 @@ def _curve(model: torch.nn.Module, task: str, start: torch.Tensor, fill: torch.T
     rank[order] = np.arange(order.size)
     ks = np.round(np.linspace(0, order.size, steps + 1)).astype(np.int64)
     masks = torch.from_numpy(rank[None, :] < ks[:, None]).view(steps + 1, 1, h, w)
-    probs = []
-    for j in range(0, steps + 1, batch_size):
-        batch = torch.where(masks[j:j + batch_size], fill, start).to(model_device(model))
-        probs.append(probabilities(model(batch), task)[:, target].cpu())
-    return torch.cat(probs).numpy()
+    batches = ((torch.where(masks[j:j + batch_size], fill, start), None) for j in range(0, steps + 1, batch_size))
+    logits, _ = forward_batches(model, batches, device=model_device(model))
+    return probabilities(logits, task)[:, target].numpy()
 
 
 def _blur(image: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtransfer.errors import ConfigError
+from medtransfer.inference import forward_batches
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,8 @@ def explain(
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
     x = images.detach().float().to(model_device(model))
     with prepared(model):
-        with torch.no_grad():
-            logits = model(x)
-        targets = resolve_targets(logits, target, task)
+        logits, _ = forward_batches(model, [(x, None)], device=x.device)
+        targets = resolve_targets(logits.to(x.device), target, task)
         raws = [_attribute(model, x, targets[:, k], method, internal_batch_size=internal_batch_size,
                            smoothgrad=smoothgrad, baseline=baseline, n_steps=n_steps, nt_samples=nt_samples)
                 for k in range(targets.shape[1])]

@@ -43,6 +43,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from medtransfer.explain.saliency import explain, model_and_task
+from medtransfer.inference import forward_batches
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +164,9 @@ def _trained_targets(run_or_model: Any, images: torch.Tensor, target: int | None
     model, task = model_and_task(run_or_model)
     if target is not None:
         return torch.full((len(images),), int(target), dtype=torch.long)
-    with prepared(model), torch.no_grad():
-        return resolve_targets(model(images.float()), None, task)[:, 0]
+    with prepared(model):
+        logits, _ = forward_batches(model, [(images.float(), None)], device=next(model.parameters()).device)
+        return resolve_targets(logits, None, task)[:, 0]
 
 
 def randomise(module: nn.Module) -> None:

@@ -255,6 +255,7 @@ def _make_card(cfg: RunConfig, manifest: Manifest, fit: Any) -> ModelCard:
             "counts": counts,
             "patients": {s: int(df.loc[df["split"] == s, "patient_key"].nunique()) for s in ("train", "val", "test")},
             "epochs_run": fit.epochs_run,
+            "trained": fit.trained,
             "best_epoch": fit.best_epoch,
             "best_val_auroc": fit.best_metric,
             "stopped_early": fit.stopped_early,

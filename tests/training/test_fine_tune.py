@@ -115,3 +115,34 @@ def test_scratch_training_recomputes_bn_statistics_so_scores_are_not_constant(ti
     test = run.manifest.split(["val", "test"])
     scores = run.predict([str(test.abspath(r)[0]) for _, r in test.df.iterrows()]).iloc[:, 0].to_numpy()
     assert np.unique(np.round(scores, 6)).size > len(scores) // 2, scores
+
+
+def test_frozen_only_warning_and_what_was_trained() -> None:
+    from medtransfer.training.fine_tune import frozen_only_warning, trained_parts
+
+    msg = frozen_only_warning("gradual", 2, 2)
+    assert msg is not None and "never unfrozen" in msg and "linear probe" in msg and "above 2" in msg
+    assert frozen_only_warning("gradual", 3, 2) is None
+    assert frozen_only_warning("linear-probe", 2, 2) is None  # asked for, nothing to warn about
+    assert trained_parts(["head", "head"]) == "head only"
+    assert trained_parts(["head", "all"]) == "head then full network"
+    assert trained_parts(["all"]) == "full network"
+
+
+def test_a_quickstart_run_that_never_unfreezes_says_so(tiny_data, caplog) -> None:
+    # quickstart's freeze_epochs is 2: `--epochs 2` trains only the head, and used to say nothing about it
+    import logging
+
+    from medtransfer.data.discovery import index_scans
+    from medtransfer.training.fine_tune import fine_tune
+
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith(("train.epochs", "train.freeze_epochs"))]
+    cfg = load_config("quickstart", [*tiny, "train.epochs=2"])
+    manifest = index_scans(tiny_data, config=cfg.data)
+    model = mt.build_model("efficientnet_lite0", manifest.classes, task=manifest.task, in_channels=1)
+    with caplog.at_level(logging.WARNING, logger="medtransfer.training.fine_tune"):
+        fit = fine_tune(model, manifest, cfg)
+    assert fit.trained == "head only"
+    assert list(fit.history["phase"]) == ["head", "head"]
+    assert "train.epochs=2 <= train.freeze_epochs=2: the backbone is never unfrozen" in caplog.text, caplog.text
+    assert "linear probe" in caplog.text and "--epochs" in caplog.text

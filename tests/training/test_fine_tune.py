@@ -61,8 +61,10 @@ def test_linear_probe_learns_and_predict_matches(tiny_data, tmp_path) -> None:
     ds = ScanDataset(test, run.card.input, train=False)
     x = torch.stack([ds[i]["image"] for i in range(len(ds))])
     by_tensor = run.predict(x)
-    np.testing.assert_allclose(by_path.to_numpy(), by_tensor.to_numpy(), rtol=1e-5, atol=1e-6)
-    assert list(by_path.columns) == ["p_pneumonia"]
+    np.testing.assert_allclose(by_path["p_pneumonia"], by_tensor["p_pneumonia"], rtol=1e-5, atol=1e-6)
+    assert list(by_path.columns) == ["case_id", "file", "p_pneumonia", "pred_pneumonia", "predicted", "error"]
+    assert list(by_tensor.columns) == ["p_pneumonia", "pred_pneumonia", "predicted"]
+    assert (by_path["predicted"] == by_tensor["predicted"]).all() and (by_path["file"] == paths).all()
 
 
 def test_same_seed_same_weights(tiny_data, tmp_path) -> None:
@@ -113,7 +115,7 @@ def test_scratch_training_recomputes_bn_statistics_so_scores_are_not_constant(ti
     overrides = [*TINY_OVERRIDES, "train.strategy=fine-tune", "model.weights=none", "train.epochs=2"]
     run = mt.train(tiny_data, overrides=overrides, out=tmp_path / "scratch")
     test = run.manifest.split(["val", "test"])
-    scores = run.predict([str(test.abspath(r)[0]) for _, r in test.df.iterrows()]).iloc[:, 0].to_numpy()
+    scores = run.predict([str(test.abspath(r)[0]) for _, r in test.df.iterrows()])["p_pneumonia"].to_numpy()
     assert np.unique(np.round(scores, 6)).size > len(scores) // 2, scores
 
 

@@ -248,7 +248,7 @@ def saliency_checks(sanity: Mapping[str, pd.DataFrame], index: pd.DataFrame | No
                          f"Heat maps concentrating on corners, borders or outside the body: {per} (cases {cases}).",
                          "The model may rely on markers, text or borders rather than anatomy, and could fail on scans "
                          "from another hospital or device.",
-                         f"Review the flagged overlays (Explainability); mask burned-in markers, run '{commands.audit}', "
+                         f"Review the flagged overlays (Explainability); mask burned-in markers, run '{commands.audit_shortcuts}', "
                          "and validate on external data."))
     return out
 
@@ -295,7 +295,7 @@ def audit_checks(audit: Mapping[str, Any] | None, commands: Commands) -> list[Ch
         else:
             out.append(Check("transfer", "Transfer not assessed", NOT_ASSESSED,
                              "Not assessed: the transfer audit has no comparison with training from scratch.",
-                             action=f"Run '{commands.audit}' with the scratch strategy."))
+                             action=f"Run '{commands.audit_transfer_quick}'."))
     s = audit.get("shortcuts")
     if s:
         out.append(hospital_check(s, commands))

@@ -83,6 +83,17 @@ class Commands:
         return f"medtransfer audit {self.run}"
 
     @property
+    def audit_transfer_quick(self) -> str:
+        """The transfer audit alone, in its quick form (two strategies, one seed): minutes, not an hour."""
+        return (f"medtransfer audit {self.run} --no-shortcuts --strategy linear-probe --strategy scratch "
+                "--seeds 1")
+
+    @property
+    def audit_shortcuts(self) -> str:
+        """The shortcut audit alone (site probe, leave-one-site-out): a few feature passes."""
+        return f"medtransfer audit {self.run} --no-transfer"
+
+    @property
     def report(self) -> str:
         """Render the report again."""
         return f"medtransfer report {self.run}"

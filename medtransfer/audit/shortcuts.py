@@ -115,7 +115,7 @@ def _probe(feats: np.ndarray, df: pd.DataFrame, attributes: tuple[str, ...]) -> 
     for attr in attributes:
         if attr not in df.columns:
             continue
-        y = df[attr].fillna("").astype(str)
+        y = df[attr].astype("string").fillna("").astype(str)
         counts = y[(y != "") & (y != "unknown")].value_counts()
         keep_classes = counts[counts >= MIN_PER_CLASS].index
         mask = y.isin(keep_classes).to_numpy()

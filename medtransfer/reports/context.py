@@ -41,12 +41,15 @@ def build_context(files: RunFiles) -> dict[str, Any]:
     report = _report_config(files.config)
     result = files.result
     ctx: dict[str, Any] = {
-        "title": report.title, "banner": report.banner, "contact": report.contact or NOT_PROVIDED,
+        "title": report.title if report.title not in DEFAULT_NAMES else None, "banner": report.banner, "contact": report.contact or NOT_PROVIDED,
         "intended_use": report.intended_use or NOT_PROVIDED, "not_provided": NOT_PROVIDED,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "evaluated": result is not None, "run_id": files.run_dir.name,
     }
     ctx["model"] = model_section(files)
+    if ctx["title"] is None:  # no title chosen: name the report after the model, not after the tool
+        ctx["title"] = f"Model report: {ctx['model']['name']}" if ctx["model"].get("present") else \
+            f"Model report: run {files.run_dir.name}"
     ctx["data"] = data_section(files)
     ctx["training"] = training_section(files)
     ctx["performance"] = performance_section(result) if result is not None else None
@@ -267,7 +270,7 @@ def external_section(files: RunFiles) -> list[dict[str, Any]]:
         out.append({"name": name, "date": str(r.meta.get("created", NOT_PROVIDED))[:10], "rows": rows,
                     "n_cases": r.meta.get("n_cases", NOT_PROVIDED), "n_patients": r.meta.get("n_patients", NOT_PROVIDED),
                     "report": f"external/{name}/report.html" if own.is_file() else
-                              f"not rendered: run 'medtransfer report {run_ref(files.run_dir / 'external' / name)}'"})
+                              f"not rendered: run 'medtransfer report {run_ref(files.run_dir)}/external/{name}'"})
     return out
 
 

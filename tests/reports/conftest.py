@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import medtransfer as mt
+from tests.conftest import skip_or_fail
 from tests.training.conftest import TINY_OVERRIDES, make_tiny_dataset
 
 
@@ -49,14 +50,14 @@ def run_copy(report_run: BuiltRun, tmp_path: Path) -> Path:
 
 
 def pdf_tools_or_skip() -> None:
-    """Skip (with the reason) unless WeasyPrint imports and poppler's pdftoppm/pdftotext are installed."""
+    """Skip (with the reason; fail under CI=true) unless WeasyPrint imports and poppler's tools are installed."""
     try:
         import weasyprint  # noqa: F401
     except (ImportError, OSError) as exc:
-        pytest.skip(f"PDF checks need WeasyPrint (pip install 'medtransfer[pdf]') and pango: {exc}")
+        skip_or_fail(f"PDF checks need WeasyPrint (pip install 'medtransfer[pdf]') and pango: {exc}")
     for tool in ("pdftoppm", "pdftotext"):
         if shutil.which(tool) is None:
-            pytest.skip(f"PDF checks need poppler's {tool} (apt-get install poppler-utils)")
+            skip_or_fail(f"PDF checks need poppler's {tool} (apt-get install poppler-utils)")
 
 
 def pdf_text(pdf: Path) -> str:

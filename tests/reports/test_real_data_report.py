@@ -48,7 +48,9 @@ def test_kermany_report_says_only_what_was_assessed(kermany_run: Path, monkeypat
     assert "passed: No subgroup gap flagged" not in console
     assert "not assessed: Subgroup gaps not assessed" in " ".join(console.split())
     _cli("explain", kermany_run.name, "--cases", "1")
-    _cli("audit", kermany_run.name, "--no-transfer")
+    # both audits, the transfer one at a small grid (the suggested commands are then evaluate/explain/report)
+    _cli("audit", kermany_run.name, "--strategy", "linear-probe", "--strategy", "scratch", "--seeds", "1",
+         "--fraction", "0.5", "--fraction", "1.0", "--epochs", "1")
     _cli("report", kermany_run.name)
     page = htmllib.unescape((kermany_run / "report.html").read_text("utf-8"))
     facts = page[page.index('id="facts"'):page.index('id="data"')]
@@ -56,9 +58,10 @@ def test_kermany_report_says_only_what_was_assessed(kermany_run: Path, monkeypat
     assert "Hospital signal not assessed" in facts and "No hospital signal found" not in facts
     assert "Subgroup gaps not assessed" in facts and "No subgroup gap flagged" not in facts
     # text that degrades gracefully when fields are missing
-    for broken in ("not provided images", "sites 1:", "one site ()", "Model: medtransfer model report",
-                   "medtransfer model report"):
+    for broken in ("not provided images", "sites 1:", "one site ()", "<dd>medtransfer model report</dd>",
+                   "<dd>medtransfer model</dd>", "<h1>medtransfer model report</h1>"):
         assert broken not in page, broken
+    assert "<dd>efficientnet_lite0 normal vs pneumonia classifier (run cxr1)</dd>" in facts
     assert "not recorded: " in facts and "sex" in facts
     # no zero-width interval for a proportion from 10+ cases, overall or by group
     r = EvaluationResult.load(kermany_run)

@@ -1,6 +1,7 @@
 """The HTML in a real browser: headless Chromium loads it, every section heading is in the DOM, no image is
 broken (checked both by the browser, naturalWidth > 0 after load, and by decoding every data URI with PIL),
-and a full-page screenshot is written and not blank. Skips only when Chromium is not installed."""
+and a full-page screenshot is written and not blank. Skips only when Chromium is not installed (fails then
+under CI=true: ``tests.conftest.skip_or_fail``)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from medtransfer.reports.render import render_report
+from tests.conftest import skip_or_fail
 from tests.reports.conftest import BuiltRun
 
 HEADINGS = ("Model Facts", "Intended use and data", "Model and training", "Performance", "Subgroups",
@@ -36,7 +39,7 @@ def _chromium() -> str:
         path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
         if path:
             return path
-    pytest.skip("headless browser check skipped: Chromium is not installed (apt-get install chromium)")
+    skip_or_fail("headless browser check skipped: Chromium is not installed (apt-get install chromium)")
 
 
 def _run_chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -44,6 +47,24 @@ def _run_chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'chrome-profile'}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def test_without_chromium_the_check_skips_locally_and_fails_on_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule of ``tests.conftest.skip_or_fail``: a missing system package is a skip with the reason on a
+    developer's machine, and a failure with the reason under CI=true, where .ci/run installs it."""
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setitem(globals(), "Path", lambda path: SimpleNamespace(exists=lambda: False))
+    for value in (None, "false", "0"):
+        if value is None:
+            monkeypatch.delenv("CI", raising=False)
+        else:
+            monkeypatch.setenv("CI", value)
+        with pytest.raises(pytest.skip.Exception, match="Chromium is not installed"):
+            _chromium()
+    for value in ("true", "TRUE", "1"):
+        monkeypatch.setenv("CI", value)
+        with pytest.raises(pytest.fail.Exception, match=r"Chromium is not installed .*CI=true"):
+            _chromium()
 
 
 class _Headings(HTMLParser):

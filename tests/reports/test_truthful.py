@@ -140,3 +140,18 @@ def test_pdf_page_one_holds_the_whole_facts_card(run_copy: Path) -> None:
                     "Other information"):
         assert heading in page1, (heading, page1[-800:])
     assert "Contact" in page1 and "Other information" not in page2
+
+
+def test_external_evaluations_under_the_run_appear_in_its_report(run_copy: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    ext = tmp_path / "other_site"
+    shutil.copytree(Path(mt.load_run(run_copy).manifest.data_dir), ext)
+    mt.evaluate(run_copy, ext, n_boot=50)
+    monkeypatch.chdir(run_copy.parent)
+    page = htmllib.unescape(render_report(run_copy, formats=["html"])["html"].read_text("utf-8"))
+    assert "External evaluations of this run" in page and "other_site" in page
+    assert "medtransfer report run/external/other_site" in page  # not rendered yet: how to render it
+    own = render_report(run_copy / "external" / "other_site", formats=["html"])["html"]
+    assert own == run_copy / "external" / "other_site" / "report.html"
+    text = own.read_text("utf-8")
+    assert "external data set" in text and 'id="model"' in text and "Model card: not provided" not in text

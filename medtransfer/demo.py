@@ -46,6 +46,7 @@ class DemoResult:
         report: format -> path of the rendered report.
         auroc: test AUROC of the positive class with its CI ``(value, lo, hi)``.
         flagged_gaps: one line per subgroup gap whose CI excludes 0.
+        gap_status: the subgroup-gap check when nothing was flagged (passed, or not assessed and why).
         shortcut_hints: method -> (maps with a corner/border/outside-body hint, maps).
         seconds: wall time per stage.
         site_probe: (balanced accuracy, chance) of predicting the site from the model's features.
@@ -61,12 +62,13 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     site_probe: tuple[float, float] | None = None
+    gap_status: str = "subgroup gaps not assessed"
 
     def summary(self) -> str:
         """A few lines for the terminal: headline, what was flagged, where the report is."""
         a, lo, hi = self.auroc
         lines = [f"test AUROC {a:.3f} (95% CI {lo:.3f}-{hi:.3f})"]
-        lines += [f"flagged gap: {g}" for g in self.flagged_gaps] or ["no subgroup gap flagged"]
+        lines += [f"flagged gap: {g}" for g in self.flagged_gaps] or [self.gap_status]
         for method, (hinted, total) in self.shortcut_hints.items():
             lines.append(f"{method}: {hinted} of {total} heat maps concentrate on corners/borders (shortcut hint)")
         if self.site_probe is not None:
@@ -198,8 +200,12 @@ def _fill_findings(demo: DemoResult, result: Any) -> None:
     gaps = result.gaps
     if "flagged" in gaps:
         for g in gaps[gaps["flagged"].astype(bool)].to_dict("records"):
-            demo.flagged_gaps.append(f"{g['attribute']} {g['metric'].upper()} gap {g['gap']:.2f} "
+            name = "AUROC" if g["metric"] == "auroc" else g["metric"]
+            demo.flagged_gaps.append(f"{g['attribute']} {name} gap {g['gap']:.2f} "
                                      f"(CI {g['gap_lo']:.2f}-{g['gap_hi']:.2f}), worst: {g['worst_group']}")
+    check = next((c for c in result.meta.get("checks", []) if c["key"] == "subgroup_gaps"), None)
+    if check is not None:
+        demo.gap_status = f"{check['status']}: {check['title']} ({check['detail']})"
     index_path = demo.run_dir / "saliency" / "index.csv"
     if index_path.is_file():
         index = pd.read_csv(index_path, dtype={"hint": str})

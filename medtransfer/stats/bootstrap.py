@@ -11,7 +11,7 @@ in chunks. Metrics are then weighted sums over that matrix (see
 cost a handful of array passes instead of 1,000 scikit-learn calls.
 
 Every function here draws from the same resampler (:func:`resample_weights`), so for one seed and one
-set of patient keys, :func:`bootstrap_metrics`, :func:`bootstrap_statistic` and
+set of patient keys, :func:`metric_intervals`, :func:`bootstrap_statistic` and
 :func:`resample_indices` see the same resamples.
 
 Where the bootstrap is not used. A percentile bootstrap collapses at 0 and 1: 45 positives all detected
@@ -307,35 +307,6 @@ def metric_intervals(
     return {m: out[m] for m in metrics}
 
 
-def bootstrap_metrics(
-    y: np.ndarray,
-    p: np.ndarray,
-    threshold: float,
-    *,
-    clusters: np.ndarray | pd.Series | None = None,
-    n_boot: int = 1000,
-    ci: float = 0.95,
-    seed: Seed = 0,
-    metrics: Sequence[str] = BINARY_METRICS,
-) -> dict[str, tuple[float, float, float]]:
-    """:func:`metric_intervals` without the method names: name -> ``(point, lo, hi)``.
-
-    Kept for callers that unpack three values. The name is historical: proportions are no longer
-    bootstrapped (module doc); use :func:`metric_intervals` to know which method made each interval.
-
-    Examples:
-        >>> rng = np.random.default_rng(0)
-        >>> y = rng.integers(0, 2, 500); p = np.clip(0.3 * y + 0.7 * rng.random(500), 0, 1)
-        >>> point, lo, hi = bootstrap_metrics(y, p, 0.5, n_boot=200)["auroc"]
-        >>> lo < point < hi
-        True
-    """
-    res = metric_intervals(
-        y, p, threshold, clusters=clusters, n_boot=n_boot, ci=ci, seed=seed, metrics=metrics
-    )
-    return {m: (r.point, r.lo, r.hi) for m, r in res.items()}
-
-
 def bootstrap_statistic(
     stat: Callable[[np.ndarray], float],
     n: int,
@@ -347,7 +318,7 @@ def bootstrap_statistic(
 ) -> tuple[float, float, float]:
     """Percentile bootstrap CI of any statistic of the rows (gaps, custom metrics).
 
-    Slower than :func:`bootstrap_metrics` (one Python call per resample); prefer that for the standard
+    Slower than :func:`metric_intervals` (one Python call per resample); prefer that for the standard
     binary metrics.
 
     Args:

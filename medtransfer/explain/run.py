@@ -196,7 +196,7 @@ def _explain_cases(run: Any, todo: pd.DataFrame, chosen: pd.DataFrame, method: s
 
     ds = _dataset(run, run.manifest)
     where = {cid: i for i, cid in enumerate(run.manifest.df["case_id"].astype(str))}
-    sanity = _sanity(run, ds, where, chosen, method, out)
+    sanity = _sanity(run, ds, where, chosen, method, out, progress)
     rows: list[pd.DataFrame] = []
     with progress_bar(progress) as bar:
         task = bar.add_task(f"Saliency ({method})", total=len(todo), unit="maps", info="")
@@ -234,7 +234,7 @@ def _explain_chunk(run: Any, ds: Any, idx: list[int], chunk: pd.DataFrame, cls: 
 
 
 def _sanity(run: Any, ds: Any, where: dict[str, int], chosen: pd.DataFrame, method: str,
-            out: Path) -> tuple[float, bool]:
+            out: Path, progress: bool = False) -> tuple[float, bool]:
     """(sanity_score, passed) for ``method``: read from ``sanity_<method>.csv`` or computed once and written.
 
     Computed on up to ``SANITY_IMAGES`` selected cases of the first selected class, for that class.
@@ -246,7 +246,7 @@ def _sanity(run: Any, ds: Any, where: dict[str, int], chosen: pd.DataFrame, meth
     cls = str(chosen["class"].iloc[0])
     ids = chosen.loc[chosen["class"] == cls, "case_id"].drop_duplicates().head(SANITY_IMAGES)
     x = torch.stack([ds[where[c]]["image"] for c in ids])
-    result = sanity_check(run, x, method=method, target=_output_index(run.card, cls))
+    result = sanity_check(run, x, method=method, target=_output_index(run.card, cls), progress=progress)
     table = result.table.assign(method=method, target_class=cls, sanity_score=result.sanity_score,
                                 passed=result.passed, threshold=result.threshold, status=result.status,
                                 reason=result.reason)

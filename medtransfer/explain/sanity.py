@@ -44,6 +44,7 @@ from torch import nn
 
 from medtransfer.explain.saliency import explain, model_and_task
 from medtransfer.inference import forward_batches
+from medtransfer.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ def sanity_check(
     explain_fn: ExplainFn | None = None,
     seed: int = 0,
     threshold: float = SANITY_THRESHOLD,
+    progress: bool = False,
     **explain_kwargs: Any,
 ) -> SanityResult:
     """Cascading randomisation check of ``method`` on ``images``.
@@ -101,6 +103,7 @@ def sanity_check(
         explain_fn: ``fn(model, images, targets (N,)) -> maps (N, H, W)``, to check any other method.
         seed: seeds the re-initialisation.
         threshold: see the module docstring.
+        progress: show progress over the randomisation steps (each recomputes every map).
         **explain_kwargs: passed to :func:`explain` (e.g. ``n_steps``).
 
     Returns:
@@ -116,7 +119,9 @@ def sanity_check(
     rows = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for step, (stage, name) in enumerate(zip(stages, names, strict=True)):
+        steps = track(list(zip(stages, names, strict=True)), f"sanity check ({method})", enabled=progress,
+                      unit="randomisation steps")
+        for step, (stage, name) in enumerate(steps):
             randomise(stage)
             rho = spearman_per_image(reference, fn(work, images, targets).detach())
             defined = rho[np.isfinite(rho)]

@@ -17,6 +17,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.conftest import skip_or_fail
+
 # one worker runs the whole module, so the demo (minutes) runs once, not once per xdist worker
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
@@ -45,21 +47,29 @@ def test_demo_runs_and_writes_the_report(demo) -> None:
     html = (run / "report.html").read_text(encoding="utf-8")
     assert "Subgroups" in html and "Explainability" in html
     assert f"report: {Path('runs/demo/report.html')}" in proc.stdout
-    try:
-        import weasyprint  # noqa: F401
-    except (ImportError, OSError):
-        assert "PDF not written" in proc.stdout
-    else:
-        assert (run / "report.pdf").stat().st_size > 10_000
     # fake identifiers of the synthetic DICOMs never reach the report
     assert "DEMO^PATIENT" not in html and "DEMO-P0" not in html
+
+
+def test_demo_writes_the_pdf_or_says_why_not(demo) -> None:
+    cwd, proc = demo
+    try:
+        import weasyprint  # noqa: F401
+    except (ImportError, OSError) as exc:
+        assert "PDF not written" in proc.stdout
+        skip_or_fail(f"the demo's PDF needs WeasyPrint (pip install 'medtransfer[pdf]') and pango: {exc}")
+    assert (cwd / "runs" / "demo" / "report.pdf").stat().st_size > 10_000
 
 
 def test_headline_is_above_chance_but_not_perfect(demo) -> None:
     cwd, _ = demo
     ev = json.loads((cwd / "runs" / "demo" / "evaluation.json").read_text())
     (row,) = [r for r in ev["overall"]["records"] if r["class"] == "pneumonia"]
-    assert 0.75 < row["auroc"] < 0.995, row
+    # The --fast demo's test AUROC is deterministic on CPU for a version: 0.9226 (161 test cases), measured by
+    # running this module (torch 2.14.1 CPU, pydicom 3.0.2, Python 3.11). README's 0.947 is the full demo's.
+    # +-0.02 absorbs float differences between CPUs; a regression of the training or of the planted signal
+    # moves it further. If the demo changes on purpose, re-measure (read runs/demo/evaluation.json).
+    assert abs(row["auroc"] - 0.923) < 0.02, row
     assert row["auroc_lo"] < row["auroc"] < row["auroc_hi"]
 
 

@@ -27,6 +27,64 @@ MUST_LOAD = (
 MUST_LOAD_IF_PRESENT = ("emri_small.dcm", "emri_small_RLE.dcm", "SC_rgb.dcm", "JPEGLSNearLossless_16.dcm")
 MUST_REFUSE = ("reportsi.dcm", "MR_truncated.dcm", "rtplan.dcm", "waveform_ecg.dcm", "README.txt")
 
+# The exact outcome on pydicom's own corpus, measured with pydicom 3.0.2 (176 files, the optional pydicom-data
+# package absent) and the decoders of medtransfer[dicom-codecs] (pylibjpeg 2.1.0, pylibjpeg-libjpeg 2.5.0,
+# pylibjpeg-openjpeg 2.6.0, pylibjpeg-rle 2.2.0). The corpus is fixed for a pydicom version; another version,
+# pydicom-data, or other decoder plugins may change it: then re-measure (run this test with -s, it prints every
+# outcome) and update these numbers together with the version above.
+CORPUS_PYDICOM = "3.0.2"
+CORPUS_FILES = 176
+CORPUS_LOADED = 79
+_TINY_ALPHA = "dicomdirtests/TINY_ALPHA/PT000000/ST000000/SE000000/IM0000"
+_NOT_DICOM = "not a DICOM file"
+_NO_PIXELS = "no PixelData element"
+_DOSE = "SOP class 'RT Dose Storage'"
+_DICOMDIR = "SOP class 'Media Storage Directory Storage'"
+#: Every file refused (path relative to pydicom's test_files folder) -> words its reason must contain.
+CORPUS_REFUSED: dict[str, str] = {
+    **dict.fromkeys(("README.txt", "crayons.icc", "dicomdirtests/README.txt", "dicomdirtests/TINY_ALPHA/README",
+                     "no_meta.dcm", "rtplan.dump", "rtstruct.dump", "test1.json", "test_PN.json", "zipMR.gz"),
+                    _NOT_DICOM),
+    # the 50 DICOMDIR test records IM000000 ... IM00001D (base 36) carry headers only
+    **{f"{_TINY_ALPHA}{i // 36}{'0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ'[i % 36]}": _NO_PIXELS for i in range(50)},
+    **dict.fromkeys(("UN_sequence.dcm", "empty_charset_LEI.dcm", "no_meta_group_length.dcm", "priv_SQ.dcm"),
+                    _NO_PIXELS),
+    **dict.fromkeys(("meta_missing_tsyntax.dcm", "nested_priv_SQ.dcm"), "PixelData without Rows/Columns"),
+    "MR_truncated.dcm": "the file is truncated",
+    # lossy 12-bit JPEG and a J2K stream with an embedded delimiter: no installed decoder accepts them
+    **dict.fromkeys(("JPEG-lossy.dcm", "JPEG2000-embedded-sequence-delimiter.dcm"), "could not be decoded"),
+    # a CT whose own VOI window lies outside its pixel values
+    **dict.fromkeys(("dicomdirtests/77654033/CT2/17166", "dicomdirtests/77654033/CT2/17196"),
+                    "maps every pixel to the same value"),
+    **dict.fromkeys(("badVR.dcm", "rtdose.dcm", "rtdose_1frame.dcm", "rtdose_expb.dcm", "rtdose_expb_1frame.dcm",
+                     "rtdose_rle.dcm", "rtdose_rle_1frame.dcm"), _DOSE),
+    **dict.fromkeys(("dicomdirtests/DICOMDIR", "dicomdirtests/DICOMDIR-bigEnd", "dicomdirtests/DICOMDIR-empty.dcm",
+                     "dicomdirtests/DICOMDIR-implicit", "dicomdirtests/DICOMDIR-nooffset",
+                     "dicomdirtests/DICOMDIR-nopatient", "dicomdirtests/DICOMDIR-reordered",
+                     "dicomdirtests/TINY_ALPHA/DICOMDIR"), _DICOMDIR),
+    **dict.fromkeys(("rtplan.dcm", "rtplan_truncated.dcm"), "SOP class 'RT Plan Storage'"),
+    **dict.fromkeys(("ExplVR_BigEndNoMeta.dcm", "ExplVR_LitEndNoMeta.dcm"), "SOP class 'RT Ion Plan Storage'"),
+    "rtstruct.dcm": "SOP class 'RT Structure Set Storage'",
+    **dict.fromkeys(("reportsi.dcm", "reportsi_with_empty_number_tags.dcm"), "SOP class 'Basic Text SR Storage'"),
+    "test-SR.dcm": "SOP class 'Comprehensive SR Storage'",
+    **dict.fromkeys(("liver_1frame.dcm", "liver_expb_1frame.dcm"), "SOP class 'Segmentation Storage'"),
+    "waveform_ecg.dcm": "SOP class '12-lead ECG Waveform Storage'",
+}
+
+
+def _corpus_versions() -> str:
+    """pydicom's version and its decoder plugins' (what decides the corpus and what decodes)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for dist in ("pydicom", "pydicom-data", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle",
+                 "python-gdcm", "pillow"):
+        try:
+            found.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
 
 def _expected_shape(path: str) -> tuple[int, ...]:
     ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
@@ -39,8 +97,10 @@ def test_pydicom_corpus_loads_or_refuses_with_reason():
     import pydicom.data
 
     files = [f for f in pydicom.data.get_testdata_files() if os.path.isfile(f)]
+    root = os.path.commonpath(files)
     assert len(files) > 100
     loaded, refused, cr_mono1 = set(), collections.Counter(), 0
+    reasons: dict[str, str] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about the corpus' deliberately odd files
         for f in files:
@@ -50,6 +110,7 @@ def test_pydicom_corpus_loads_or_refuses_with_reason():
             except ScanReadError as exc:
                 assert exc.reason.strip(), f
                 refused[exc.reason.split("(")[0].split(":")[0][:60]] += 1
+                reasons[Path(os.path.relpath(f, root)).as_posix()] = exc.reason
                 continue
             assert fmt == "dicom", f
             assert arr.dtype == np.float32 and arr.shape == _expected_shape(f), (f, arr.shape)
@@ -60,7 +121,18 @@ def test_pydicom_corpus_loads_or_refuses_with_reason():
     print(f"\npydicom corpus: {len(files)} files, {len(loaded)} loaded, {sum(refused.values())} refused")
     for reason, n in refused.most_common():
         print(f"  refused {n:3d} x {reason}")
-    assert len(loaded) >= 60
+    # exact, for the pinned corpus: a file that stops loading (or starts loading) is a change to look at
+    pinned = (f"measured with pydicom {CORPUS_PYDICOM} and the dicom-codecs decoders; this run has "
+              f"{_corpus_versions()}. If a version changed, the corpus or the decoders did: re-measure and update "
+              "CORPUS_* in this file; if not, medtransfer's loading changed")
+    assert len(files) == CORPUS_FILES, f"pydicom's corpus has {len(files)} files, not {CORPUS_FILES} ({pinned})"
+    unexpected = {k: v for k, v in reasons.items() if k not in CORPUS_REFUSED}
+    not_refused = sorted(set(CORPUS_REFUSED) - set(reasons))
+    assert not unexpected and not not_refused, (
+        f"refused but not expected to be: {unexpected}; expected to be refused but were not: {not_refused} ({pinned})")
+    wrong = {k: (reasons[k], words) for k, words in CORPUS_REFUSED.items() if words not in reasons[k]}
+    assert not wrong, f"refused for another reason than expected (reason, expected words): {wrong}"
+    assert len(loaded) == CORPUS_LOADED, f"{len(loaded)} files loaded, not {CORPUS_LOADED} ({pinned})"
     assert cr_mono1 >= 1
     missing = [n for n in MUST_LOAD if n not in loaded]
     present = {os.path.basename(f) for f in files}  # get_testdata_file() would try to download the rest

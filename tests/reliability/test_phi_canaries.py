@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.conftest import skip_or_fail
 from tests.reliability.conftest import FILE_CANARY, PHI_CANARIES, Pipeline
 
 pytestmark = pytest.mark.slow
@@ -95,7 +96,8 @@ def test_every_expected_output_was_produced(pipeline: Pipeline) -> None:
 
 def test_no_output_or_log_holds_a_canary(pipeline: Pipeline) -> None:
     if shutil.which("pdftotext") is None:  # the PDF's raw bytes are still searched; its text is compressed
-        pytest.skip("pdftotext (poppler-utils) is not installed: the PDF text cannot be extracted")
+        skip_or_fail("pdftotext (poppler-utils) is not installed: the PDF text cannot be extracted "
+                     "(apt-get install poppler-utils)")
     leaks = {str(f.relative_to(f.parents[1])): hits for f in _outputs(pipeline) if (hits := _leaks(f))}
     assert not leaks, f"PHI canaries found: {leaks}"
 

@@ -19,6 +19,7 @@ from medtransfer.evaluation.result import EvaluationResult
 from medtransfer.reports import render
 from medtransfer.reports.context import NOT_PROVIDED, plain_config, with_ci
 from medtransfer.reports.render import PdfUnavailable, render_report, scrub
+from tests.conftest import on_ci
 from tests.reports.conftest import BuiltRun, pdf_tools_or_skip
 
 SECTION_IDS = ("facts", "data", "model", "performance", "subgroups", "explainability", "limitations", "checklist",
@@ -188,8 +189,11 @@ def test_pdf_pages_are_numbered_and_not_blank(report_run: BuiltRun, tmp_path: Pa
 
 
 def _weasyprint_ok() -> bool:
+    """Whether the PDF can be made here; on CI (which installs WeasyPrint and pango) its absence fails."""
     try:
         import weasyprint  # noqa: F401
-    except (ImportError, OSError):
+    except (ImportError, OSError) as exc:
+        if on_ci():
+            pytest.fail(f"WeasyPrint or pango is missing on CI ({exc}); .ci/run installs them")
         return False
     return True

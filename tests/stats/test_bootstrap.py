@@ -115,11 +115,12 @@ def test_nan_labels_drop_with_their_patient_keys():
 def test_fast_enough_for_1000_cases_and_1000_resamples():
     y, p = make_data(1000)
     pk = np.random.default_rng(0).integers(0, 700, 1000)
-    start = time.perf_counter()
-    metric_intervals(y, p, 0.5, clusters=pk, n_boot=1000)
-    assert (
-        time.perf_counter() - start < 5.0
-    )  # ~0.2 s on a shared laptop core; sklearn per resample is ~100x slower
+    runs = []
+    for _ in range(3):  # CPU time, best of 3: robust to a loaded machine, still trips on a 2x regression
+        start = time.process_time()
+        metric_intervals(y, p, 0.5, clusters=pk, n_boot=1000)
+        runs.append(time.process_time() - start)
+    assert min(runs) < 0.16, runs  # measured 0.067-0.074 s; sklearn per resample is ~100x slower
 
 
 def test_each_interval_says_how_it_was_made():

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from medtransfer import io
 from medtransfer.data.manifest import Manifest
 from medtransfer.data.spec import InputSpec
-from medtransfer.device import autocast, to_device
+from medtransfer.inference import forward_batches
 from medtransfer.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,6 @@ def cache_key(model: torch.nn.Module, manifest: Manifest, spec: InputSpec) -> st
     return h.hexdigest()[:32]
 
 
-@torch.no_grad()
 def compute_features(
     model: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
@@ -64,21 +65,21 @@ def compute_features(
     progress: bool = False,
     description: str = "features",
 ) -> torch.Tensor:
-    """Pooled features (N, F) float32 of every batch in ``loader`` (model in eval mode)."""
-    model.eval()
-    out = []
+    """Pooled features (N, F) float32 of every batch in ``loader``, through the one inference path."""
     # counted in images, not batches: "120/480 images" in a log says how far a long frozen pass has got
     n_images = len(loader.dataset) if hasattr(loader, "dataset") else None  # type: ignore[arg-type]
     with progress_bar(progress) as bar:
         task = bar.add_task(description, total=n_images if n_images is not None else len(loader),
                             unit="images" if n_images is not None else "batches", info="")
-        for batch in loader:
-            x = to_device(batch["image"], device, channels_last=channels_last)
-            with autocast(device, amp):
-                f = model.features(x)
-            out.append(f.float().cpu())
-            bar.advance(task, len(x) if n_images is not None else 1)
-    return torch.cat(out) if out else torch.empty(0)
+
+        def counted() -> Iterator[Any]:
+            for batch in loader:
+                yield batch
+                bar.advance(task, len(batch["image"]) if n_images is not None else 1)
+
+        feats, _ = forward_batches(model, counted(), device=device, amp=amp, channels_last=channels_last,
+                                   output="features")
+    return feats
 
 
 def cached_features(

@@ -274,8 +274,8 @@ def evaluate(
         line = f"{check['status']}: {check['title']}. {check['detail']}"
         if check["status"] != "passed" and check.get("action"):
             line += f" What to do: {check['action']}"
-        (console if check["status"] == "passed" else err_console).print(line, highlight=False, soft_wrap=True,
-                                                                       markup=False)
+        clean = check["status"] == "passed" and "Not assessed" not in check["detail"]  # else it is a warning
+        (console if clean else err_console).print(line, highlight=False, soft_wrap=True, markup=False)
     where = result.saved_to
     say(f"wrote {where / 'evaluation.json'} and {where / 'predictions.csv'}" if where else "nothing written")
 

@@ -69,7 +69,10 @@ def terminal_log(terminal: tuple[Console, io.StringIO]):
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     log = logging.getLogger("medtransfer")
     log.addHandler(handler)
+    # not to the root logger: handlers other tests left there (CliRunner's closed streams) are not this terminal
+    propagate, log.propagate = log.propagate, False
     yield logging.getLogger("medtransfer.test"), handler
+    log.propagate = propagate
     log.removeHandler(handler)
 
 

@@ -35,7 +35,8 @@ def test_a_second_train_on_a_busy_run_directory_is_refused(pipeline: Pipeline, t
     from medtransfer.training.run import run_lock
 
     run = tmp_path / "run"
-    first = subprocess.Popen(cli_cmd(*train_args(pipeline.data, run, "train.epochs=500")), env=cli_env(),
+    first = subprocess.Popen(cli_cmd(*train_args(pipeline.data, run, "train.epochs=500", "train.patience=1000")),
+                             env=cli_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         lock = run / ".lock"

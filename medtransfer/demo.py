@@ -26,7 +26,7 @@ from medtransfer import io
 from medtransfer.digest import sha256_json
 from medtransfer.errors import RunDirError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: Settings of the full demo (``configs/demo.yaml``) and of ``--fast`` (5 epochs, occlusion on fewer cases).
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
@@ -186,7 +186,7 @@ def _prepare_out(run_dir: Path, key: str) -> str:
                 return "trained"
             if (run_dir / "config.yaml").is_file():
                 return "resume"
-        log.info("%s holds a demo run made with other settings; starting again", run_dir)
+        logger.info("%s holds a demo run made with other settings; starting again", run_dir)
         shutil.rmtree(run_dir)
     io.write_json(marker, {"key": key, "made_by": "medtransfer demo"})
     return "new"

@@ -16,7 +16,7 @@ import torch
 
 from medtransfer.errors import ConfigError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

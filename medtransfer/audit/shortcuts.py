@@ -25,7 +25,7 @@ import pandas as pd
 
 from medtransfer import io
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 PROBE_FLAG = 0.8  # balanced accuracy at or above which the features "see" the attribute
 PROBE_MARGIN = 0.2  # ... and at least this far above chance

@@ -38,7 +38,7 @@ from medtransfer import io
 from medtransfer.digest import sha256_json
 from medtransfer.errors import ConfigError, ManifestError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 STRATEGIES = ("scratch", "linear-probe", "gradual", "fine-tune")
 PRETRAINED = ("linear-probe", "gradual", "fine-tune")
@@ -161,7 +161,7 @@ def audit_transfer(
                 try:
                     cell = _run_cell(manifest, cfg, strategy, frac, seed, budget_epochs, n_boot, out_dir)
                 except Exception as exc:  # one failed cell must not lose the others
-                    log.warning("audit cell %s failed: %s", name, exc)
+                    logger.warning("audit cell %s failed: %s", name, exc)
                     warnings.append(f"cell {name} failed: {type(exc).__name__}: {exc}")
                     bar.advance(task)
                     continue

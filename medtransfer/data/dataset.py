@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from medtransfer import io
 from medtransfer.config import AugmentConfig
 from medtransfer.data.loading import load_case, sniff_format
-from medtransfer.data.manifest import Manifest
+from medtransfer.data.manifest import SUBGROUP_COLUMNS, Manifest
 from medtransfer.data.spec import InputSpec
 from medtransfer.data.transforms import (
     deterministic_transforms,
@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 #: Bump when decoding or resizing changes its output, so that old cache entries are not reused.
 CACHE_VERSION = "1"
-SUBGROUP_FIELDS = ("sex", "age_band", "site", "view", "manufacturer")
 
 
 def spec_digest(spec: InputSpec) -> str:
@@ -108,7 +107,7 @@ class ScanDataset(torch.utils.data.Dataset):
         row = self.manifest.df.iloc[i]
         item: dict[str, Any] = {"image": data["image"], "label": self._label(i),
                                 "case_id": str(row["case_id"]), "index": i}
-        for name in SUBGROUP_FIELDS:
+        for name in SUBGROUP_COLUMNS:
             item[name] = _as_str(row.get(name))
         return item
 

@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -220,7 +221,7 @@ def check_dataset(ds: Dataset, path: Path) -> None:
             f"{', '.join(_GREY + _COLOUR)}); convert the image to MONOCHROME2 or RGB")
     if not _transfer_syntax(ds).is_compressed:
         _check_native_length(ds, path)
-    frames, spp = _int(ds, "NumberOfFrames", 1), _int(ds, "SamplesPerPixel", 1)
+    frames, spp = int_tag(ds, "NumberOfFrames", 1), int_tag(ds, "SamplesPerPixel", 1)
     if int(ds.Rows) * int(ds.Columns) * frames * spp > MAX_SAMPLES:
         raise ScanReadError(str(path), f"declares {ds.Rows}x{ds.Columns}x{frames} pixels, too large to decode safely")
 
@@ -303,7 +304,7 @@ def _voi_to_unit(values: np.ndarray, ds: Dataset, spec: InputSpec, dec: _Decoded
         out = _voi_lut_sequence(values, ds)
         desc = "VOI LUT Sequence"
     else:
-        windows = [_frame_window(ds, i if values.shape[0] == _int(ds, "NumberOfFrames", 1) else 0, where)
+        windows = [_frame_window(ds, i if values.shape[0] == int_tag(ds, "NumberOfFrames", 1) else 0, where)
                    for i in range(values.shape[0])]
         if any(w is None for w in windows):
             out, desc = percentile_to_unit(values, spec.percentiles)
@@ -378,7 +379,7 @@ def _read_series(files: list[Path]) -> tuple[_Decoded, Dataset, str]:
     datasets = [read_dataset(p) for p in files]
     for ds, p in zip(datasets, files, strict=True):
         check_dataset(ds, p)
-        if _int(ds, "NumberOfFrames", 1) > 1:
+        if int_tag(ds, "NumberOfFrames", 1) > 1:
             raise ScanReadError(str(p), "multi-frame file inside a multi-file series; give it as its own case")
     sizes = sorted({(int(ds.Rows), int(ds.Columns)) for ds in datasets})
     if len(sizes) > 1:
@@ -482,7 +483,8 @@ def _transfer_syntax(ds: Dataset) -> UID:
     return ExplicitVRLittleEndian if little or little is None else ExplicitVRBigEndian
 
 
-def _int(ds: Dataset, keyword: str, default: int) -> int:
+def int_tag(ds: Any, keyword: str, default: int | None = None) -> int | None:
+    """The integer value of DICOM attribute ``keyword``, or ``default`` when absent, empty or not a number."""
     try:
         value = ds.get(keyword)
         return int(value) if value not in (None, "") else default

@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import pandas as pd
 
+from medtransfer.data.dicom import int_tag
 from medtransfer.data.privacy import pseudonym
 from medtransfer.errors import ScanReadError
 
@@ -211,9 +212,9 @@ def _dicom_fields(ds: Any) -> ScanHeader:
         station=_text(ds, "StationName"),
         view=_text(ds, "ViewPosition").upper(),
         photometric=_text(ds, "PhotometricInterpretation").upper(),
-        rows=_int(ds, "Rows"),
-        cols=_int(ds, "Columns"),
-        frames=_int(ds, "NumberOfFrames") or 1,
+        rows=int_tag(ds, "Rows"),
+        cols=int_tag(ds, "Columns"),
+        frames=int_tag(ds, "NumberOfFrames") or 1,
         spacing_row=spacing[0] if spacing and len(spacing) == 2 else None,
         spacing_col=spacing[1] if spacing and len(spacing) == 2 else None,
         position=_floats(ds, "ImagePositionPatient"),
@@ -348,14 +349,6 @@ def _raw_text(ds: Any, keyword: str) -> str:
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
     return str(value).strip(" \0") if value is not None else ""
-
-
-def _int(ds: Any, keyword: str) -> int | None:
-    try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
 
 
 def _floats(ds: Any, keyword: str) -> tuple[float, ...] | None:

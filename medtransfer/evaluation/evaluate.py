@@ -40,7 +40,7 @@ from medtransfer.stats.calibration import brier, ece, reliability_curve
 from medtransfer.stats.metrics import BINARY_METRICS, binary_metrics
 from medtransfer.training.calibrate import calibrate
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 
@@ -123,7 +123,7 @@ def evaluate(
     if data is not None:  # the external cases' manifest + quarantine.csv: working files beside the result
         manifest.save(out)
     result.save(out)
-    log.info("evaluation written to %s", result.saved_to)
+    logger.info("evaluation written to %s", result.saved_to)
     return result
 
 

@@ -30,7 +30,7 @@ from scipy import ndimage
 from medtransfer.explain.saliency import model_and_task, model_device, prepared, probabilities
 from medtransfer.inference import forward_batches
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def deletion_scores(

@@ -35,7 +35,7 @@ from medtransfer.explain.sanity import sanity_check
 from medtransfer.explain.selection import case_kind, select_cases
 from medtransfer.run_dir import load_run
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 INDEX_COLUMNS = ["case_id", "class", "kind", "group", "method", "score", "sanity_score", "sanity_passed",
                  "deletion_ratio", "outside_body_mass", "border_mass", "corner_mass", "corner", "hint", "file"]
@@ -90,7 +90,7 @@ def explain_run(
     chosen = _choose(run, preds, case_ids, split, cases, group_by)
     index = _read_index(out / "index.csv")
     todo = _missing(chosen, index, method, out)
-    log.info("%s: %d case(s) selected, %d to explain with %s", run.path, len(chosen), len(todo), method)
+    logger.info("%s: %d case(s) selected, %d to explain with %s", run.path, len(chosen), len(todo), method)
     if len(todo) or not (out / "index.csv").is_file():
         if len(todo):
             rows = _explain_cases(run, todo, chosen, method, out, progress)
@@ -99,7 +99,7 @@ def explain_run(
         with io.atomic_path(out / "index.csv") as tmp:
             index.reindex(columns=INDEX_COLUMNS).to_csv(tmp, index=False)
     if chosen.empty:
-        log.warning("%s: no %s cases to explain in split '%s' (no TP/FP/FN found)", run.path, method, split)
+        logger.warning("%s: no %s cases to explain in split '%s' (no TP/FP/FN found)", run.path, method, split)
     return out / "index.csv"
 
 
@@ -124,7 +124,7 @@ def _predictions(run: Any, predictions: Any, split: str | None) -> pd.DataFrame:
     manifest = run.manifest if split is None else run.manifest.split(split)
     if not len(manifest):
         raise ManifestError(f"split '{split}' has no cases in {run.path / 'manifest.csv'}")
-    log.info("%s: no predictions.csv; predicting the %s split once", run.path, split or "whole")
+    logger.info("%s: no predictions.csv; predicting the %s split once", run.path, split or "whole")
     return run.predict(manifest)
 
 

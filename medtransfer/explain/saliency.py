@@ -36,7 +36,7 @@ from torch import nn
 from medtransfer.errors import ConfigError
 from medtransfer.inference import forward_batches
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 Method = Literal["gradcam", "integrated_gradients", "occlusion", "saliency"]
 METHODS: tuple[str, ...] = ("gradcam", "integrated_gradients", "occlusion", "saliency")

@@ -46,7 +46,7 @@ from medtransfer.explain.saliency import explain, model_and_task
 from medtransfer.inference import forward_batches
 from medtransfer.progress import track
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: ``passed`` when the mean Spearman correlation at full randomisation is below this.
 SANITY_THRESHOLD = 0.5
@@ -145,7 +145,7 @@ def sanity_check(
     score = float(np.clip(1.0 - mean_rho, 0.0, 1.0)) if status != "not assessed" else float("nan")
     result = SanityResult(table=table, mean_spearman=mean_rho, sanity_score=score, passed=status == "passed",
                           threshold=threshold, method=name, status=status, reason=reason)
-    log.info("sanity check (%s): %s: %s", result.method, status, reason)
+    logger.info("sanity check (%s): %s: %s", result.method, status, reason)
     return result
 
 
@@ -198,5 +198,5 @@ def spearman_per_image(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
             out[i] = float(spearmanr(x[i], y[i]).statistic)
     undefined = int(np.isnan(out).sum())
     if undefined:
-        log.info("%d of %d map pairs were constant (no rank correlation; left out)", undefined, len(x))
+        logger.info("%d of %d map pairs were constant (no rank correlation; left out)", undefined, len(x))
     return out

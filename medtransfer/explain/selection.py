@@ -23,7 +23,7 @@ import pandas as pd
 
 from medtransfer.errors import ConfigError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 KINDS = ("TP", "FP", "FN")
 SELECTION_COLUMNS = ["case_id", "class", "kind", "group", "p"]
@@ -94,7 +94,7 @@ def _decisions(predictions: pd.DataFrame, cls: str) -> pd.Series:
     col = f"pred_{cls}"
     if col in predictions.columns:
         return pd.to_numeric(predictions[col], errors="coerce").fillna(0).astype(bool)
-    log.info("no %s column: deciding p_%s >= 0.5", col, cls)
+    logger.info("no %s column: deciding p_%s >= 0.5", col, cls)
     return pd.to_numeric(predictions[f"p_{cls}"], errors="coerce") >= 0.5
 
 

@@ -34,7 +34,7 @@ from medtransfer.errors import CheckpointError, ConfigError, WeightsUnavailable
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: Set to 1/true/yes to never try a download (air-gapped sites, CI): missing weights fail at once.
 OFFLINE_ENV = "MEDTRANSFER_OFFLINE"
@@ -232,7 +232,7 @@ def load_backbone(name: str, weights: str = "imagenet") -> torch.nn.Module:
     spec = get_backbone(name)
     model = _instantiate(spec)
     if weights == "none":
-        log.info("%s: random initialisation (weights='none')", name)
+        logger.info("%s: random initialisation (weights='none')", name)
         return model
     if weights == "imagenet":
         path = _bundled_path() if spec.weights == "bundled" else _fetch_torchvision(spec)
@@ -245,7 +245,7 @@ def load_backbone(name: str, weights: str = "imagenet") -> torch.nn.Module:
     from medtransfer.models.weights_io import load_state_dict_checked
 
     load_state_dict_checked(model, _remap_legacy_keys(state), source=source, ignore_prefix=spec.head)
-    log.info("%s: loaded weights from %s", name, source)
+    logger.info("%s: loaded weights from %s", name, source)
     return model
 
 
@@ -340,7 +340,7 @@ def _fetch_torchvision(spec: BackboneSpec) -> Path:
         raise WeightsUnavailable(_unavailable_message(spec, path, url, f"{OFFLINE_ENV} is set"))
     match = torch.hub.HASH_REGEX.search(path.name)
     try:
-        log.info("%s: downloading %s to %s", spec.name, url, path)
+        logger.info("%s: downloading %s to %s", spec.name, url, path)
         _download(url, path, match.group(1) if match else None)
     except Exception as exc:  # URLError, timeout, hash mismatch, read-only cache
         raise WeightsUnavailable(_unavailable_message(spec, path, url, f"download failed: {exc}")) from exc

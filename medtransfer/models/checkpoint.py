@@ -44,7 +44,7 @@ from medtransfer.models.weights_io import (
     refuse_pickle,
 )
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 STATE_JSON = "training_state.json"
 STATE_FORMAT = "medtransfer-training-state"

@@ -22,7 +22,7 @@ from medtransfer.data.spec import TASKS
 from medtransfer.errors import ConfigError
 from medtransfer.models.backbones import BackboneSpec, get_backbone, load_backbone
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 
@@ -276,7 +276,7 @@ def build_model(
         conv = get_path(net, spec.first_conv)
         set_path(net, spec.first_conv, adapt_input_conv(conv, in_channels))  # type: ignore[arg-type]
         how = "summing" if in_channels == 1 else "tiling and rescaling"
-        log.info("%s: adapted first conv %s from 3 to %d input channel(s) by %s RGB filters",
+        logger.info("%s: adapted first conv %s from 3 to %d input channel(s) by %s RGB filters",
                  backbone, spec.first_conv, in_channels, how)
     return Classifier(disable_inplace_relu(net), spec, num_outputs, dropout=dropout, classes=classes, task=task)
 

@@ -30,7 +30,7 @@ from medtransfer.reports.format import NOT_PROVIDED, is_num, num, pct, plain_con
 if TYPE_CHECKING:
     from medtransfer.evaluation.result import EvaluationResult
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 DEMOGRAPHICS = ("sex", "age_band", "site", "manufacturer", "view", "modality")
 
@@ -73,7 +73,7 @@ def _report_config(config: dict[str, Any]) -> ReportConfig:
     try:
         return ReportConfig.model_validate(config.get("report") or {})
     except ValueError as exc:
-        log.warning("config.yaml report: section not used (%s)", exc)
+        logger.warning("config.yaml report: section not used (%s)", exc)
         return ReportConfig()
 
 

@@ -18,7 +18,7 @@ from medtransfer.errors import MedtransferError
 from medtransfer.evaluation.result import EvaluationResult
 from medtransfer.models.card import ModelCard
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,5 +86,5 @@ def _optional(read: Any, path: Path) -> Any:
     try:
         return read()
     except (OSError, ValueError, yaml.YAMLError, MedtransferError) as exc:
-        log.warning("%s: not used in the report (%s)", path.name, exc)
+        logger.warning("%s: not used in the report (%s)", path.name, exc)
         return None

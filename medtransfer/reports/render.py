@@ -27,7 +27,7 @@ from medtransfer.evaluation.result import EvaluationResult
 from medtransfer.reports.context import build_context
 from medtransfer.reports.files import RunFiles, load_run_files
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 FORMATS = ("html", "pdf")
 TEMPLATES = Path(__file__).parent / "templates"
@@ -94,7 +94,7 @@ def render_report(
             html_path = outputs.get("html") or io.write_text(out / "report.html", html)
             raise PdfUnavailable(f"{exc} The HTML report was written to {html_path}.", {"html": html_path}) from exc
         outputs["pdf"] = write_pdf(html, out / "report.pdf", weasyprint)
-    log.info("report for %s rendered in %.1f s: %s", run_dir.name, time.perf_counter() - started,
+    logger.info("report for %s rendered in %.1f s: %s", run_dir.name, time.perf_counter() - started,
              ", ".join(str(p) for p in outputs.values()))
     return outputs
 

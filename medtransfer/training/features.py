@@ -24,7 +24,7 @@ from medtransfer.data.spec import InputSpec
 from medtransfer.inference import forward_batches
 from medtransfer.progress import progress_bar
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def backbone_digest(model: torch.nn.Module) -> str:
@@ -106,10 +106,10 @@ def cached_features(
             try:
                 feats = load_file(str(path))["features"]
                 if len(feats) == len(manifest):
-                    log.info("feature cache hit: %s", path.name)
+                    logger.info("feature cache hit: %s", path.name)
                     return feats
             except Exception as exc:  # corrupt cache file: recompute rather than fail the run
-                log.warning("ignoring unreadable feature cache %s (%s)", path.name, exc)
+                logger.warning("ignoring unreadable feature cache %s (%s)", path.name, exc)
     feats = compute_features(model, loader, device=device, amp=amp, channels_last=channels_last,
                              progress=progress, description=description)
     if path is not None:

@@ -42,7 +42,7 @@ from medtransfer.training.losses import build_loss
 from medtransfer.training.optim import build_optimizer, build_scheduler, current_lr
 from medtransfer.training.tracking import is_rank_zero
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: A head epoch on cached features makes at least this many optimiser steps (several shuffled passes over
 #: the features): on a small dataset one pass is a handful of steps and leaves the head under-trained before
@@ -291,7 +291,7 @@ class _Trainer:
         self.best_metric = float(extra.get("best_metric", -np.inf))
         self.best_epoch = int(extra.get("best_epoch", 0))
         self.bad_epochs = int(extra.get("bad_epochs", 0))
-        log.info("resuming after epoch %d from %s", state["epoch"], path)
+        logger.info("resuming after epoch %d from %s", state["epoch"], path)
         return int(state["epoch"]), state
 
     def fit(self, resume: bool) -> FitResult:
@@ -299,7 +299,7 @@ class _Trainer:
         phases = plan_phases(self.tc.strategy, self.tc.epochs, self.tc.freeze_epochs)
         warning = frozen_only_warning(self.tc.strategy, self.tc.epochs, self.tc.freeze_epochs)
         if warning is not None:
-            log.warning(warning)
+            logger.warning(warning)
         start, saved = self.try_resume() if resume else (0, None)
         stopped = False
         for phase in phases:
@@ -335,7 +335,7 @@ class _Trainer:
         else:
             self.bad_epochs += 1
         self.save_last(phase, st, epoch)
-        log.info("epoch %d: train_loss %.4f val_loss %.4f val_auroc %.4f", row["epoch"], row["train_loss"],
+        logger.info("epoch %d: train_loss %.4f val_loss %.4f val_auroc %.4f", row["epoch"], row["train_loss"],
                  row["val_loss"], row["val_auroc"])
         if self.on_epoch is not None:
             self.on_epoch(row)

@@ -31,7 +31,7 @@ from medtransfer.models.card import ModelCard
 from medtransfer.run_dir import Run, load_run
 from medtransfer.training.calibrate import calibrate
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -157,7 +157,7 @@ def _prepare(run_dir: Path, data: Any, labels: Any, label_columns: Any, config: 
         # another configuration in the same folder is refused rather than mixed with the checkpoint.
         saved = run_dir / "config.yaml"
         if saved.is_file() and saved.read_text(encoding="utf-8") == dump_config(cfg):
-            log.warning("%s holds an interrupted run with this configuration: resuming it from checkpoints/last "
+            logger.warning("%s holds an interrupted run with this configuration: resuming it from checkpoints/last "
                         "(choose another --out to start over)", run_dir)
             return _prepare(run_dir, None, None, None, None, (), True, progress)
         raise RunDirError(f"{run_dir} holds an interrupted run with another configuration; continue it with "

@@ -14,7 +14,7 @@ from typing import Any
 from medtransfer._optional import require
 from medtransfer.config import RunConfig
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _SCALARS = ("lr", "train_loss", "val_loss", "val_auroc")
 

@@ -255,14 +255,14 @@ def _run_cell(manifest: Any, cfg: Any, strategy: str, fraction: float, seed: int
 
 def _test_auroc(model: Any, test: Any, cfg: Any, n_boot: int, seed: int) -> tuple[float, float, float]:
     from medtransfer.inference import run_model
-    from medtransfer.models.outputs import apply_temperature
+    from medtransfer.models.outputs import ranking_scores
     from medtransfer.stats.bootstrap import bootstrap_statistic
     from medtransfer.stats.metrics import macro_auroc
 
     out = run_model(model, test, cfg.input, batch_size=cfg.train.batch_size, device=cfg.train.device,
                     amp=cfg.train.amp, num_workers=cfg.train.num_workers, cache_dir=cfg.data.cache_dir)
     y, k = np.asarray(out.targets), len(test.classes)
-    p = apply_temperature(out.outputs, 1.0, test.task)
+    p = ranking_scores(out.outputs, test.task)
 
     def stat(idx: np.ndarray) -> float:
         return macro_auroc(y[idx], p[idx], test.task, k)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from scipy.special import expit, softmax
+from scipy.special import expit, log_softmax, softmax
 
 from medtransfer.data.spec import TASKS
 from medtransfer.models.card import ModelCard
@@ -94,3 +94,21 @@ def decisions(p: np.ndarray, card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
                                dtype=object)
     predicted[~ok] = ""
     return flags, predicted
+
+
+def ranking_scores(logits: np.ndarray, task: str) -> np.ndarray:
+    """Scores that rank cases as the probabilities do, without saturating (for AUROC on model outputs).
+
+    float32 sigmoids of logits beyond about ±17 (float64: ±37) are exactly 1.0 or 0.0, so confident cases tie
+    and the AUROC of the same model depends on the precision it was read in. Sigmoid and log are monotone:
+    binary and multi-label rank on the logits themselves, multi-class on float64 log-softmax.
+
+    Returns:
+        float64: binary (N,); multiclass / multilabel (N, K).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if task == "binary":
+        return z.reshape(-1)
+    if task == "multiclass":
+        return log_softmax(z, axis=1)
+    return z.reshape(len(z), -1)

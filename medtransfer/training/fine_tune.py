@@ -34,6 +34,7 @@ from medtransfer.data.dataset import ScanDataset, make_loader
 from medtransfer.data.manifest import Manifest
 from medtransfer.errors import ManifestError
 from medtransfer.models import checkpoint
+from medtransfer.models.outputs import ranking_scores
 from medtransfer.progress import progress_bar
 from medtransfer.stats.metrics import macro_auroc
 from medtransfer.training.features import cached_features
@@ -254,7 +255,7 @@ class _Trainer:
             pred = predict_batches(val_net, _advancing(val_batches, bar, task_id), task=self.task,
                                    device=self.device, amp=self.amp, channels_last=st.channels_last,
                                    loss_fn=self.loss_fn)
-            auroc = macro_auroc(pred["targets"], pred["scores"], self.task, self.n_classes)
+            auroc = macro_auroc(pred["targets"], ranking_scores(pred["logits"], self.task), self.task, self.n_classes)
             st.end_epoch(pred.get("loss", float("nan")) if self.tc.plateau_on == "val_loss" else auroc)
             bar.update(task_id, info=f"loss {train_loss:.3f} val_auroc {auroc:.3f}")
         return {"epoch": epoch + 1, "phase": phase.name, "lr": lr, "train_loss": train_loss,

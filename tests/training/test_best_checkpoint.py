@@ -107,10 +107,9 @@ def test_saved_model_is_the_best_validation_checkpoint(noisy_data: tuple[Path, P
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "AUROC is computed on saturated probabilities: training's val_auroc from float32 sigmoids (|logit| > ~17 "
-    "all become 1.0), evaluate's from float64 ones (> ~37 become 1.0), so an over-confident model gets three "
-    "AUROCs for one ranking (history, evaluate, logits). Reported to the lead (issue 14, item 6); remove this "
-    "marker when ranking metrics are computed on logits."))
+    "evaluate still ranks on float64 probabilities, which saturate to 1.0 beyond |logit| ~37, so an "
+    "over-confident model's evaluated AUROC differs from its ranking; training's val_auroc now ranks on logits "
+    "(models.outputs.ranking_scores). Remove this marker when predictions carry logits for ranking metrics."))
 def test_auroc_of_an_overconfident_model_does_not_depend_on_float_precision(
         noisy_data: tuple[Path, Path, list[str]], tmp_path: Path) -> None:
     data, labels, common = noisy_data

@@ -22,7 +22,7 @@ from tests.conftest import skip_or_fail
 # one worker runs the whole module, so the demo (minutes) runs once, not once per xdist worker
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
-WEAK_SITE = "Coastal Community Hospital (DEMO)"  # site C of medtransfer.sample_data, the planted weak site
+WEAK_SITE = "Coastal Community Hospital (DEMO)"  # site C of medtransfer.datasets.synthetic, the planted weak site
 
 
 def _medtransfer(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -120,3 +120,40 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
     with pytest.raises(RunDirError, match="not made by 'medtransfer demo'"):
         _prepare_out(tmp_path / "runs" / "demo", "key")
     assert (tmp_path / "runs" / "demo" / "my_notes.txt").read_text() == "keep me"
+
+
+# last in the module: following the advice re-evaluates and adds heat maps to the shared demo run
+def test_demo_report_says_only_what_was_assessed_and_its_advice_runs(demo) -> None:
+    """Issue 13 on the demo: no OK for what was not assessed, no zero-width interval for a proportion from 10+
+    cases, page 1 of the PDF holds the facts card, and every suggested command runs as printed."""
+    import html as htmllib
+    import re
+    import shlex
+
+    cwd, proc = demo
+    run = cwd / "runs" / "demo"
+    page = htmllib.unescape((run / "report.html").read_text(encoding="utf-8"))
+    facts = page[page.index('id="facts"'):page.index('id="data"')]
+    assert not re.findall(r'<li class="check check-green">', facts)  # passed checks: one line, never a green item
+    passed = re.search(r'class="passed-line">(.*?)</p>', facts, flags=re.S)
+    assert passed is None or "not assessed" not in passed.group(1).lower()
+    doc = json.loads((run / "evaluation.json").read_text(encoding="utf-8"))
+    from medtransfer.evaluation.result import EvaluationResult
+
+    result = EvaluationResult.from_json(doc)
+    for m in ("sensitivity", "specificity", "ppv", "npv"):
+        row = result.overall.iloc[0]
+        assert row[f"{m}_hi"] > row[f"{m}_lo"], m
+    groups = result.by_group[(result.by_group["status"] == "ok") & (result.by_group["n"] >= 10)]
+    for m in ("sensitivity", "specificity"):
+        assert (groups[f"{m}_hi"] > groups[f"{m}_lo"]).all(), groups[["attribute", "group", m]]
+    if shutil.which("pdftotext"):
+        page1 = subprocess.run(["pdftotext", "-f", "1", "-l", "1", str(run / "report.pdf"), "-"],
+                               capture_output=True, text=True, check=True).stdout
+        assert "Other information" in page1 and "Warnings" in page1
+    suggested = sorted(set(re.findall(r"'(medtransfer [^']+)'", page + proc.stdout + proc.stderr)))
+    for cmd in suggested:
+        if "EXTERNAL_FOLDER" in cmd:
+            continue  # names another site's data, which the user supplies (run with real data in tests/reports)
+        done = _medtransfer("--quiet", *shlex.split(cmd)[1:], cwd=cwd)
+        assert done.returncode == 0, (cmd, done.stdout[-2000:], done.stderr[-2000:])

@@ -73,11 +73,6 @@ class Inference:
     errors: dict[int, str] = field(default_factory=dict)
 
     @property
-    def logits(self) -> np.ndarray:
-        """The outputs (named for the usual case, ``output="logits"``)."""
-        return self.outputs
-
-    @property
     def ok(self) -> np.ndarray:
         """Boolean (N,) mask of the cases that were decoded and scored."""
         mask = np.ones(len(self.outputs), dtype=bool)

@@ -31,6 +31,7 @@ from medtransfer.inference import run_model
 from medtransfer.models.card import ModelCard
 from medtransfer.models.outputs import apply_temperature, probabilities, scored_classes
 from medtransfer.stats.calibration import T_BOUNDS, ece, fit_temperature
+from medtransfer.stats.metrics import targets_to_matrix
 from medtransfer.stats.thresholds import choose_threshold
 
 logger = logging.getLogger(__name__)
@@ -39,16 +40,10 @@ logger = logging.getLogger(__name__)
 MIN_CROSS_FIT = 40
 
 
-def one_vs_rest(targets: np.ndarray, card: ModelCard) -> np.ndarray:
-    """Targets as float (N, len(scored_classes)) 1/0/NaN, one column per scored class."""
-    t = np.asarray(targets, dtype=np.float64)
-    if card.task == "multilabel":
-        return t.reshape(len(t), -1)
-    if card.task == "binary":
-        return t.reshape(-1, 1)
-    out = np.zeros((len(t), len(card.classes)))
-    out[np.arange(len(t)), t.astype(np.int64)] = 1.0
-    return out
+def one_vs_rest(targets: np.ndarray, task: str, n_classes: int) -> np.ndarray:
+    """Targets as float (N, len(scored_classes)) 1/0/NaN, one column per scored class (binary: the positive)."""
+    m = targets_to_matrix(targets, task, n_classes)
+    return m[:, 1:] if task == "binary" else m
 
 
 def calibrate(model: torch.nn.Module, manifest_val: Manifest, card: ModelCard, cfg: RunConfig, *,
@@ -81,7 +76,7 @@ def calibrate(model: torch.nn.Module, manifest_val: Manifest, card: ModelCard, c
     fitted = card.model_copy(update={"temperature": decision["temperature"] if decision["applied"] else None,
                                      "calibration": decision})
     p = probabilities(logits, fitted)
-    y = one_vs_rest(targets, card)
+    y = one_vs_rest(targets, card.task, len(card.classes))
     chosen: dict[str, float] = {}
     for j, c in enumerate(scored_classes(card)):
         known = ~np.isnan(y[:, j])
@@ -114,17 +109,18 @@ def decide_temperature(logits: np.ndarray, targets: np.ndarray, patient_keys: np
     if temperature is None:
         return {**base, "reason": "not fitted: the validation split lacks one of the outcomes, or the fit ran "
                                   "onto its bound (a separable or uninformative validation split)"}
-    folds = _folds(patient_keys, targets, task)
+    y = one_vs_rest(targets, task, logits.shape[1] if task != "binary" else 2)
+    folds = _folds(patient_keys, y)
+    p_raw = _probs(logits, 1.0, task)
     if folds is not None:
-        p_raw, p_cal = _probs(logits, 1.0, task), np.empty_like(_probs(logits, 1.0, task))
+        p_cal = np.empty_like(p_raw)
         for train_idx, test_idx in folds:
             t_fold = _fit(logits[train_idx], targets[train_idx], task) or 1.0
             p_cal[test_idx] = _probs(logits[test_idx], t_fold, task)
         judged = "cross-fitted (2 patient folds)"
     else:
-        p_raw, p_cal = _probs(logits, 1.0, task), _probs(logits, temperature, task)
+        p_cal = _probs(logits, temperature, task)
         judged = "in-sample (too few validation cases for cross-fitting)"
-    y = _ovr(targets, task)
     figures = {"ece_before": _mean_ece(y, p_raw), "ece_after": _mean_ece(y, p_cal),
                "nll_before": _nll(y, p_raw, task), "nll_after": _nll(y, p_cal, task)}
     helps = figures["nll_after"] < figures["nll_before"] and figures["ece_after"] <= figures["ece_before"] + 1e-12
@@ -156,7 +152,7 @@ def _fit(logits: np.ndarray, targets: np.ndarray, task: str) -> float | None:
     return t
 
 
-def _folds(keys: np.ndarray, targets: np.ndarray, task: str) -> list[tuple[np.ndarray, np.ndarray]] | None:
+def _folds(keys: np.ndarray, y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """Two patient-disjoint folds (deterministic), or None when too small or an outcome is missing in one."""
     if len(keys) < MIN_CROSS_FIT:
         return None
@@ -164,7 +160,6 @@ def _folds(keys: np.ndarray, targets: np.ndarray, task: str) -> list[tuple[np.nd
     order = np.argsort([zlib.crc32(str(k).encode()) for k in uniq])  # stable (hash() is salted per process)
     fold_of = dict(zip(uniq[order], np.arange(len(uniq)) % 2, strict=True))
     f = np.array([fold_of[k] for k in keys])
-    y = _ovr(targets, task)
     folds = []
     for k in (0, 1):
         train_idx, test_idx = np.flatnonzero(f != k), np.flatnonzero(f == k)
@@ -178,16 +173,6 @@ def _folds(keys: np.ndarray, targets: np.ndarray, task: str) -> list[tuple[np.nd
 def _probs(logits: np.ndarray, t: float, task: str) -> np.ndarray:
     p = np.asarray(apply_temperature(logits, t, task), dtype=float)
     return p.reshape(len(logits), -1)
-
-
-def _ovr(targets: np.ndarray, task: str) -> np.ndarray:
-    t = np.asarray(targets, dtype=float)
-    if task == "multiclass":
-        k = int(np.nanmax(t)) + 1 if t.size else 1
-        out = np.zeros((len(t), k))
-        out[np.arange(len(t)), t.astype(int)] = 1.0
-        return out
-    return t.reshape(len(t), -1)
 
 
 def _mean_ece(y: np.ndarray, p: np.ndarray) -> float:

@@ -15,7 +15,6 @@ Torch-free (the report renders without torch).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -23,6 +22,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from medtransfer.commands import Commands
+from medtransfer.format import is_num, num, with_ci
 
 PASSED, FLAGGED, NOT_ASSESSED = "passed", "flagged", "not assessed"
 Status = Literal["passed", "flagged", "not assessed"]
@@ -69,18 +69,6 @@ class Check:
         return {**asdict(self), "level": self.level}
 
 
-def _num(v: Any, digits: int = 3) -> str:
-    return f"{float(v):.{digits}f}" if _finite(v) else "n/a"
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
-def _ci(v: Any, lo: Any, hi: Any) -> str:
-    return f"{_num(v)} ({_num(lo)}–{_num(hi)})" if _finite(lo) and _finite(hi) else f"{_num(v)} (no CI)"
-
-
 # -- evaluation ---------------------------------------------------------------------------------------------
 def evaluation_checks(result: Any, commands: Commands) -> list[Check]:
     """Test-set size, subgroup gaps, calibration and evaluation notes of an :class:`EvaluationResult`."""
@@ -110,14 +98,14 @@ def size_check(result: Any) -> Check:
     """Passed with >= 100 cases and >= 20 positives per class; flagged (amber) otherwise, with the widest interval."""
     rows = _class_rows(result)
     n = int(result.meta.get("n_cases") or (rows["n"].max() if len(rows) else 0))
-    pos = {str(r["class"]): int(r["n_pos"]) for r in rows.to_dict("records") if _finite(r.get("n_pos"))}
+    pos = {str(r["class"]): int(r["n_pos"]) for r in rows.to_dict("records") if is_num(r.get("n_pos"))}
     detail = f"{n} test cases; positives: " + (", ".join(f"{c} {k}" for c, k in pos.items()) or "none")
     if n >= SMALL_TEST_CASES and pos and min(pos.values()) >= SMALL_TEST_POSITIVES:
         return Check("test_size", "Test set size", PASSED, detail)
     meaning = "The intervals are wide."
     if len(rows):
         r = rows.iloc[int(rows["n_pos"].astype(float).argmin())]
-        if _finite(r.get("sensitivity_lo")) and _finite(r.get("sensitivity_hi")):
+        if is_num(r.get("sensitivity_lo")) and is_num(r.get("sensitivity_hi")):
             meaning = (f"The intervals are wide: for patients, the sensitivity for {r['class']} could be anywhere "
                        f"from {float(r['sensitivity_lo']):.2f} to {float(r['sensitivity_hi']):.2f}.")
     return Check("test_size", "Small test set", FLAGGED,
@@ -160,11 +148,11 @@ def gap_check(result: Any, commands: Commands) -> Check:
                      f"{len(computed)} gap(s) computed for {', '.join(assessed)}; every confidence interval "
                      f"includes zero.{unassessed}")
     g = flagged.sort_values("gap", ascending=False).iloc[0]
-    text = "; ".join(f"{x['attribute']} {x['metric']} gap {_ci(x['gap'], x['gap_lo'], x['gap_hi'])} (worst: "
+    text = "; ".join(f"{x['attribute']} {x['metric']} gap {with_ci(x['gap'], x['gap_lo'], x['gap_hi'])} (worst: "
                      f"{x['worst_group']})" for x in flagged.to_dict("records"))
     return Check("subgroup_gaps", "Subgroup gap flagged", FLAGGED, text + "." + unassessed,
                  f"Patients in group {g['attribute']}={g['worst_group']} get measurably worse results than "
-                 f"{g['best_group']} ({g['metric']} {_num(g['worst_value'])} vs {_num(g['best_value'])}).",
+                 f"{g['best_group']} ({g['metric']} {num(g['worst_value'])} vs {num(g['best_value'])}).",
                  f"Do not rely on the model for {g['attribute']}={g['worst_group']} patients until more of their data "
                  "are collected and the gap is re-evaluated.", "red")
 
@@ -186,9 +174,9 @@ def calibration_check(result: Any) -> Check:
            if applied else "no temperature scaling (it did not improve validation calibration)"
            if (model.get("calibration") or {}).get("applied") is False else "no temperature scaling")
     per_class = ", ".join(
-        f"{c} {_num(e)}" + (f" (before scaling {_num(r)})" if applied and _finite(r) else "")
+        f"{c} {num(e)}" + (f" (before scaling {num(r)})" if applied and is_num(r) else "")
         for c, e, r in zip(cal["class"], ece, raw, strict=True))
-    worse = [str(c) for c, e, r in zip(cal["class"], ece, raw, strict=True) if applied and _finite(r) and e > r]
+    worse = [str(c) for c, e, r in zip(cal["class"], ece, raw, strict=True) if applied and is_num(r) and e > r]
     note = (f" On this data the temperature made calibration worse for {', '.join(worse)}." if worse else "")
     detail = f"ECE: {per_class}; {how}.{note}"
     if not float(worst["ece"]) > ECE_LIMIT:
@@ -268,7 +256,7 @@ def sanity_check_of(method: str, table: pd.DataFrame | None, commands: Commands)
                      "Whether these heat maps depend on what the model learned is unknown.",
                      f"Use another method ('{commands.explain}' uses Grad-CAM) or more sanity images.")
     rho = last.get("mean_spearman")
-    detail = reason or f"mean Spearman correlation at full randomisation {_num(rho, 2)}"
+    detail = reason or f"mean Spearman correlation at full randomisation {num(rho, 2)}"
     if status == "passed":
         return Check(key, title, PASSED, f"Maps change when the weights are randomised: {detail}.")
     return Check(key, title, FLAGGED, f"Maps barely change when the weights are randomised: {detail}.",
@@ -311,9 +299,9 @@ def hospital_check(shortcuts: Mapping[str, Any], commands: Commands) -> Check:
     seen = [r for r in ran_probe if r.get("flagged")]
     drops = [r for r in ran_loso if r.get("flagged")]
     if seen or drops:
-        detail = "; ".join([f"features predict {r['attribute']} (balanced accuracy {_num(r.get('balanced_accuracy'), 2)},"
-                            f" chance {_num(r.get('chance'), 2)})" for r in seen]
-                           + [f"AUROC at {r['site']} drops by {_num(r.get('drop'))} when it is left out of training"
+        detail = "; ".join([f"features predict {r['attribute']} (balanced accuracy {num(r.get('balanced_accuracy'), 2)},"
+                            f" chance {num(r.get('chance'), 2)})" for r in seen]
+                           + [f"AUROC at {r['site']} drops by {num(r.get('drop'))} when it is left out of training"
                               for r in drops])
         return Check("hospital_signal", "Hospital signal", FLAGGED, detail + ".",
                      "The model can tell hospitals apart and may not perform the same at a new one.",

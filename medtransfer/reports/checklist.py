@@ -16,8 +16,8 @@ import pandas as pd
 
 from medtransfer import checks
 from medtransfer.commands import Commands
+from medtransfer.format import NOT_PROVIDED, is_num, pct
 from medtransfer.reports.files import RunFiles
-from medtransfer.reports.format import NOT_PROVIDED, is_num, pct
 
 PREVALENCE_SHIFT = 0.10
 

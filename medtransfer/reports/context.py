@@ -23,9 +23,9 @@ import yaml
 from medtransfer.commands import run_ref
 from medtransfer.config import ReportConfig
 from medtransfer.data.manifest import SPLITS, Manifest
+from medtransfer.format import NOT_PROVIDED, is_num, num, pct, plain_config, with_ci
 from medtransfer.reports import checklist, figures, guidelines
 from medtransfer.reports.files import RunFiles
-from medtransfer.reports.format import NOT_PROVIDED, is_num, num, pct, plain_config, with_ci
 
 if TYPE_CHECKING:
     from medtransfer.evaluation.result import EvaluationResult

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from medtransfer.commands import Commands
-from medtransfer.reports.format import NOT_PROVIDED, is_num
+from medtransfer.format import NOT_PROVIDED, is_num
 
 logger = logging.getLogger(__name__)
 

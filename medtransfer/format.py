@@ -1,4 +1,4 @@
-"""Formatting of numbers for the report: one place decides how a value, an interval or a gap reads.
+"""Formatting of numbers for the report, the checks and the console: one place decides how a value or an interval reads.
 
 Every function returns :data:`NOT_PROVIDED` for a missing value rather than inventing one.
 """

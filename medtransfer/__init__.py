@@ -10,7 +10,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from medtransfer import cpu as _cpu
 from medtransfer._version import __version__
+
+# Before anything imports torch: thread count from the CPUs this process may use, short OpenMP spin-waits
+# (a shared machine otherwise collapses; see medtransfer/cpu.py). The user's own settings win.
+_cpu.configure_environment()
 
 # public name -> module that defines it
 _PUBLIC = {

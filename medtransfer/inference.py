@@ -141,8 +141,8 @@ def forward_batches(model: torch.nn.Module, batches: Iterable[Any], *, device: t
 
 
 def run_model(model: torch.nn.Module, manifest: Manifest, spec: InputSpec, *, output: Output = "logits",
-              batch_size: int = 32, device: str | torch.device = "auto", amp: bool = True, num_workers: int = 0,
-              cache_dir: str | Path | None = None, progress: bool = False,
+              batch_size: int = 32, device: str | torch.device = "auto", amp: bool = True, cpu_bf16: bool = False,
+              num_workers: int = 0, cache_dir: str | Path | None = None, progress: bool = False,
               description: str = "predicting") -> Inference:
     """One batched no-grad pass (AMP and channels_last on CUDA) over every case of ``manifest``.
 
@@ -153,7 +153,8 @@ def run_model(model: torch.nn.Module, manifest: Manifest, spec: InputSpec, *, ou
         output: ``logits`` or pooled ``features``.
         batch_size: inference batch size.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (or a torch.device).
-        amp: autocast on CUDA (bfloat16 where supported); ignored on CPU.
+        amp: autocast on CUDA (bfloat16 where supported).
+        cpu_bf16: bfloat16 autocast on a CPU with native bfloat16 (``train.cpu_bf16``; see :mod:`medtransfer.device`).
         num_workers: data-loader worker processes for decoding.
         cache_dir: decoded-image cache (see :class:`ScanDataset`); None decodes without caching.
         progress: show progress (a bar on a terminal, periodic lines otherwise).
@@ -163,7 +164,7 @@ def run_model(model: torch.nn.Module, manifest: Manifest, spec: InputSpec, *, ou
         An :class:`Inference` with outputs in manifest order; undecodable cases are listed in ``errors``.
     """
     target = device if isinstance(device, torch.device) else dev.resolve_device(device)
-    amp_type = dev.amp_dtype(target, amp)
+    amp_type = dev.amp_dtype(target, amp, cpu_bf16=cpu_bf16)
     home = next(model.parameters()).device
     net = dev.prepare_model(model, target, channels_last=True)
     data = TolerantDataset(ScanDataset(manifest, spec, train=False, cache_dir=cache_dir))
@@ -242,18 +243,18 @@ def _scores(card: ModelCard, result: Inference, index: pd.Index) -> pd.DataFrame
 
 
 def score_cases(model: torch.nn.Module, card: ModelCard, manifest: Manifest, *, batch_size: int = 32,
-                device: str | torch.device = "auto", amp: bool = True, num_workers: int = 0,
+                device: str | torch.device = "auto", amp: bool = True, cpu_bf16: bool = False, num_workers: int = 0,
                 cache_dir: str | Path | None = None, progress: bool = False) -> pd.DataFrame:
     """The predictions table (module docstring) of every case of ``manifest``, with the card's preprocessing,
     temperature and operating points; cases that cannot be decoded get an ``error`` and no scores."""
     result = run_model(model, manifest, card.input, batch_size=batch_size, device=device, amp=amp,
-                       num_workers=num_workers, cache_dir=cache_dir, progress=progress)
+                       cpu_bf16=cpu_bf16, num_workers=num_workers, cache_dir=cache_dir, progress=progress)
     return predictions_table(manifest, card, result)
 
 
 def score_files(model: torch.nn.Module, card: ModelCard, paths: Sequence[str | os.PathLike[str]], *,
-                batch_size: int = 32, device: str | torch.device = "auto", amp: bool = True, num_workers: int = 0,
-                progress: bool = False) -> pd.DataFrame:
+                batch_size: int = 32, device: str | torch.device = "auto", amp: bool = True, cpu_bf16: bool = False,
+                num_workers: int = 0, progress: bool = False) -> pd.DataFrame:
     """Score new scans without labels: files, and folders indexed as training data is.
 
     A folder goes through :func:`~medtransfer.data.discovery.index_scans` (DICOM by content, the slices of
@@ -263,7 +264,7 @@ def score_files(model: torch.nn.Module, card: ModelCard, paths: Sequence[str | o
     Args:
         model, card: the trained classifier and its card.
         paths: scan files and/or folders.
-        batch_size, device, amp, num_workers, progress: as for :func:`run_model`.
+        batch_size, device, amp, cpu_bf16, num_workers, progress: as for :func:`run_model`.
 
     Returns:
         One row per case: ``case_id`` (pseudonymous), ``file`` (as passed, or the folder as passed joined with
@@ -282,11 +283,11 @@ def score_files(model: torch.nn.Module, card: ModelCard, paths: Sequence[str | o
         if not p.exists():
             raise ManifestError(f"{given}: not found. Pass existing scan files or folders.")
         if p.is_dir():
-            tables.append(_score_folder(model, card, given, amp=amp, batch_size=batch_size, device=device,
-                                        num_workers=num_workers, progress=progress))
+            tables.append(_score_folder(model, card, given, amp=amp, cpu_bf16=cpu_bf16, batch_size=batch_size,
+                                        device=device, num_workers=num_workers, progress=progress))
     if files:
         shown = [str(g) for g in paths if Path(g).expanduser().is_file()]
-        tables.append(_score_named_files(model, card, shown, files, amp=amp, batch_size=batch_size,
+        tables.append(_score_named_files(model, card, shown, files, amp=amp, cpu_bf16=cpu_bf16, batch_size=batch_size,
                                          device=device, num_workers=num_workers, progress=progress))
     table = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) else None
     if table is None:

@@ -75,12 +75,12 @@ class Run:
         """
         kw = {"batch_size": batch_size, "device": device, "progress": progress}
         if isinstance(data, Manifest):
-            return score_cases(self.model, self.card, data, amp=self.config.train.amp,
+            return score_cases(self.model, self.card, data, amp=self.config.train.amp, cpu_bf16=self.config.train.cpu_bf16,
                                num_workers=self.config.train.num_workers, cache_dir=self.cache_dir, **kw)
         if isinstance(data, torch.Tensor):
             return self._predict_tensor(data, batch_size=batch_size, device=device)
         paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-        return score_files(self.model, self.card, paths, amp=self.config.train.amp,
+        return score_files(self.model, self.card, paths, amp=self.config.train.amp, cpu_bf16=self.config.train.cpu_bf16,
                            num_workers=self.config.train.num_workers, **kw)
 
     def _predict_tensor(self, x: torch.Tensor, *, batch_size: int, device: str) -> pd.DataFrame:

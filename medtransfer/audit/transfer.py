@@ -260,7 +260,7 @@ def _test_auroc(model: Any, test: Any, cfg: Any, n_boot: int, seed: int) -> tupl
     from medtransfer.stats.metrics import macro_auroc
 
     out = run_model(model, test, cfg.input, batch_size=cfg.train.batch_size, device=cfg.train.device,
-                    amp=cfg.train.amp, num_workers=cfg.train.num_workers, cache_dir=cfg.data.cache_dir)
+                    amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16, num_workers=cfg.train.num_workers, cache_dir=cfg.data.cache_dir)
     y, k = np.asarray(out.targets), len(test.classes)
     p = ranking_scores(out.outputs, test.task)
 

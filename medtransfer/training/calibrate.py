@@ -67,7 +67,7 @@ def calibrate(model: torch.nn.Module, manifest_val: Manifest, card: ModelCard, c
         logger.warning("no validation cases: thresholds stay at %s and no temperature is fitted", card.thresholds)
         return card.model_copy(update={"calibration": {"applied": False, "reason": "no validation split"}})
     out = run_model(model, manifest_val, card.input, batch_size=cfg.train.batch_size, device=cfg.train.device,
-                    amp=cfg.train.amp, num_workers=cfg.train.num_workers, cache_dir=cache_dir, progress=progress,
+                    amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16, num_workers=cfg.train.num_workers, cache_dir=cache_dir, progress=progress,
                     description="calibrating")
     ok = out.ok
     logits, targets = out.outputs[ok], out.targets[ok]

@@ -21,9 +21,10 @@ from typing import Any
 
 import pandas as pd
 import torch
+import yaml
 
 from medtransfer import io
-from medtransfer.config import RunConfig, apply_overrides, dump_config, load_config
+from medtransfer.config import RunConfig, apply_overrides, dump_config, load_config, validate_config
 from medtransfer.data.manifest import Manifest
 from medtransfer.data.spec import InputSpec
 from medtransfer.errors import ConfigError, ManifestError, MedtransferError, RunDirError
@@ -156,7 +157,7 @@ def _prepare(run_dir: Path, data: Any, labels: Any, label_columns: Any, config: 
         # Re-running the command of a crashed or killed run resumes it rather than silently starting over;
         # another configuration in the same folder is refused rather than mixed with the checkpoint.
         saved = run_dir / "config.yaml"
-        if saved.is_file() and saved.read_text(encoding="utf-8") == dump_config(cfg):
+        if saved.is_file() and _same_config(saved.read_text(encoding="utf-8"), cfg):
             logger.warning("%s holds an interrupted run with this configuration: resuming it from checkpoints/last "
                         "(choose another --out to start over)", run_dir)
             return _prepare(run_dir, None, None, None, None, (), True, progress)
@@ -165,7 +166,45 @@ def _prepare(run_dir: Path, data: Any, labels: Any, label_columns: Any, config: 
     io.write_text(run_dir / "config.yaml", dump_config(cfg))
     manifest = index_scans(data_dir, labels=lab, label_columns=cols, config=cfg.data, out_dir=run_dir,
                            spatial_dims=cfg.input.spatial_dims, progress=progress)
+    cfg = _fit_input_size(run_dir, cfg, manifest)
     return cfg, manifest, False
+
+
+def _fit_input_size(run_dir: Path, cfg: RunConfig, manifest: Manifest) -> RunConfig:
+    """Lower input.size to fit small scans when it was not set explicitly (training.sizing); say so.
+
+    The chosen size is written into ``config.yaml`` (with ``data.fit_input_size: false``, so the saved config
+    reproduces the run as it ran), and the choice with its reason into ``input_size.json`` for the model card.
+    """
+    from medtransfer.models.backbones import get_backbone
+    from medtransfer.training.sizing import choose_input_size
+
+    choice = choose_input_size(cfg, manifest, fixed_input_size=get_backbone(cfg.model.backbone).fixed_input_size)
+    (logger.warning if choice.changed else logger.info)(choice.reason)
+    io.write_json(run_dir / "input_size.json", choice.as_card())
+    if not choice.changed:
+        return cfg
+    cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"size": choice.size}),
+                                 "data": cfg.data.model_copy(update={"fit_input_size": False})})
+    io.write_text(run_dir / "config.yaml", dump_config(cfg))
+    return cfg
+
+
+def _same_config(saved_text: str, cfg: RunConfig) -> bool:
+    """Whether the saved config.yaml is ``cfg``, allowing for the input size that training fitted to the data."""
+    if saved_text == dump_config(cfg):
+        return True
+    from medtransfer.training.sizing import should_fit
+
+    try:
+        saved = validate_config(yaml.safe_load(saved_text) or {}, source="config.yaml")
+    except (ConfigError, yaml.YAMLError):
+        return False
+    if not should_fit(cfg):
+        return False
+    fitted = cfg.model_copy(update={"input": cfg.input.model_copy(update={"size": saved.input.size}),
+                                    "data": cfg.data.model_copy(update={"fit_input_size": saved.data.fit_input_size})})
+    return saved_text == dump_config(fitted)
 
 
 def resolve_input_spec(cfg: RunConfig) -> InputSpec:
@@ -217,7 +256,7 @@ def _fit_and_save(run_dir: Path, cfg: RunConfig, manifest: Manifest, resume: boo
         trackers.close()
     with io.atomic_path(run_dir / "history.csv") as tmp:
         fit.history.to_csv(tmp, index=False)
-    card = _make_card(cfg, manifest, fit)
+    card = _make_card(cfg, manifest, fit, run_dir)
     card = _calibrate(model, manifest, cfg, card, run_dir, progress)
     save_model(model.cpu(), run_dir, card)
     return load_run(run_dir)
@@ -230,7 +269,17 @@ def _calibrate(model: torch.nn.Module, manifest: Manifest, cfg: RunConfig, card:
     return calibrate(model, manifest.split("val"), card, cfg, cache_dir=cache_dir, progress=progress)
 
 
-def _make_card(cfg: RunConfig, manifest: Manifest, fit: Any) -> ModelCard:
+def _read_size_choice(run_dir: Path) -> dict[str, Any] | None:
+    """The input-size choice written when the run was indexed (None for runs from before it was recorded)."""
+    import json
+
+    try:
+        return json.loads((run_dir / "input_size.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _make_card(cfg: RunConfig, manifest: Manifest, fit: Any, run_dir: Path) -> ModelCard:
     from medtransfer.diagnostics import versions
     from medtransfer.models.backbones import weights_fingerprint
 
@@ -260,6 +309,7 @@ def _make_card(cfg: RunConfig, manifest: Manifest, fit: Any) -> ModelCard:
             "best_val_auroc": fit.best_metric,
             "stopped_early": fit.stopped_early,
             "seconds": round(fit.seconds, 1),
+            "input_size": _read_size_choice(run_dir),
             "device": fit.device,
             "seed": cfg.train.seed,
         },

@@ -206,6 +206,9 @@ def train(
     tensorboard: Annotated[bool, typer.Option(help="Also write TensorBoard event files.")] = False,
     mlflow: Annotated[bool, typer.Option(help="Also log to MLflow (needs the mlflow extra).")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override, e.g. train.patience=3.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        help="Only estimate: index, fit the input size and time a few steps here; print the cost, write nothing.")
+    ] = False,
 ) -> None:
     """Fine-tune a pretrained backbone on a scan folder and write a run directory."""
     from medtransfer.config import resolve_config_path
@@ -226,8 +229,19 @@ def train(
         raise typer.BadParameter(f"--resume continues the run with the configuration saved in {out}/config.yaml; "
                                  f"it cannot change {', '.join(given)}. Drop those options, or start a new run "
                                  "with another --out.")
-    out = out or default_run_dir()  # chosen here so that an interrupted run can print its resume command
     cols = [c.strip() for c in label_columns.split(",") if c.strip()] if label_columns else None
+    if dry_run:
+        from medtransfer.training.estimate import estimate_training
+
+        if resume:
+            raise typer.BadParameter("--dry-run estimates a new run; it cannot be combined with --resume")
+        est = estimate_training(data, labels=labels, label_columns=cols, config=resolve_config_path(config),
+                                overrides=overrides, progress=not quiet())
+        for line in est.lines():
+            say(line)
+        say("dry run: nothing was trained or written; drop --dry-run to train")
+        return
+    out = out or default_run_dir()  # chosen here so that an interrupted run can print its resume command
 
     def show(row: dict) -> None:
         say(f"epoch {row['epoch']:>3} [{row['phase']}]  train_loss {row['train_loss']:.4f}  "

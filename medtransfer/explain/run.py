@@ -249,7 +249,7 @@ def _sanity(run: Any, ds: Any, where: dict[str, int], chosen: pd.DataFrame, meth
     result = sanity_check(run, x, method=method, target=_output_index(run.card, cls), progress=progress)
     table = result.table.assign(method=method, target_class=cls, sanity_score=result.sanity_score,
                                 passed=result.passed, threshold=result.threshold, status=result.status,
-                                reason=result.reason)
+                                reason=result.reason, maps=result.maps)
     with io.atomic_path(path) as tmp:
         table.to_csv(tmp, index=False)
     return result.sanity_score, result.passed

@@ -1,7 +1,12 @@
 """``ScanDataset`` (decode → resize, cached on disk → [augment] → normalise), ``make_loader`` and ``preprocess``.
 
-Cache layout: ``<cache_dir>/<spec digest>/<case key>.npy``, one float32 array (1, *spec.size) in [0, 1] per
-case, plus ``spec.json`` recording what the digest stands for. The spec digest covers every
+Cache layout: ``<cache_dir>/<spec digest>/<case key>.npy``, one array (1, *spec.size) per case, plus
+``spec.json`` recording what the digest stands for. Pixels are stored as integers, not float32: **uint8** when
+the decoded scan holds 8-bit values (PNG, JPEG, 8-bit DICOM: 256 levels is all there is, and the resized image
+is rounded to the nearest of them, an error of at most half a grey level) and **uint16** otherwise (12-16-bit
+DICOM and NIfTI keep 65,536 levels after windowing, well beyond their noise). That is 4x (2x) less disk and
+memory than float32 (5,856 chest X-rays at 224 px: 0.29 GB instead of 1.2 GB), and the quantised image is
+what every pass sees, with or without a cache, so a cache never changes a result. The spec digest covers every
 :class:`InputSpec` field that changes the cached pixels (not ``mean``/``std``/``channels``, applied after the
 cache); the case key hashes each file's resolved path, size and ``mtime_ns``, so an edited or replaced file
 is decoded again. Stale entries are never read, only left behind: delete the folder to reclaim space.
@@ -33,7 +38,6 @@ from medtransfer.data.loading import load_case, sniff_format
 from medtransfer.data.manifest import SUBGROUP_COLUMNS, Manifest
 from medtransfer.data.spec import InputSpec
 from medtransfer.data.transforms import (
-    deterministic_transforms,
     finalise_transforms,
     random_transforms,
     resize_transforms,
@@ -44,7 +48,7 @@ from medtransfer.progress import track
 logger = logging.getLogger(__name__)
 
 #: Bump when decoding or resizing changes its output, so that old cache entries are not reused.
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: integer pixels (uint8/uint16) instead of float32
 
 
 def spec_digest(spec: InputSpec) -> str:
@@ -122,22 +126,24 @@ class ScanDataset(torch.utils.data.Dataset):
     def cached_image(self, index: int) -> np.ndarray:
         """The deterministic part for case ``index``: float32 (1, *spec.size) in [0, 1], from cache or decoded.
 
+        The pixels are the quantised ones the cache stores (see the module docstring), cached or not.
+
         Raises:
             ScanReadError: the case's files cannot be decoded (path relative to the data folder + reason).
         """
         if self._memory is not None and index in self._memory:
-            return self._memory[index]
+            return unpack_pixels(self._memory[index])
         row = self.manifest.df.iloc[index]
         files = self.manifest.abspath(row)
         path = _cache_path(self.cache_dir, files, str(row["path"])) if self.cache_dir is not None else None
-        image = _read_cache(path, self.spec) if path is not None and path.is_file() else None
-        if image is None:
-            image = self._decode(row, files)
+        packed = _read_cache(path, self.spec) if path is not None and path.is_file() else None
+        if packed is None:
+            packed = self._decode(row, files)
             if path is not None:
-                self._write_cache(path, image)
+                self._write_cache(path, packed)
         if self._memory is not None:
-            self._memory[index] = image
-        return image
+            self._memory[index] = packed
+        return unpack_pixels(packed)
 
     def _decode(self, row: Any, files: list[Path]) -> np.ndarray:
         rel = str(row["path"])
@@ -150,7 +156,7 @@ class ScanDataset(torch.utils.data.Dataset):
             raise ScanReadError(rel, exc.reason) from exc
         _check_dims(array, self.spec, rel)
         self.decode_count += 1
-        return self._resize({"image": array})["image"].numpy()
+        return pack_pixels(self._resize({"image": array})["image"].numpy(), eight_bit=holds_8bit_values(array))
 
     def _write_cache(self, path: Path, image: np.ndarray) -> None:
         try:
@@ -190,10 +196,31 @@ def _read_cache(path: Path, spec: InputSpec) -> np.ndarray | None:
     except (OSError, ValueError, EOFError) as exc:
         logger.warning("ignoring unreadable cache entry %s (%s)", path.name, exc)
         return None
-    if image.dtype != np.float32 or image.shape != (1, *spec.size):
+    if image.dtype not in (np.uint8, np.uint16) or image.shape != (1, *spec.size):
         logger.warning("ignoring cache entry %s with shape %s %s", path.name, image.shape, image.dtype)
         return None
     return image
+
+
+def holds_8bit_values(array: np.ndarray) -> bool:
+    """Whether a decoded [0, 1] image holds only the 256 levels of an 8-bit source (k / 255)."""
+    scaled = np.asarray(array, dtype=np.float32) * 255.0
+    return bool(np.abs(scaled - np.round(scaled)).max(initial=0.0) < 1e-3)
+
+
+def pack_pixels(image: np.ndarray, *, eight_bit: bool) -> np.ndarray:
+    """A [0, 1] float image as uint8 (``eight_bit``) or uint16, rounded to the nearest level."""
+    top, dtype = (255.0, np.uint8) if eight_bit else (65535.0, np.uint16)
+    return np.round(np.clip(image, 0.0, 1.0) * top).astype(dtype)
+
+
+def unpack_pixels(packed: np.ndarray) -> np.ndarray:
+    """uint8/uint16 pixels back to float32 in [0, 1] (float input is returned as float32)."""
+    if packed.dtype == np.uint8:
+        return packed.astype(np.float32) * np.float32(1 / 255)
+    if packed.dtype == np.uint16:
+        return packed.astype(np.float32) * np.float32(1 / 65535)
+    return packed.astype(np.float32, copy=False)
 
 
 def _check_dims(array: np.ndarray, spec: InputSpec, where: str) -> None:
@@ -321,4 +348,7 @@ def preprocess(paths_or_array: Path | str | Sequence[Path | str] | np.ndarray | 
             raise ScanReadError(where, "not a recognised scan (DICOM, NIfTI, PNG or JPEG)")
         array = load_case(files, fmt, spec)
     _check_dims(array, spec, where)
-    return deterministic_transforms(spec)({"image": array})["image"]
+    # the pixels a ScanDataset sees: resized, then quantised as the cache stores them (a cache never changes a result)
+    resized = resize_transforms(spec)({"image": array})["image"].numpy()
+    pixels = unpack_pixels(pack_pixels(resized, eight_bit=holds_8bit_values(array)))
+    return finalise_transforms(spec)({"image": pixels})["image"]

@@ -20,6 +20,7 @@ is good). Ties in a map (e.g. the zeros of a ReLU'd Grad-CAM) are broken at rand
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -68,13 +69,29 @@ def deletion_scores(
     if sal.shape[1] != images.shape[-2] * images.shape[-1]:
         raise ValueError(f"maps {tuple(maps.shape)} do not match images {tuple(images.shape)}")
     targets = torch.as_tensor(target, dtype=torch.long).expand(len(images)).tolist()
-    rows = []
+    kinds = ("deletion", "insertion") if insertion else ("deletion",)
+    curves: list[tuple[int, str, torch.Tensor, torch.Tensor, np.ndarray]] = []  # image, kind, start, fill, order
+    for i in range(len(images)):
+        rng = np.random.default_rng(seed + i)
+        orders = [_order(sal[i].numpy(), rng)] + [rng.permutation(sal.shape[1]) for _ in range(n_random)]
+        image = images[i].detach().float().cpu()
+        mean = image.reshape(image.shape[0], -1).mean(dim=1).view(-1, 1, 1).expand_as(image)
+        blurred = _blur(image) if insertion else image
+        for kind in kinds:
+            start, fill = (image, mean) if kind == "deletion" else (blurred, image)
+            curves += [(i, kind, start, fill, o) for o in orders]
     with prepared(model), torch.no_grad():
-        for i in range(len(images)):
-            rng = np.random.default_rng(seed + i)
-            orders = [_order(sal[i].numpy(), rng)] + [rng.permutation(sal.shape[1]) for _ in range(n_random)]
-            rows.append(_one_image(model, task, images[i].detach().float().cpu(), orders, targets[i], steps=steps,
-                                   insertion=insertion, batch_size=batch_size))
+        logits, _ = forward_batches(model, _masked_batches(curves, steps, batch_size), device=model_device(model))
+    probs = probabilities(logits, task).view(len(curves), steps + 1, -1)
+    rows: list[dict[str, float]] = [{} for _ in range(len(images))]
+    per_image = 1 + n_random
+    for c in range(0, len(curves), per_image):
+        i, kind = curves[c][0], curves[c][1]
+        aucs = [float(np.trapezoid(probs[c + r, :, targets[i]].numpy(), np.linspace(0, 1, steps + 1)))
+                for r in range(per_image)]
+        ref = float(np.mean(aucs[1:])) if len(aucs) > 1 else float("nan")
+        rows[i].update({f"auc_{kind}": aucs[0], f"auc_{kind}_random": ref,
+                        f"{kind}_ratio": aucs[0] / ref if ref > 1e-12 else float("nan")})
     return pd.DataFrame(rows)
 
 
@@ -83,35 +100,26 @@ def _order(saliency: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.lexsort((rng.random(saliency.size), -saliency))
 
 
-def _one_image(model: torch.nn.Module, task: str, image: torch.Tensor, orders: list[np.ndarray], target: int,
-               *, steps: int, insertion: bool, batch_size: int) -> dict[str, float]:
-    c, h, w = image.shape
-    mean = image.reshape(c, -1).mean(dim=1).view(c, 1, 1).expand_as(image)
-    curves = {"deletion": [_curve(model, task, image, mean, o, target, steps, batch_size) for o in orders]}
-    if insertion:
-        blurred = _blur(image)
-        curves["insertion"] = [_curve(model, task, blurred, image, o, target, steps, batch_size) for o in orders]
-    row: dict[str, float] = {}
-    for name, cs in curves.items():
-        aucs = [float(np.trapezoid(cv, np.linspace(0, 1, steps + 1))) for cv in cs]
-        row[f"auc_{name}"] = aucs[0]
-        row[f"auc_{name}_random"] = float(np.mean(aucs[1:])) if len(aucs) > 1 else float("nan")
-        ref = row[f"auc_{name}_random"]
-        row[f"{name}_ratio"] = aucs[0] / ref if ref > 1e-12 else float("nan")
-    return row
+def _masked_batches(curves: list[tuple[int, str, torch.Tensor, torch.Tensor, np.ndarray]], steps: int,
+                    batch_size: int) -> Iterator[tuple[torch.Tensor, None]]:
+    """Every curve's ``steps + 1`` images, in curve order, ``batch_size`` a batch (across curves and images).
 
-
-def _curve(model: torch.nn.Module, task: str, start: torch.Tensor, fill: torch.Tensor, order: np.ndarray,
-           target: int, steps: int, batch_size: int) -> np.ndarray:
-    """Target probability after replacing the first k pixels of ``order`` in ``start`` by ``fill``."""
-    c, h, w = start.shape
-    rank = np.empty(order.size, dtype=np.int64)
-    rank[order] = np.arange(order.size)
-    ks = np.round(np.linspace(0, order.size, steps + 1)).astype(np.int64)
-    masks = torch.from_numpy(rank[None, :] < ks[:, None]).view(steps + 1, 1, h, w)
-    batches = ((torch.where(masks[j:j + batch_size], fill, start), None) for j in range(0, steps + 1, batch_size))
-    logits, _ = forward_batches(model, batches, device=model_device(model))
-    return probabilities(logits, task)[:, target].numpy()
+    Image k of a curve has the first ``round(k / steps * pixels)`` pixels of its order replaced by ``fill``.
+    """
+    buf: list[torch.Tensor] = []
+    for _, _, start, fill, order in curves:
+        c, h, w = start.shape
+        rank = np.empty(order.size, dtype=np.int64)
+        rank[order] = np.arange(order.size)
+        ks = np.round(np.linspace(0, order.size, steps + 1)).astype(np.int64)
+        masks = torch.from_numpy(rank[None, :] < ks[:, None]).view(steps + 1, 1, h, w)
+        for mask in masks:
+            buf.append(torch.where(mask, fill, start))
+            if len(buf) == max(1, batch_size):
+                yield torch.stack(buf), None
+                buf = []
+    if buf:
+        yield torch.stack(buf), None
 
 
 def _blur(image: torch.Tensor) -> torch.Tensor:

@@ -84,8 +84,37 @@ def test_cache_files_are_plain_npy(tmp_path):
     assert len(files) == 5 and (folder / "spec.json").is_file()
     for f in files:
         arr = np.load(f, allow_pickle=False)
-        assert arr.dtype == np.float32 and arr.shape == (1, 32, 32) and 0 <= arr.min() and arr.max() <= 1
+        # integer pixels, never pickled objects (the bit depth is tested below)
+        assert arr.dtype in (np.uint8, np.uint16) and arr.shape == (1, 32, 32) and arr.max() > 0
     assert not list(folder.glob(".tmp-*"))
+
+
+def test_cache_stores_8bit_scans_as_uint8_and_deeper_ones_as_uint16_within_half_a_level(tmp_path):
+    """The cache is 4x (2x) smaller than float32, and the pixels every pass sees are within half a grey level
+    of the float decode-and-resize; preprocess() (ad-hoc prediction) gives exactly the dataset's pixels."""
+    from medtransfer.data.dataset import resize_transforms
+    from medtransfer.data.loading import load_case
+
+    root = tmp_path / "data"
+    write_png(root / "eight.png", chest_like(40, seed=1, dtype=np.uint8, max_value=255))
+    write_dicom(root / "twelve.dcm", chest_like(48, seed=2))  # 12-bit stored values
+    df = pd.DataFrame({"case_id": ["a", "b"], "patient_key": ["a", "b"], "path": ["eight.png", "twelve.dcm"],
+                       "files": ["", ""], "format": ["png", "dicom"], "label": ["x", "y"], "split": "train"})
+    man = Manifest(df, ["x", "y"], "binary", root)
+    ds = ScanDataset(man, SPEC, cache_dir=tmp_path / "cache")
+    warm_cache(ds)
+    for i, (name, dtype, levels) in enumerate([("eight.png", np.uint8, 255), ("twelve.dcm", np.uint16, 65535)]):
+        fmt = "png" if name.endswith("png") else "dicom"
+        exact = resize_transforms(SPEC)({"image": load_case(root / name, fmt, SPEC)})["image"].numpy()
+        cached = ds.cached_image(i)
+        assert np.abs(cached - exact).max() <= 0.5 / levels + 1e-6
+        entry = next(p for p in (tmp_path / "cache" / spec_digest(SPEC)).glob("*.npy")
+                     if np.load(p).dtype == dtype)
+        assert entry.stat().st_size < exact.nbytes / (4 if dtype == np.uint8 else 2) + 256
+        assert torch.equal(preprocess(root / name, SPEC), ds[i]["image"])
+    # the same pixels without a cache: a cache never changes a result
+    bare = ScanDataset(man, SPEC)
+    assert all(np.array_equal(bare.cached_image(i), ds.cached_image(i)) for i in range(2))
 
 
 def test_cache_invalidation_on_spec_and_file_change(tmp_path, counting):

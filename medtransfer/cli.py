@@ -44,6 +44,7 @@ def _main(
     _STATE["quiet"] = quiet
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_noted)  # a log line counts as a sign of life for the heartbeat
     fmt = "%(levelname)s %(name)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt) if debug else _NoTracebackFormatter(fmt))
     logging.basicConfig(level=level, handlers=[handler], force=True)
@@ -62,13 +63,24 @@ class _NoTracebackFormatter(logging.Formatter):
             record.exc_info, record.exc_text, record.stack_info = saved
 
 
+def _noted(record: logging.LogRecord) -> bool:
+    from medtransfer.progress import note_output
+
+    note_output()
+    return True
+
+
 def user_errors(fn: F) -> F:
-    """Turn MedtransferError into one stderr line + exit 1 (unless --debug)."""
+    """Turn MedtransferError into one stderr line + exit 1 (unless --debug); off a terminal, a heartbeat line
+    whenever the command has printed nothing for an interval (see ``progress.heartbeat``)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from medtransfer.progress import heartbeat
+
         try:
-            return fn(*args, **kwargs)
+            with heartbeat(fn.__name__.replace("_", "-"), enabled=not _STATE["quiet"]):
+                return fn(*args, **kwargs)
         except MedtransferError as exc:
             if _STATE["debug"]:
                 raise

@@ -56,6 +56,10 @@ INTERVAL_ENV = "MEDTRANSFER_PROGRESS_INTERVAL"
 
 _console = Console(stderr=True)
 _lock = threading.RLock()
+# When a plain progress line (or a heartbeat, or a log record through the CLI's handler) last reached stderr,
+# and the last task described: what heartbeat() watches.
+_last_output = [time.monotonic()]
+_last_task = [""]
 _live: Progress | None = None  # the outermost live rich display; nested blocks add their rows to it
 
 
@@ -204,12 +208,61 @@ class _PlainProgress:
         line = plain_line(task.description, task.completed, task.total, now - task.start, unit=task.unit,
                           info=task.info, final=final)
         stream = self._stream or sys.stderr
+        note_output()
+        _last_task[0] = task.description
         with _lock:
             try:
                 stream.write(line + "\n")
                 stream.flush()
             except (OSError, ValueError):  # a closed or full stream must not kill the job it reports on
                 pass
+
+
+def note_output() -> None:
+    """Record that something was just written to stderr (the heartbeat then stays quiet for an interval)."""
+    _last_output[0] = time.monotonic()
+
+
+@contextlib.contextmanager
+def heartbeat(label: str, enabled: bool = True, *, stream: Any = None) -> Iterator[None]:
+    """Off a terminal, never leave a log silent for long: while the block runs, a line
+    ``<label>: working, elapsed 3:05 (last: features (train))`` whenever nothing reached stderr for
+    :func:`plain_interval` seconds.
+
+    Progress displays cover the long loops; this covers everything between them (loading weights, a
+    bootstrap, writing a report), so a piped job shows a line at least every interval, whatever it is doing.
+    No-op on a terminal (the live bars show life) and when ``enabled`` is False (``--quiet``).
+    """
+    if not enabled or is_live_terminal():
+        yield
+        return
+    interval = plain_interval()
+    start = time.monotonic()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(min(1.0, interval / 4)):
+            now = time.monotonic()
+            if now - _last_output[0] < interval:
+                continue
+            last = f" (last: {_last_task[0]})" if _last_task[0] else ""
+            note_output()
+            with _lock:
+                try:
+                    out = stream or sys.stderr
+                    out.write(f"{label}: working, elapsed {format_duration(now - start)}{last}\n")
+                    out.flush()
+                except (OSError, ValueError):
+                    pass
+
+    note_output()
+    thread = threading.Thread(target=beat, name="medtransfer-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def plain_line(description: str, completed: float, total: float | None, elapsed: float, *, unit: str = "steps",

@@ -43,7 +43,7 @@ def deletion_scores(
     steps: int = 16,
     n_random: int = 3,
     insertion: bool = True,
-    batch_size: int = 32,
+    batch_size: int = 8,
     seed: int = 0,
 ) -> pd.DataFrame:
     """Deletion (and insertion) AUCs of each map against random pixel orders.
@@ -56,7 +56,8 @@ def deletion_scores(
         steps: number of deletion steps (curve has ``steps + 1`` points).
         n_random: random pixel orders averaged for the reference curve.
         insertion: also compute the insertion curves (same cost again).
-        batch_size: perturbed images per forward pass.
+        batch_size: perturbed images per forward pass, across curves and images. 8 because larger batches
+            ran slower per image on a 2-core CPU (128 px EfficientNet-Lite0: 2.8 ms at 8, 7.8 ms at 32).
         seed: seeds the random orders and tie-breaking.
 
     Returns:

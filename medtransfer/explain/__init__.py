@@ -1,6 +1,6 @@
 """Where does the model look, and can the answer be trusted (DESIGN.md §3: explain/).
 
-- :func:`explain` (saliency.py): Grad-CAM, Integrated Gradients, occlusion, gradients, via Captum;
+- :func:`explain` (saliency.py): Grad-CAM, Integrated Gradients, gradients (via Captum), occlusion;
 - :func:`sanity_check` (sanity.py): cascading model-parameter randomisation (Adebayo et al. 2018);
 - :func:`deletion_scores` (faithfulness.py): deletion / insertion curves against random pixel orders;
 - :func:`region_hint` (regions.py): saliency mass outside the body, in the border and the corners;

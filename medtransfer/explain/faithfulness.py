@@ -33,6 +33,9 @@ from medtransfer.inference import forward_batches
 
 logger = logging.getLogger(__name__)
 
+#: One curve: (image index, "deletion" or "insertion", start image, fill image, pixel order).
+Curve = tuple[int, str, torch.Tensor, torch.Tensor, np.ndarray]
+
 
 def deletion_scores(
     run_or_model: Any,
@@ -71,7 +74,7 @@ def deletion_scores(
         raise ValueError(f"maps {tuple(maps.shape)} do not match images {tuple(images.shape)}")
     targets = torch.as_tensor(target, dtype=torch.long).expand(len(images)).tolist()
     kinds = ("deletion", "insertion") if insertion else ("deletion",)
-    curves: list[tuple[int, str, torch.Tensor, torch.Tensor, np.ndarray]] = []  # image, kind, start, fill, order
+    curves: list[Curve] = []
     for i in range(len(images)):
         rng = np.random.default_rng(seed + i)
         orders = [_order(sal[i].numpy(), rng)] + [rng.permutation(sal.shape[1]) for _ in range(n_random)]
@@ -82,7 +85,8 @@ def deletion_scores(
             start, fill = (image, mean) if kind == "deletion" else (blurred, image)
             curves += [(i, kind, start, fill, o) for o in orders]
     with prepared(model), torch.no_grad():
-        logits, _ = forward_batches(model, _masked_batches(curves, steps, batch_size), device=model_device(model))
+        batches = _masked_batches(curves, steps, batch_size)
+        logits, _ = forward_batches(model, batches, device=model_device(model))
     probs = probabilities(logits, task).view(len(curves), steps + 1, -1)
     rows: list[dict[str, float]] = [{} for _ in range(len(images))]
     per_image = 1 + n_random
@@ -101,8 +105,7 @@ def _order(saliency: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.lexsort((rng.random(saliency.size), -saliency))
 
 
-def _masked_batches(curves: list[tuple[int, str, torch.Tensor, torch.Tensor, np.ndarray]], steps: int,
-                    batch_size: int) -> Iterator[tuple[torch.Tensor, None]]:
+def _masked_batches(curves: list[Curve], steps: int, batch_size: int) -> Iterator[tuple[torch.Tensor, None]]:
     """Every curve's ``steps + 1`` images, in curve order, ``batch_size`` a batch (across curves and images).
 
     Image k of a curve has the first ``round(k / steps * pixels)`` pixels of its order replaced by ``fill``.

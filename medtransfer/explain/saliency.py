@@ -1,4 +1,4 @@
-"""``explain``: where a model looks, with Captum (Grad-CAM, Integrated Gradients, occlusion, gradients).
+"""``explain``: where a model looks: Grad-CAM, Integrated Gradients and gradients with Captum; occlusion.
 
 Every method attributes the model's **logit** for the target output (the pre-sigmoid/softmax score, as in
 the Grad-CAM paper), and returns maps at input resolution, scaled per image to [0, 1]:
@@ -13,15 +13,16 @@ the Grad-CAM paper), and returns maps at input resolution, scaled per image to [
 - ``occlusion``: a window of 1/8 of the image side (16 px at 128 px, 28 px at 224 px) is replaced by the
   baseline and the logit drop is recorded; a pixel's raw value is the mean drop over the evaluated windows
   that cover it, the map its positive part (evidence *for* the target). Coarse to fine, so that the cost per
-  image is bounded whatever the image: the window is first slid at a stride of one window over the whole
-  image (8 x 8 = 64 forward passes); then, around the 1/8 of those windows with the largest drop, the
-  windows at half-window stride are added (at most 64 more, fewer when the top windows are neighbours).
-  Every window has the same size, so coarse and refined regions are on one scale: the refined regions (where
-  the evidence is) have the resolution of a full half-stride scan (15 x 15 = 225 passes), the rest that of
-  the window. ``occlusion_refine=1`` is the full half-stride scan (Captum's ``Occlusion`` with stride =
-  window / 2), ``occlusion_refine=0`` the coarse pass alone. The last
-  window of a row or column is aligned with the image edge, so every pixel is covered. Occluded copies are
-  evaluated ``internal_batch_size`` per forward pass, across images, without gradients.
+  image is bounded whatever the image size: the window is first slid at a stride of one window over the
+  whole image (8 x 8 = 64 occluded copies); then, around the 1/8 of those windows with the largest drop
+  (8 windows), the windows at half-window stride are added (at most 64 more, fewer when the top windows
+  are neighbours; about 40 on the demo's cases). Every window has the same size, so coarse and refined
+  regions are on one scale: the refined regions (where the evidence is) have the resolution of a full
+  half-stride scan (15 x 15 = 225 copies), the rest that of the window. ``occlusion_refine=1`` is the full
+  half-stride scan (identical to Captum's ``Occlusion`` with stride = window / 2), ``occlusion_refine=0``
+  the coarse pass alone. The last window of a row or column is aligned with the image edge, so every pixel
+  is covered. Occluded copies are evaluated ``internal_batch_size`` per forward pass, across images, with
+  no gradients.
 - ``saliency``: vanilla gradients (Simonyan et al. 2014), absolute value (Captum's ``abs=True``).
 
 The default baseline for IG and occlusion is 0 in the *normalised* input space, i.e. a flat image at the
@@ -272,7 +273,7 @@ def occlusion_starts(length: int, window: int) -> tuple[list[int], list[int]]:
 
 
 def occlusion_window(size: Sequence[int]) -> tuple[int, int]:
-    """The occlusion window (height, width) for an image of ``size`` (H, W): ``OCCLUSION_WINDOW`` of each side."""
+    """The occlusion window (height, width) for an image of ``size`` (H, W): OCCLUSION_WINDOW of each side."""
     return max(1, round(size[0] * OCCLUSION_WINDOW)), max(1, round(size[1] * OCCLUSION_WINDOW))
 
 
@@ -292,7 +293,7 @@ def _occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, base: to
     k = min(len(coarse_y) * len(coarse_x), math.ceil(refine * len(coarse_y) * len(coarse_x)))
     if k > 0:
         fy, fx = torch.tensor(fine_y), torch.tensor(fine_x)
-        done = torch.isin(fy, torch.tensor(coarse_y))[:, None] & torch.isin(fx, torch.tensor(coarse_x))[None, :]
+        done = torch.isin(fy, torch.tensor(coarse_y))[:, None] & torch.isin(fx, torch.tensor(coarse_x))[None]
         per_image = drops.view(n, len(coarse_y), len(coarse_x))
         for i in range(n):
             top = torch.argsort(-per_image[i].flatten(), stable=True)[:k]  # ties: the first in raster order
@@ -316,7 +317,7 @@ def _occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, base: to
 def _window_drops(model: nn.Module, x: torch.Tensor, fill: torch.Tensor, windows: list[tuple[int, int, int]],
                   win: tuple[int, int], target: torch.Tensor, reference: torch.Tensor,
                   batch_size: int) -> torch.Tensor:
-    """Logit drop (M,) for each (image, top, left) window replaced by ``fill``; ``batch_size`` copies a pass."""
+    """Logit drop (M,) for each (image, top, left) window replaced by ``fill``; batch_size copies a pass."""
 
     def batches() -> Iterator[tuple[torch.Tensor, None]]:
         for s in range(0, len(windows), max(1, batch_size)):

@@ -176,7 +176,7 @@ def _maps_compared(method: str, images: torch.Tensor, kwargs: dict[str, Any]) ->
     h, w = occlusion_window(images.shape[-2:])
     refine = float(kwargs.get("occlusion_refine", 0.0))  # _explain_fn's default for occlusion
     if refine == 0:
-        return f"occlusion coarse pass (window {h} x {w} px, stride about one window), the same windows for every model"
+        return f"occlusion coarse pass (window {h} x {w} px, stride ~1 window), same windows for every model"
     return f"occlusion coarse-to-fine (window {h} x {w} px, occlusion_refine={refine:g})"
 
 

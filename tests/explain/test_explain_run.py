@@ -158,3 +158,38 @@ def test_explain_a_split_uses_that_splits_evaluation(corner_run, tmp_path: Path)
     val_ids = set(pd.read_csv(run_dir / "split-val" / "predictions.csv", dtype={"case_id": str})["case_id"])
     index = pd.read_csv(explain_run(run_dir, method="gradcam", cases=1, split="val"), dtype={"case_id": str})
     assert len(index) >= 1 and set(index["case_id"]) <= val_ids
+
+
+@pytest.mark.slow
+def test_occlusion_run_finds_the_marker_at_a_fixed_cost_per_case(corner_run, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """explain_run's occlusion work is bounded: the sanity check on at most SANITY_IMAGES images (coarse pass,
+    2 + 64 images per map, for the trained model and each cascade step), then per case at most 2 + 64 + 64
+    occluded images and the 4 x 17 images of its deletion curves; and the maps still find the marker."""
+    import shutil
+
+    from medtransfer.explain.run import SANITY_IMAGES
+    from medtransfer.models.classifier import Classifier
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(corner_run.path, run_dir, ignore=shutil.ignore_patterns("saliency"))
+    preds = corner_run.predict(corner_run.manifest.split("test"))
+    seen = {"images": 0}
+    forward = Classifier.forward
+
+    def counting(self: Classifier, x: torch.Tensor) -> torch.Tensor:
+        seen["images"] += len(x)
+        return forward(self, x)
+
+    monkeypatch.setattr(Classifier, "forward", counting)
+    path = explain_run(run_dir, method="occlusion", cases=2, predictions=preds)
+    index = pd.read_csv(path, dtype={"case_id": str})
+    n_cases, n_sanity, steps = len(index), min(SANITY_IMAGES, len(index)), len(corner_run.model.stages())
+    bound = n_sanity * (1 + steps) * (2 + 64) + n_cases * (2 + 64 + 64 + 4 * 17)
+    assert n_cases and 0 < seen["images"] <= bound, (seen["images"], bound, n_cases)
+    sanity = pd.read_csv(run_dir / "saliency" / "sanity_occlusion.csv")
+    assert sanity["maps"].str.contains("coarse pass").all() and len(sanity) == steps
+    df = corner_run.manifest.df
+    labels = dict(zip(df["case_id"].astype(str), df["label"], strict=True))
+    marked = index[index["case_id"].map(labels) == "marked"]
+    assert len(marked) and (marked["corner"] == "top_left").all(), index

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from medtransfer.explain.saliency import METHODS, explain, scale_maps
+from medtransfer.explain.saliency import METHODS, explain, occlusion_starts, scale_maps
 from medtransfer.models.classifier import build_model
 from tests.explain import tiny_classifier
 
@@ -126,3 +126,85 @@ def test_mt_explain_stays_callable_after_the_subpackage_is_imported() -> None:
     model = mt.build_model("efficientnet_lite0", ["a", "b"], in_channels=1, weights="none").eval()
     maps = mt.explain(model, torch.rand(2, 1, 32, 32), method="saliency")
     assert tuple(maps.maps.shape) == (2, 1, 32, 32)
+
+
+# ---------------------------------------------------------------------------- coarse-to-fine occlusion
+
+
+class CountingModel(nn.Module):
+    """Wraps a model and counts the images it is run on (every forward pass, any batch size).
+
+    The attribute is not called ``model``: ``explain`` would take it for a Run's model and unwrap it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+        self.images = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += len(x)
+        return self.inner(x)
+
+
+def test_occlusion_start_positions_cover_every_pixel_and_coarse_is_a_subset() -> None:
+    for length in (1, 5, 16, 50, 64, 100, 128, 224):
+        for window in {1, max(1, round(length / 8)), max(1, length // 3), length}:
+            fine, coarse = occlusion_starts(length, window)
+            assert set(coarse) <= set(fine) and fine == sorted(fine) and coarse == sorted(coarse)
+            for starts, most in ((fine, max(1, window // 2)), (coarse, window)):
+                covered = torch.zeros(length, dtype=torch.bool)
+                for s in starts:
+                    covered[s:s + window] = True
+                assert covered.all(), (length, window, starts)
+                gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+                assert max(gaps, default=0) <= most, (length, window, starts)
+    with pytest.raises(ValueError, match="does not fit"):
+        occlusion_starts(8, 9)
+
+
+def test_full_refinement_is_captums_occlusion_at_half_window_stride() -> None:
+    """occlusion_refine=1 evaluates every half-stride window: Captum's Occlusion, summed over channels."""
+    from captum.attr import Occlusion
+
+    model = tiny_classifier(("a", "b", "c"), task="multiclass").eval()
+    x = torch.randn(3, 1, 32, 32)
+    ours = explain(model, x, method="occlusion", target=1, occlusion_refine=1.0).raw[:, 0]
+    ref = Occlusion(model).attribute(x, sliding_window_shapes=(1, 4, 4), strides=(1, 2, 2), baselines=0.0,
+                                     target=1).sum(dim=1)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    two = LinearModel(torch.randn(1, 2, SIZE, SIZE, generator=torch.Generator().manual_seed(2)))
+    x2 = torch.randn(2, 2, SIZE, SIZE)
+    ours = explain(two, x2, method="occlusion", occlusion_refine=1.0).raw[:, 0]
+    ref = Occlusion(two).attribute(x2, sliding_window_shapes=(2, 2, 2), strides=(2, 1, 1), baselines=0.0,
+                                   target=0).sum(dim=1)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_coarse_to_fine_matches_the_full_scan_where_the_evidence_is_at_a_bounded_cost() -> None:
+    """Evidence only in a 6 x 6 patch: refined there (as the full scan), at <= 2 + 64 + 64 images each."""
+    size = 64  # window 8 px: 8 x 8 coarse windows, 15 x 15 half-stride windows
+    w = torch.zeros(1, 1, size, size)
+    w[..., 20:26, 36:42] = 1.0
+    x = torch.rand(2, 1, size, size) + 0.5  # positive evidence: every occluded patch lowers the logit
+    full_model, fine_model = CountingModel(LinearModel(w)), CountingModel(LinearModel(w))
+    full = explain(full_model, x, method="occlusion", occlusion_refine=1.0).raw[:, 0]
+    c2f = explain(fine_model, x, method="occlusion").raw[:, 0]
+    assert full_model.images == 2 * (2 + 15 * 15)  # explain's forward, occlusion's reference, the windows
+    assert fine_model.images <= 2 * (2 + 64 + 64), fine_model.images
+    # every window covering a pixel of the patch overlaps a top coarse window, so all of them were evaluated
+    torch.testing.assert_close(c2f[:, 16:30, 32:46], full[:, 16:30, 32:46])
+    coarse = explain(LinearModel(w), x, method="occlusion", occlusion_refine=0.0).raw[:, 0]
+    assert not torch.allclose(coarse[:, 16:30, 32:46], full[:, 16:30, 32:46])  # the refinement did something
+    assert torch.equal(c2f.flatten(1).argmax(1), full.flatten(1).argmax(1))
+
+
+def test_occlusion_cost_per_image_does_not_grow_with_image_size() -> None:
+    model = CountingModel(tiny_classifier().eval())
+    for size in (64, 128):
+        model.images = 0
+        sm = explain(model, torch.randn(2, 1, size, size), method="occlusion")
+        assert model.images <= 2 * (2 + 64 + 64), (size, model.images)
+        assert torch.isfinite(sm.raw).all() and sm.maps.shape == (2, 1, size, size)
+    with pytest.raises(ValueError, match="occlusion_refine"):
+        explain(model, torch.randn(1, 1, 32, 32), method="occlusion", occlusion_refine=2.0)

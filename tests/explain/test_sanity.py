@@ -73,3 +73,26 @@ def test_a_check_whose_randomised_maps_are_constant_is_not_assessed_never_passed
     assert result.status == "not assessed" and not result.passed, result
     assert np.isnan(result.sanity_score) and "constant for 4 of 4" in result.reason
     assert int(result.table["n_constant"].iloc[-1]) == 4
+
+
+def test_occlusion_is_checked_on_the_coarse_pass_for_every_model(monkeypatch) -> None:
+    """Coarse-to-fine maps refine different regions per model, which alone lowers the correlation (an easier
+    pass); the check compares the coarse pass, the same windows for the trained and every randomised model."""
+    import medtransfer.explain.sanity as sanity
+
+    seen: list[float | None] = []
+    real = sanity.explain
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(kwargs.get("occlusion_refine"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sanity, "explain", spy)
+    model = tiny_classifier()
+    result = sanity_check(model, _blobs(2), method="occlusion", target=0)
+    assert seen == [0.0] * (1 + len(model.stages())), seen
+    assert "coarse pass" in result.maps and "4 x 4 px" in result.maps
+    assert len(result.table) == len(model.stages())
+    seen.clear()
+    result = sanity_check(model, _blobs(2), method="occlusion", target=0, occlusion_refine=1.0)
+    assert seen == [1.0] * (1 + len(model.stages())) and "occlusion_refine=1" in result.maps

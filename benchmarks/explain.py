@@ -1,8 +1,10 @@
 """Saliency cost per image on CPU: Grad-CAM vs Integrated Gradients vs occlusion vs gradients.
 
 Baseline in the same run: one plain forward pass (``model(x)`` under ``torch.no_grad()``) per image. Maps
-are computed for the n images in one call (``explain_run`` batches report cases by 8) with the library defaults: IG 32 steps evaluated 8 at a time, occlusion window 1/8 side with stride 1/2
-window (15 x 15 = 225 perturbations per image, 8 per forward pass).
+are computed for the n images in one call (``explain_run`` batches report cases by 8) with the library
+defaults: IG 32 steps evaluated 8 at a time; occlusion coarse to fine with a window of 1/8 side (8 x 8 = 64
+occluded copies at a stride of one window, then up to 64 at half-window stride around the 8 windows with the
+largest drop; 8 copies per forward pass).
 
 Usage: python benchmarks/explain.py [--n 4] [--size 224] [--backbones efficientnet_lite0 densenet121]
        [--methods gradcam integrated_gradients occlusion saliency] [--threads 2]

@@ -60,11 +60,16 @@ def disk_full_error(path: str | os.PathLike[str], code: int) -> DiskFullError:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], *, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``.
 
     Use it for libraries that insist on writing to a path themselves (safetensors, matplotlib,
     pandas). On any exception the temporary file is removed and ``path`` is untouched.
+
+    ``durable=False`` is for caches whose entries are checked when read and can be made again (decoded
+    images): the rename is still atomic (no reader sees half a file), but there is no fsync of the file and
+    its folder and no sweep for other writers' stale temporaries. A cache of thousands of small files then
+    costs what writing them costs, not thousands of fsyncs plus a scan of the whole folder per file.
 
     Examples:
         >>> with atomic_path("out/model.safetensors") as tmp:  # doctest: +SKIP
@@ -83,13 +88,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        _fsync_file(tmp)
+        if durable:
+            _fsync_file(tmp)
         faults.point("write", final)  # the crash tests' worst moment: data written, not yet renamed
         if tmp.exists():  # mkstemp makes 0600; give the final file the mode a plain open() would (umask)
             os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        _remove_stale_temporaries(final)
+        if durable:
+            _fsync_dir(final.parent)
+            _remove_stale_temporaries(final)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -163,7 +163,7 @@ class ScanDataset(torch.utils.data.Dataset):
             if not (path.parent / "spec.json").is_file():
                 meta = {"cache_version": CACHE_VERSION, "spec": self.spec.model_dump(mode="json")}
                 io.write_json(path.parent / "spec.json", meta)
-            with io.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            with io.atomic_path(path, durable=False) as tmp, open(tmp, "wb") as fh:  # a cache: checked on read
                 np.save(fh, image, allow_pickle=False)
         except OSError as exc:  # a full or read-only disk slows training down but must not stop it
             logger.warning("could not write the image cache in %s (%s); continuing without it", path.parent, exc)

@@ -47,7 +47,8 @@ def one_vs_rest(targets: np.ndarray, task: str, n_classes: int) -> np.ndarray:
 
 
 def calibrate(model: torch.nn.Module, manifest_val: Manifest, card: ModelCard, cfg: RunConfig, *,
-              cache_dir: str | Path | None = None, progress: bool = False) -> ModelCard:
+              cache_dir: str | Path | None = None, progress: bool = False,
+              logits: np.ndarray | None = None) -> ModelCard:
     """Decide the temperature and choose operating points on the validation split; returns an updated card.
 
     Args:
@@ -57,6 +58,8 @@ def calibrate(model: torch.nn.Module, manifest_val: Manifest, card: ModelCard, c
         cfg: the run config (``eval.threshold``, ``eval.target``, ``train.batch_size``, ``train.device``).
         cache_dir: decoded-image cache (training's cache is warm for the validation split).
         progress: progress display.
+        logits: the validation logits when training already has them (a linear probe's head on its cached
+            frozen features, in manifest order); None runs the model over the validation images.
 
     Returns:
         A copy of ``card`` with ``temperature`` (None when not applied), ``calibration`` (the decision and its
@@ -66,11 +69,15 @@ def calibrate(model: torch.nn.Module, manifest_val: Manifest, card: ModelCard, c
     if len(manifest_val) == 0:
         logger.warning("no validation cases: thresholds stay at %s and no temperature is fitted", card.thresholds)
         return card.model_copy(update={"calibration": {"applied": False, "reason": "no validation split"}})
-    out = run_model(model, manifest_val, card.input, batch_size=cfg.train.batch_size, device=cfg.train.device,
-                    amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16, num_workers=cfg.train.num_workers, cache_dir=cache_dir, progress=progress,
-                    description="calibrating")
-    ok = out.ok
-    logits, targets = out.outputs[ok], out.targets[ok]
+    if logits is not None and len(logits) == len(manifest_val):
+        ok = np.ones(len(manifest_val), dtype=bool)
+        targets = np.asarray(manifest_val.targets())
+    else:
+        out = run_model(model, manifest_val, card.input, batch_size=cfg.train.batch_size, device=cfg.train.device,
+                        amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16, num_workers=cfg.train.num_workers,
+                        cache_dir=cache_dir, progress=progress, description="calibrating")
+        ok = out.ok
+        logits, targets = out.outputs[ok], out.targets[ok]
     keys = manifest_val.df["patient_key"].astype(str).to_numpy()[ok]
     decision = decide_temperature(logits, targets, keys, card.task)
     fitted = card.model_copy(update={"temperature": decision["temperature"] if decision["applied"] else None,

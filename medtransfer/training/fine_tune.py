@@ -75,6 +75,9 @@ class FitResult:
     device: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     trained: str = ""
+    #: Validation logits (N, K) of the best weights when the backbone stayed frozen throughout (a linear probe):
+    #: its head applied to the cached validation features, so calibration needs no second pass over the images.
+    val_logits: np.ndarray | None = None
 
 
 def trained_parts(phases_run: list[str]) -> str:
@@ -320,10 +323,17 @@ class _Trainer:
             if stopped:
                 break
         self._restore_best()
+        trained = trained_parts([str(r["phase"]) for r in self.history])
+        val_logits = None
+        if trained == "head only" and "val" in self._feats:
+            with torch.no_grad():
+                head = self.model.head.eval()
+                feats = self._feats["val"][0].to(self.device)
+                val_logits = head(feats).float().cpu().numpy().reshape(len(feats), -1)
         return FitResult(pd.DataFrame(self.history, columns=HISTORY_COLUMNS), self.best_epoch,
                          float(self.best_metric), len(self.history), stopped,
                          dev.describe(self.device, self.amp), time.perf_counter() - t0,
-                         trained=trained_parts([str(r["phase"]) for r in self.history]))
+                         trained=trained, val_logits=val_logits)
 
     def _epoch(self, phase: Phase, st: Stepper, epoch: int) -> bool:
         row = self.run_epoch(phase, st, epoch)

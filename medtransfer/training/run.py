@@ -257,16 +257,20 @@ def _fit_and_save(run_dir: Path, cfg: RunConfig, manifest: Manifest, resume: boo
     with io.atomic_path(run_dir / "history.csv") as tmp:
         fit.history.to_csv(tmp, index=False)
     card = _make_card(cfg, manifest, fit, run_dir)
-    card = _calibrate(model, manifest, cfg, card, run_dir, progress)
+    card = _calibrate(model, manifest, cfg, card, run_dir, progress, fit.val_logits)
     save_model(model.cpu(), run_dir, card)
     return load_run(run_dir)
 
 
 def _calibrate(model: torch.nn.Module, manifest: Manifest, cfg: RunConfig, card: ModelCard, run_dir: Path,
-               progress: bool) -> ModelCard:
-    """Temperature and operating points chosen on the validation split (never on test data), into the card."""
+               progress: bool, val_logits: Any = None) -> ModelCard:
+    """Temperature and operating points chosen on the validation split (never on test data), into the card.
+
+    A linear probe hands over its validation logits (head on cached features): no second pass over the images.
+    """
     cache_dir = cfg.data.cache_dir or run_dir / "cache"
-    return calibrate(model, manifest.split("val"), card, cfg, cache_dir=cache_dir, progress=progress)
+    return calibrate(model, manifest.split("val"), card, cfg, cache_dir=cache_dir, progress=progress,
+                     logits=val_logits)
 
 
 def _read_size_choice(run_dir: Path) -> dict[str, Any] | None:

@@ -1,8 +1,8 @@
 """Sharing a CPU machine: two jobs at once should each take about 2x their solo time, not 4-16x (issue 15).
 
 (1) training steps (EfficientNet-Lite0, 128 px, batch 32) in one process alone and in two processes at once,
-    with torch's default OpenMP spin-wait and with medtransfer's settings (``import medtransfer`` before torch:
-    threads from the usable CPUs, ``GOMP_SPINCOUNT=1000``);
+    with torch's defaults (OpenMP spin-wait, glibc malloc) and with medtransfer's settings (``import medtransfer``
+    before torch: threads from the usable CPUs, ``GOMP_SPINCOUNT=1000``, malloc keeping large blocks);
 (2) ``medtransfer demo`` alone, then two demos at once (separate folders): wall time and the train and explain
     stages of each, with the ratios to the solo run (target: each <= 2x solo; solo <= 150 s on 2 cores).
 
@@ -50,6 +50,8 @@ SPIN_VARS = ("GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS", "OMP_WAIT_POL
 
 def _steps(mode: str, n: int) -> list[float]:
     env = {k: v for k, v in os.environ.items() if k not in SPIN_VARS}
+    if mode == "default":
+        env["MEDTRANSFER_MALLOC"] = "system"  # torch's defaults throughout: glibc malloc untouched too
     procs = [subprocess.Popen([sys.executable, "-c", STEPS, mode], stdout=subprocess.PIPE, text=True, env=env,
                               cwd=ROOT) for _ in range(n)]
     return [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]

@@ -115,3 +115,53 @@ def test_three_channel_input_gets_rgb_statistics_unless_mean_std_are_given() -> 
     assert len(resolve_input_spec(cfg).mean) == 3  # then the backbone's own statistics
     with pytest.raises(ValidationError, match="one value per channel"):
         InputSpec(channels=3, mean=(0.5,), std=(0.5,))  # what the user set explicitly is still checked
+
+
+def _pattern(h: int = 48, w: int = 64) -> torch.Tensor:
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = torch.from_numpy(((np.sin(xx / 5.0) + np.cos(yy / 7.0) + 2) / 4).astype(np.float32))[None]
+    img[:, 10:20, 30:40] = 1.0
+    return img
+
+
+def test_fast_2d_augmentation_rotates_and_zooms_as_monai_does():
+    """One affine resampling instead of MONAI's RandRotated + RandZoomd (~10x cheaper per image): a rotation by a
+    is MONAI's Rotate by -a (the angle is drawn symmetrically, so the distribution is the same), and a zoom by z
+    enlarges as MONAI's Zoom(z) does (its crop-after-resize differs by sub-pixel alignment only)."""
+    import math
+
+    from monai.transforms import Rotate, Zoom
+
+    from medtransfer.data.transforms import _affine2d
+
+    img = _pattern()
+    a = math.radians(12)
+    ref = torch.as_tensor(Rotate(angle=-a, keep_size=True, mode="bilinear", padding_mode="zeros")(img))
+    torch.testing.assert_close(_affine2d(img, angle=a, zoom=1.0, flip=False), ref, atol=1e-5, rtol=0)
+    ref = torch.as_tensor(Zoom(zoom=1.2, keep_size=True, mode="bilinear")(img))[:, 4:-4, 4:-4]
+    near = (_affine2d(img, angle=0.0, zoom=1.2, flip=False)[:, 4:-4, 4:-4] - ref).abs().mean()
+    other = (_affine2d(img, angle=0.0, zoom=1 / 1.2, flip=False)[:, 4:-4, 4:-4] - ref).abs().mean()
+    assert near < 0.02 and other > 3 * near, (near, other)
+    # flip with rotation, in one resampling: the mirror of the rotated image
+    both = _affine2d(img, angle=a, zoom=1.0, flip=True)
+    torch.testing.assert_close(both, torch.flip(_affine2d(img, angle=a, zoom=1.0, flip=False), dims=[-1]),
+                               atol=1e-4, rtol=0)
+
+
+def test_fast_2d_augmentation_is_seeded_and_draws_the_configured_ranges():
+    aug = AugmentConfig(flip_prob=0.5, rotate_degrees=10, zoom=(0.9, 1.1), intensity_prob=0.3)
+    pipe = random_transforms(aug, 2)
+    x = _pattern()
+    pipe.set_random_state(seed=5)
+    first = pipe({"image": x})["image"]
+    pipe.set_random_state(seed=5)
+    assert torch.equal(pipe({"image": x})["image"], first)
+    (t,) = pipe.transforms
+    draws = []
+    for seed in range(400):
+        t.set_random_state(seed=seed)
+        r = t.R
+        draws.append((r.rand() < 0.5, r.uniform(-1, 1) * 10, r.uniform(0.9, 1.1)))
+    flips, angles, zooms = map(np.array, zip(*draws, strict=True))
+    assert 0.4 < flips.mean() < 0.6 and -10 <= angles.min() < -8 and 8 < angles.max() <= 10
+    assert 0.9 <= zooms.min() < 0.92 and 1.08 < zooms.max() <= 1.1

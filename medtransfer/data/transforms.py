@@ -27,7 +27,6 @@ from monai.transforms import (
     MapTransform,
     RandAdjustContrastd,
     RandFlipd,
-    Randomizable,
     RandRotated,
     RandShiftIntensityd,
     RandZoomd,
@@ -154,60 +153,6 @@ def deterministic_transforms(spec: InputSpec) -> Compose:
     return Compose([*resize_transforms(spec).transforms, *finalise_transforms(spec).transforms])
 
 
-class RandAugment2d(MapTransform, Randomizable):
-    """The 2D training augmentation in one resampling: flip, rotation and zoom as one affine, then intensity.
-
-    Same distribution as MONAI's ``RandFlipd`` + ``RandRotated`` + ``RandZoomd`` + ``RandAdjustContrastd`` +
-    ``RandShiftIntensityd`` (see :func:`random_transforms`), at a fraction of the cost: MONAI spends ~3 ms per
-    image in per-call overhead whatever the image size (two resamplings, affine bookkeeping, MetaTensor
-    dispatch), as much as a whole 64-px training step on 2 CPU cores; one ``affine_grid`` + ``grid_sample`` takes
-    ~0.2 ms. Bilinear resampling, zero padding, the output keeps the input size. Zoom > 1 enlarges (crops).
-    Parameters are drawn from this transform's own random state (``set_random_state``), in a fixed order.
-    """
-
-    def __init__(self, keys: str | Sequence[str], augment: AugmentConfig) -> None:
-        MapTransform.__init__(self, keys)
-        self.augment = augment
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        a = self.augment
-        r = self.R
-        flip = a.flip_prob > 0 and r.rand() < a.flip_prob
-        angle = r.uniform(-1.0, 1.0) * math.radians(a.rotate_degrees) if a.rotate_degrees > 0 else 0.0
-        zoom = r.uniform(*a.zoom) if tuple(a.zoom) != (1.0, 1.0) else 1.0
-        gamma = r.uniform(0.7, 1.5) if a.intensity_prob > 0 and r.rand() < a.intensity_prob else None
-        shift = r.uniform(-0.1, 0.1) if a.intensity_prob > 0 and r.rand() < a.intensity_prob else None
-        d = dict(data)
-        for key in self.key_iterator(d):
-            x = torch.as_tensor(d[key], dtype=torch.float32)
-            x = x.as_tensor() if isinstance(x, MetaTensor) else x
-            if angle or zoom != 1.0 or flip:
-                x = _affine2d(x, angle=angle, zoom=zoom, flip=flip)
-            if gamma is not None:  # MONAI's AdjustContrast: rescale to [0, 1], power, rescale back
-                lo, hi = x.min(), x.max()
-                span = (hi - lo).clamp_min(1e-7)
-                x = ((x - lo) / span) ** gamma * span + lo
-            if shift is not None:
-                x = x + shift
-            d[key] = x.clamp(0.0, 1.0) if gamma is not None or shift is not None else x
-        return d
-
-
-def _affine2d(x: torch.Tensor, *, angle: float, zoom: float, flip: bool) -> torch.Tensor:
-    """Rotate by ``angle`` (radians) about the centre, zoom by ``zoom`` and optionally mirror left-right, in one
-    bilinear resampling of a (C, H, W) image (zero padding, size kept)."""
-    c, s = math.cos(angle) / zoom, math.sin(angle) / zoom
-    h, w = x.shape[-2:]
-    # affine_grid works in normalised [-1, 1] coordinates: keep rotation isotropic on non-square images
-    theta = torch.tensor([[c * (-1.0 if flip else 1.0), -s * h / w, 0.0],
-                          [s * w / h * (-1.0 if flip else 1.0), c, 0.0]], dtype=torch.float32)
-    if flip and angle == 0.0 and zoom == 1.0:
-        return torch.flip(x, dims=[-1])  # exact mirror, no resampling
-    grid = torch.nn.functional.affine_grid(theta[None], [1, x.shape[0], h, w], align_corners=False)
-    return torch.nn.functional.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros",
-                                           align_corners=False)[0]
-
-
 def random_transforms(augment: AugmentConfig | None, spatial_dims: int) -> Compose:
     """Training-time augmentation on [0, 1] images, applied after the cache and before normalisation.
 
@@ -220,16 +165,11 @@ def random_transforms(augment: AugmentConfig | None, spatial_dims: int) -> Compo
     - Intensity, each with ``intensity_prob``: gamma in (0.7, 1.5) (contrast) and a shift of ±0.1
       (brightness), then clamped to [0, 1].
 
-    Images (2D) go through :class:`RandAugment2d`: the same draws as one affine resampling (~0.3 ms instead of
-    ~3 ms per image); volumes (3D) through MONAI's transforms.
-
     Returns an empty ``Compose`` (identity) when ``augment`` is None or ``augment.enabled`` is False.
     """
     if augment is None or not augment.enabled:
         return Compose([])
-    if spatial_dims == 2:
-        return Compose([RandAugment2d(KEY, augment)])
-    interp = "trilinear"
+    interp = "bilinear" if spatial_dims == 2 else "trilinear"
     steps: list[Any] = []
     if augment.flip_prob > 0:
         steps.append(RandFlipd(keys=KEY, prob=augment.flip_prob, spatial_axis=spatial_dims - 1))

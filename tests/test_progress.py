@@ -202,10 +202,10 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_dataset(tmp_path_factory.mktemp("tiny") / "data")
 
 
-def _tiny_train_command(data: Path, out: Path) -> list[str]:
+def _tiny_train_command(data: Path, out: Path, *extra: str) -> list[str]:
     from tests.training.conftest import TINY_OVERRIDES
 
-    sets = [a for o in [*TINY_OVERRIDES, "train.epochs=2"] for a in ("--set", o)]
+    sets = [a for o in [*TINY_OVERRIDES, "train.epochs=2", *extra] for a in ("--set", o)]
     return [sys.executable, "-c", "from medtransfer.cli import main; main()", "train", str(data),
             "--out", str(out), "--device", "cpu", *sets]
 
@@ -213,10 +213,13 @@ def _tiny_train_command(data: Path, out: Path) -> list[str]:
 @pytest.mark.slow
 def test_a_piped_train_writes_timed_lines_inside_every_stage(tiny_data: Path, tmp_path: Path) -> None:
     # `medtransfer train ... > log 2>&1` used to write a line per epoch and nothing inside a stage (a 427-s
-    # frozen-feature pass was silent). With the interval at 0.5 s, no two lines may be far apart while it works.
-    interval = 0.5
+    # frozen-feature pass was silent). With the interval at 0.2 s, no two lines may be far apart while it works.
+    # 224 px in batches of 2 makes the unfrozen epoch last several intervals (~1 s on 2 cores) however fast the
+    # machine, so that lines inside it can be asked for.
+    interval = 0.2
     env = {**os.environ, prog.INTERVAL_ENV: str(interval), "COLUMNS": "200"}
-    proc = subprocess.Popen(_tiny_train_command(tiny_data, tmp_path / "run"), stdout=subprocess.PIPE,
+    command = _tiny_train_command(tiny_data, tmp_path / "run", "input.size=[224, 224]", "train.batch_size=2")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     stamped: list[tuple[float, str]] = []
     assert proc.stdout is not None

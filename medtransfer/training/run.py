@@ -181,12 +181,11 @@ def _fit_input_size(run_dir: Path, cfg: RunConfig, manifest: Manifest) -> RunCon
 
     choice = choose_input_size(cfg, manifest, fixed_input_size=get_backbone(cfg.model.backbone).fixed_input_size)
     (logger.warning if choice.changed else logger.info)(choice.reason)
-    io.write_json(run_dir / "input_size.json", choice.as_card())
-    if not choice.changed:
-        return cfg
-    cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"size": choice.size}),
-                                 "data": cfg.data.model_copy(update={"fit_input_size": False})})
-    io.write_text(run_dir / "config.yaml", dump_config(cfg))
+    if choice.changed:
+        cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"size": choice.size}),
+                                     "data": cfg.data.model_copy(update={"fit_input_size": False})})
+        io.write_text(run_dir / "config.yaml", dump_config(cfg))
+    io.write_json(run_dir / "input_size.json", choice.as_card())  # last file of the preparation
     return cfg
 
 

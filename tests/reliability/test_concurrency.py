@@ -41,7 +41,8 @@ def test_a_second_train_on_a_busy_run_directory_is_refused(pipeline: Pipeline, t
     try:
         lock = run / ".lock"
         _wait_for(lambda: lock.is_file() and lock.read_text().strip() == str(first.pid), "it took the lock", first)
-        _wait_for(lambda: (run / "manifest.json").is_file(), "it indexed the data", first)
+        # input_size.json is the last file written before training starts (after manifest.json and config.yaml)
+        _wait_for(lambda: (run / "input_size.json").is_file(), "it indexed the data and chose the size", first)
         before = _snapshot(run)
 
         for args in (train_args(pipeline.data, run), ["--quiet", "train", "--resume", "--out", str(run)]):

@@ -175,13 +175,12 @@ def configure_torch() -> int:
 
     if not _torch_configured:
         _torch_configured = True
-        n = usable_cpus()
-        if not os.environ.get(THREADS_ENV, "").strip():
-            n = min(n, torch.get_num_threads())
+        usable = usable_cpus()
+        n = usable if os.environ.get(THREADS_ENV, "").strip() else min(usable, torch.get_num_threads())
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
         if _late:
             logger.debug("torch was imported before medtransfer: its OpenMP threads keep their default spin-wait "
                          "(set GOMP_SPINCOUNT=1000 before starting Python to share a machine well)")
-        logger.debug("compute threads: %d (CPUs usable by this process: %d)", n, usable_cpus())
+        logger.debug("compute threads: %d (CPUs usable by this process: %d)", n, usable)
     return torch.get_num_threads()

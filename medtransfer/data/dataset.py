@@ -106,7 +106,7 @@ class ScanDataset(torch.utils.data.Dataset):
             # Seeded per item from (loader seed, index), not drawn from one stream: the augmentation of a case
             # is then the same whichever worker loads it, so num_workers does not change the trained weights.
             self._random.set_random_state(seed=(self._seed * 1_000_003 + i) % (2**32))
-            data = self._random({"image": torch.from_numpy(image.copy())})
+            data = self._random({"image": torch.from_numpy(image)})  # a fresh array per call (unpack_pixels)
         data = self._finalise(data)
         row = self.manifest.df.iloc[i]
         item: dict[str, Any] = {"image": data["image"], "label": self._label(i),
@@ -156,7 +156,7 @@ class ScanDataset(torch.utils.data.Dataset):
             raise ScanReadError(rel, exc.reason) from exc
         _check_dims(array, self.spec, rel)
         self.decode_count += 1
-        return pack_pixels(self._resize({"image": array})["image"].numpy(), eight_bit=holds_8bit_values(array))
+        return cacheable_pixels(array, self._resize)
 
     def _write_cache(self, path: Path, image: np.ndarray) -> None:
         try:
@@ -206,6 +206,11 @@ def holds_8bit_values(array: np.ndarray) -> bool:
     """Whether a decoded [0, 1] image holds only the 256 levels of an 8-bit source (k / 255)."""
     scaled = np.asarray(array, dtype=np.float32) * 255.0
     return bool(np.abs(scaled - np.round(scaled)).max(initial=0.0) < 1e-3)
+
+
+def cacheable_pixels(array: np.ndarray, resize: Any) -> np.ndarray:
+    """A decoded [0, 1] case resized (``resize``: :func:`resize_transforms`) and packed as the cache stores it."""
+    return pack_pixels(resize({"image": array})["image"].numpy(), eight_bit=holds_8bit_values(array))
 
 
 def pack_pixels(image: np.ndarray, *, eight_bit: bool) -> np.ndarray:
@@ -349,6 +354,5 @@ def preprocess(paths_or_array: Path | str | Sequence[Path | str] | np.ndarray | 
         array = load_case(files, fmt, spec)
     _check_dims(array, spec, where)
     # the pixels a ScanDataset sees: resized, then quantised as the cache stores them (a cache never changes a result)
-    resized = resize_transforms(spec)({"image": array})["image"].numpy()
-    pixels = unpack_pixels(pack_pixels(resized, eight_bit=holds_8bit_values(array)))
+    pixels = unpack_pixels(cacheable_pixels(array, resize_transforms(spec)))
     return finalise_transforms(spec)({"image": pixels})["image"]

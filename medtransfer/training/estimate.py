@@ -19,11 +19,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from medtransfer.config import RunConfig, apply_overrides, load_config
+from medtransfer.cpu import configure_torch
 from medtransfer.data.manifest import Manifest
 from medtransfer.progress import format_duration
 
@@ -126,7 +126,7 @@ def _measure(cfg: RunConfig, manifest: Manifest, size_reason: str) -> Estimate:
     from medtransfer.device import set_determinism
     from medtransfer.inference import forward_batches
     from medtransfer.models.classifier import build_model
-    from medtransfer.training.fine_tune import Phase, _Trainer
+    from medtransfer.training.fine_tune import Phase, _Trainer, plan_phases
 
     tc = cfg.train
     counts = {s: len(manifest.split(s)) for s in ("train", "val", "test")}
@@ -157,9 +157,9 @@ def _measure(cfg: RunConfig, manifest: Manifest, size_reason: str) -> Estimate:
                     channels_last=trainer.channels_last, output="features")
     infer_per_s = sum(len(b) for b in rest) / max(time.perf_counter() - t0, 1e-9)
 
-    phases = [p.name for p in _phases(tc)]
+    phases = plan_phases(tc.strategy, tc.epochs, tc.freeze_epochs)
     train_per_s = None
-    if "all" in phases:
+    if any(not p.frozen for p in phases):
         st = trainer.stepper(Phase("all", 0, 1, False))
         aug = ScanDataset(timed, cfg.input, train=True, augment=tc.augment, memory_cache=True)
         for i in range(len(aug)):
@@ -183,8 +183,8 @@ def _measure(cfg: RunConfig, manifest: Manifest, size_reason: str) -> Estimate:
     n_all = sum(counts.values())
     n_tr, n_va = counts["train"], counts["val"]
     stages: list[tuple[str, float]] = [(f"decode {n_all} scans once (then cached)", n_all / decode_per_s)]
-    unfrozen = [p for p in _phases(tc) if not p.frozen]
-    frozen = [p for p in _phases(tc) if p.frozen]
+    unfrozen = [p for p in phases if not p.frozen]
+    frozen = [p for p in phases if p.frozen]
     if frozen:
         n_head = frozen[0].end - frozen[0].start
         stages.append((f"frozen features of {n_tr + n_va} images (once)", (n_tr + n_va) / infer_per_s))
@@ -194,8 +194,6 @@ def _measure(cfg: RunConfig, manifest: Manifest, size_reason: str) -> Estimate:
         per_epoch = n_tr / train_per_s + n_va / infer_per_s
         stages.append((f"{n_ep} full epoch(s) x {format_duration(per_epoch)}", n_ep * per_epoch))
     stages.append((f"calibration on {n_va} validation images", n_va / infer_per_s))
-    from medtransfer.cpu import configure_torch
-
     return Estimate(counts=counts, size=tuple(cfg.input.size), size_reason=size_reason, strategy=tc.strategy,
                     epochs=tc.epochs, freeze_epochs=tc.freeze_epochs, batch_size=bs, decode_per_s=decode_per_s,
                     infer_per_s=infer_per_s, train_per_s=train_per_s, stages=stages, device=str(trainer.device),
@@ -205,9 +203,3 @@ def _measure(cfg: RunConfig, manifest: Manifest, size_reason: str) -> Estimate:
 def _first(m: Manifest, n: int) -> Manifest:
     """The first ``n`` cases of ``m`` (timing needs a few real scans, not a representative sample)."""
     return Manifest(m.df.iloc[:n].copy(), list(m.classes), m.task, m.data_dir, list(m.warnings))
-
-
-def _phases(tc: Any) -> list[Any]:
-    from medtransfer.training.fine_tune import plan_phases
-
-    return plan_phases(tc.strategy, tc.epochs, tc.freeze_epochs)

@@ -68,8 +68,8 @@ def test_unknown_source_sizes_and_non_square_sources() -> None:
 def test_training_on_28px_scans_fits_the_size_records_why_and_resumes(tmp_path: Path) -> None:
     """End to end: the run trains at 64 px, config.yaml says so, the card says why, and re-running the same
     command on an interrupted run is recognised as the same configuration."""
-    from medtransfer.training.run import _same_config, resolve_input_spec, train
     from medtransfer.config import dump_config
+    from medtransfer.training.run import _same_config, resolve_input_spec, train
 
     rng = np.random.default_rng(0)
     rows = []

@@ -20,6 +20,9 @@ Predictions table columns, in order:
 - ``pred_<class>``: 1/0 at the card's operating point (``card.thresholds``; 0.5 where the card has none);
   ``predicted``: binary → the class name at the threshold, multi-class → the arg-max class, multi-label →
   the ``;``-joined classes at or above their thresholds;
+- for 2.5D volume models (``model.volume: slices``): ``peak_slice``, the input slice (0-based, inferior to
+  superior) with the largest attention weight, and ``slice_attention``, every slice's attention weight
+  (``;``-joined, summing to 1): which slices the prediction rests on;
 - subgroup columns carried from the manifest (``sex``, ``age``, ``age_band``, ``site``, ``manufacturer``,
   ``view``, ``modality``), and ``error`` (empty, or why the case could not be decoded; such rows have no
   scores and are left out of metrics).
@@ -66,11 +69,13 @@ class Inference:
             that could not be decoded.
         targets: targets as ``Manifest.targets()`` gives them (None for unlabelled cases).
         errors: row index → why that case could not be decoded.
+        attention: float32 (N, S) attention weight of each input slice (2.5D volume models), else None.
     """
 
     outputs: np.ndarray
     targets: np.ndarray | None
     errors: dict[int, str] = field(default_factory=dict)
+    attention: np.ndarray | None = None
 
     @property
     def ok(self) -> np.ndarray:
@@ -108,10 +113,23 @@ class TolerantDataset(torch.utils.data.Dataset):
                 "case_id": str(self.ds.manifest.df.iloc[i]["case_id"]), "index": i, "error": error}
 
 
+def slice_attention(model: torch.nn.Module) -> torch.Tensor | None:
+    """The per-slice attention weights (B, S) of a 2.5D volume model's last forward pass, or None.
+
+    2.5D models (:mod:`medtransfer.models.volumes`) pool their slices with attention-MIL and keep the weights
+    of the last batch; every other model has none.
+    """
+    fn = getattr(model, "slice_attention", None)
+    if callable(fn):
+        return fn()
+    return getattr(getattr(model, "head", None), "last_attention", None)
+
+
 @torch.no_grad()
 def forward_batches(model: torch.nn.Module, batches: Iterable[Any], *, device: torch.device,
                     amp: torch.dtype | None = None, channels_last: bool = False,
-                    output: Output = "logits") -> tuple[torch.Tensor, torch.Tensor]:
+                    output: Output = "logits", attention: list[torch.Tensor] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` (eval mode, no grad) over batches of images: the one forward pass for inference.
 
     Args:
@@ -120,7 +138,9 @@ def forward_batches(model: torch.nn.Module, batches: Iterable[Any], *, device: t
             normalised with the card's InputSpec.
         device, amp: where to run and the autocast dtype (None: full precision).
         channels_last: convert 4D image batches on CUDA.
-        output: ``logits`` (N, K) or ``features`` (N, F).
+        output: ``logits`` (N, K) or ``features`` (what ``model.head`` takes: (N, F), or (N, S, F) per slice).
+        attention: when given (a list) and the model pools slices with attention, each batch's weights (B, S)
+            are appended to it.
 
     Returns:
         ``(outputs, targets)`` on the CPU: float32 (N, K|F) and the batches' labels concatenated.
@@ -134,6 +154,9 @@ def forward_batches(model: torch.nn.Module, batches: Iterable[Any], *, device: t
         with dev.autocast(device, amp):
             out = forward(x)
         outs.append(out.float().cpu())
+        weights = slice_attention(model) if attention is not None and output == "logits" else None
+        if weights is not None:
+            attention.append(weights.detach().float().cpu())
         if y is not None:
             targets.append(torch.as_tensor(y).cpu())
     return (torch.cat(outs) if outs else torch.empty(0),
@@ -171,16 +194,21 @@ def run_model(model: torch.nn.Module, manifest: Manifest, spec: InputSpec, *, ou
     loader = make_loader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                          pin_memory=target.type == "cuda")
     errors: dict[int, str] = {}
+    weights: list[torch.Tensor] = []
     try:
         outs, _ = forward_batches(net, _tap(loader, errors, progress, description), device=target, amp=amp_type,
-                                  channels_last=True, output=output)
+                                  channels_last=True, output=output, attention=weights)
     finally:
         model.to(home)
     if errors:
         logger.warning("%d of %d case(s) could not be decoded; they get an 'error' and no scores",
                        len(errors), len(manifest))
-    arr = outs.numpy().reshape(len(manifest), -1) if len(manifest) else np.zeros((0, 1), np.float32)
-    return Inference(arr, data.targets, errors)
+    if output == "logits":
+        arr = outs.numpy().reshape(len(manifest), -1) if len(manifest) else np.zeros((0, 1), np.float32)
+    else:  # features keep their shape: (N, F), or (N, S, F) per slice
+        arr = outs.numpy() if len(manifest) else np.zeros((0, 1), np.float32)
+    att = torch.cat(weights).numpy() if weights and len(manifest) else None
+    return Inference(arr, data.targets, errors, att if att is not None and len(att) == len(manifest) else None)
 
 
 def _tap(loader: Iterable[dict[str, Any]], errors: dict[int, str], progress: bool,
@@ -204,6 +232,8 @@ def predictions_table(manifest: Manifest, card: ModelCard, result: Inference) ->
     if manifest.has_labels:
         out = pd.concat([out, _truth(manifest)], axis=1)
     out = pd.concat([out, _scores(card, result, df.index)], axis=1)
+    if result.attention is not None:
+        out = pd.concat([out, _attention(result, df.index)], axis=1)
     for col in SUBGROUP_COLUMNS:
         if col in df:
             out[col] = df[col].to_numpy()
@@ -242,6 +272,16 @@ def _scores(card: ModelCard, result: Inference, index: pd.Index) -> pd.DataFrame
     return pd.DataFrame(cols, index=index)
 
 
+def _attention(result: Inference, index: pd.Index) -> pd.DataFrame:
+    """``peak_slice`` and ``slice_attention`` (``;``-joined weights, 4 decimals) per case; blank for errors."""
+    att = np.asarray(result.attention, dtype=np.float64)
+    ok = result.ok
+    peak = pd.array(att.argmax(axis=1), dtype="Int64")
+    peak[~ok] = pd.NA
+    text = [";".join(f"{w:.4f}" for w in row) if good else np.nan for row, good in zip(att, ok, strict=True)]
+    return pd.DataFrame({"peak_slice": peak, "slice_attention": text}, index=index)
+
+
 def score_cases(model: torch.nn.Module, card: ModelCard, manifest: Manifest, *, batch_size: int = 32,
                 device: str | torch.device = "auto", amp: bool = True, cpu_bf16: bool = False, num_workers: int = 0,
                 cache_dir: str | Path | None = None, progress: bool = False) -> pd.DataFrame:
@@ -275,7 +315,8 @@ def score_files(model: torch.nn.Module, card: ModelCard, paths: Sequence[str | o
         ManifestError: a path does not exist, or nothing at all was found.
     """
     classes = scored_classes(card)
-    keep = ["case_id", "file", *[f"p_{c}" for c in classes], *[f"pred_{c}" for c in classes], "predicted", "error"]
+    keep = ["case_id", "file", *[f"p_{c}" for c in classes], *[f"pred_{c}" for c in classes], "predicted",
+            "peak_slice", "slice_attention", "error"]
     tables = []
     files = [Path(p).expanduser() for p in paths if Path(p).expanduser().is_file()]
     for given in paths:
@@ -293,7 +334,7 @@ def score_files(model: torch.nn.Module, card: ModelCard, paths: Sequence[str | o
     if table is None:
         raise ManifestError(f"no scans found in {', '.join(str(p) for p in paths)}; pass scan files or folders "
                             "that hold them (DICOM, NIfTI, PNG, JPEG).")
-    return table.reindex(columns=keep)
+    return table.reindex(columns=[c for c in keep if c in table.columns or c not in ("peak_slice", "slice_attention")])
 
 
 def _unlabelled(df: pd.DataFrame, card: ModelCard, data_dir: Path) -> Manifest:

@@ -12,21 +12,21 @@ import pandas as pd
 PREDICTIONS_FILE = "predictions.csv"
 #: Predictions columns that hold text (read back as text even when every value looks like a number).
 TEXT_COLUMNS = ("case_id", "patient_key", "split", "path", "file", "label", "predicted", "error", "sex",
-                "age_band", "site", "manufacturer", "view", "modality")
+                "age_band", "site", "manufacturer", "view", "modality", "slice_attention")
 
 
 def normalise_predictions(df: pd.DataFrame) -> pd.DataFrame:
     """The predictions table with fixed dtypes, so that the table in memory equals its CSV read back.
 
     Text columns are ``object`` (missing = NaN; ``predicted`` and ``error`` missing = ""), ``pred_*`` are
-    nullable ``Int64``, ``true_*``/``p_*``/``age`` are float.
+    and ``peak_slice`` nullable ``Int64``, ``true_*``/``p_*``/``age`` are float.
     """
     out = df.copy()
     for col in out.columns:
         if col in TEXT_COLUMNS:
             s = out[col].astype(object)
             out[col] = s.where(s.notna(), "" if col in ("predicted", "error") else np.nan)
-        elif col.startswith("pred_"):
+        elif col.startswith("pred_") or col == "peak_slice":
             out[col] = pd.to_numeric(out[col], errors="coerce").astype("Int64")
         elif col.startswith(("true_", "p_")) or col == "age":
             out[col] = pd.to_numeric(out[col], errors="coerce").astype(np.float64)

@@ -101,7 +101,20 @@ def _features(model: Any, manifest: Any, run: Any, progress: bool) -> np.ndarray
 
     out = run_model(model, manifest, run.card.input, output="features", cache_dir=run.cache_dir,
                     num_workers=run.config.train.num_workers, progress=progress, description="features (audit)")
-    return out.outputs
+    return pooled_features(model, out.outputs)
+
+
+def pooled_features(model: Any, feats: np.ndarray) -> np.ndarray:
+    """One vector per case: per-slice features (N, S, F) of a 2.5D volume model are pooled with its own
+    attention weights (what its linear layer sees); pooled features (N, F) are returned as they are."""
+    if feats.ndim != 3 or not hasattr(model.head, "attention"):
+        return feats.reshape(len(feats), -1)
+    import torch
+
+    with torch.no_grad():
+        h = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
+        a = model.head.attention(h.to(next(model.head.parameters()).device)).cpu()
+        return torch.bmm(a.unsqueeze(1), h).squeeze(1).numpy()
 
 
 def _probe(feats: np.ndarray, df: pd.DataFrame, attributes: tuple[str, ...]) -> pd.DataFrame:

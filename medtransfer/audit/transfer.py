@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 STRATEGIES = ("scratch", "linear-probe", "gradual", "fine-tune")
 PRETRAINED = ("linear-probe", "gradual", "fine-tune")
 MATCH_MARGIN = 0.01  # AUROC difference treated as "matches"
+#: The from-scratch baseline architecture for volume runs (a MONAI 3D network; see models/volumes.py).
+NATIVE_BASELINE = "resnet10_3d"
 CELL_VERSION = 2  # bumped when what a cell measures changes, so cells saved by older code are recomputed
 
 
@@ -219,13 +221,17 @@ def _run_cell(manifest: Any, cfg: Any, strategy: str, fraction: float, seed: int
               out_dir: Path) -> dict[str, Any]:
     from medtransfer.data.manifest import Manifest
     from medtransfer.device import set_determinism
-    from medtransfer.models.classifier import build_model
     from medtransfer.training.fine_tune import fine_tune
+    from medtransfer.training.run import build_run_model
 
     train = subset_patients(manifest, fraction, seed)
     sub = Manifest(pd.concat([train.df, manifest.split(["val", "test"]).df]), list(manifest.classes),
                    manifest.task, manifest.data_dir, [])
     weights = "none" if strategy == "scratch" else cfg.model.weights
+    if strategy == "scratch" and cfg.input.spatial_dims == 3:
+        # For volumes the baseline is a native 3D network from scratch (model.volume: native), not the 2D
+        # backbone's architecture without its weights: that is what a 3D practitioner would otherwise train.
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=native_model(cfg))})
     tc = {"strategy": "fine-tune" if strategy == "scratch" else strategy, "epochs": epochs, "patience": epochs,
           "seed": seed}
     if strategy in ("gradual",):
@@ -240,8 +246,7 @@ def _run_cell(manifest: Any, cfg: Any, strategy: str, fraction: float, seed: int
     # its own feature extraction; decoded images stay shared (the same preprocessing for every strategy).
     shutil.rmtree(out_dir / "cache" / "features", ignore_errors=True)
     set_determinism(seed, cfg.train.deterministic)
-    model = build_model(cfg.model.backbone, manifest.classes, task=manifest.task, in_channels=cfg.input.channels,
-                        weights=weights, dropout=cfg.model.dropout)
+    model = build_run_model(cell_cfg, manifest.classes, manifest.task, weights=weights)
     started = time.perf_counter()
     fit = fine_tune(model, sub, cell_cfg)
     seconds = time.perf_counter() - started
@@ -251,6 +256,15 @@ def _run_cell(manifest: Any, cfg: Any, strategy: str, fraction: float, seed: int
             "n_train_patients": int(train.df["patient_key"].nunique()), "n_train": len(train),
             "epochs": int(fit.epochs_run), "best_epoch": int(fit.best_epoch), "val_auroc": float(fit.best_metric),
             "test_auroc": test_auroc, "test_lo": lo, "test_hi": hi, "seconds": seconds, "history": hist}
+
+
+def native_model(cfg: Any) -> dict[str, Any]:
+    """``model`` fields of the from-scratch 3D baseline for a volume run: MONAI's 3D ResNet-10, random weights."""
+    from medtransfer.models.backbones import get_backbone
+
+    spec = get_backbone(cfg.model.backbone)
+    three_d = getattr(spec, "spatial_dims", 2) == 3
+    return {"volume": "native", "backbone": cfg.model.backbone if three_d else NATIVE_BASELINE, "weights": "none"}
 
 
 def _test_auroc(model: Any, test: Any, cfg: Any, n_boot: int, seed: int) -> tuple[float, float, float]:

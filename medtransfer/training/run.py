@@ -232,7 +232,6 @@ def _fit_and_save(run_dir: Path, cfg: RunConfig, manifest: Manifest, resume: boo
                   on_epoch: Any) -> Run:
     from medtransfer.device import set_determinism
     from medtransfer.models.checkpoint import save_model, training_state_exists
-    from medtransfer.models.classifier import build_model
     from medtransfer.training.fine_tune import fine_tune
     from medtransfer.training.tracking import Trackers
 
@@ -240,8 +239,7 @@ def _fit_and_save(run_dir: Path, cfg: RunConfig, manifest: Manifest, resume: boo
     # be loaded again; before the first checkpoint exists, resume starts from the pretrained weights.
     restoring = resume and training_state_exists(run_dir / "checkpoints" / "last")
     set_determinism(cfg.train.seed, cfg.train.deterministic)  # the new head's initialisation is seeded too
-    model = build_model(cfg.model.backbone, manifest.classes, task=manifest.task, in_channels=cfg.input.channels,
-                        weights="none" if restoring else cfg.model.weights, dropout=cfg.model.dropout)
+    model = build_run_model(cfg, manifest.classes, manifest.task, weights="none" if restoring else None)
     trackers = Trackers(cfg, run_dir)
 
     def epoch_done(row: dict[str, Any]) -> None:
@@ -259,6 +257,22 @@ def _fit_and_save(run_dir: Path, cfg: RunConfig, manifest: Manifest, resume: boo
     card = _calibrate(model, manifest, cfg, card, run_dir, progress, fit.val_logits)
     save_model(model.cpu(), run_dir, card)
     return load_run(run_dir)
+
+
+def build_run_model(cfg: RunConfig, classes: Sequence[str], task: str, *, weights: str | None = None) -> Any:
+    """The model a run config describes: a 2D classifier, or for 3D ``input.size`` the ``model.volume`` kind.
+
+    Args:
+        cfg: the run config (``model`` section, ``input.channels`` and ``input.size``).
+        classes, task: what the model predicts.
+        weights: override ``model.weights`` (``"none"`` when a checkpoint will restore every weight).
+    """
+    from medtransfer.models.classifier import build_model
+
+    volume = cfg.model.volume if cfg.input.spatial_dims == 3 else None
+    return build_model(cfg.model.backbone, classes, task=task, in_channels=cfg.input.channels,
+                       weights=cfg.model.weights if weights is None else weights, dropout=cfg.model.dropout,
+                       volume=volume, slice_context=cfg.model.slice_context)
 
 
 def _calibrate(model: torch.nn.Module, manifest: Manifest, cfg: RunConfig, card: ModelCard, run_dir: Path,

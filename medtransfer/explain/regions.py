@@ -13,6 +13,13 @@ reviewer, computed from simple masks, not a segmentation:
 - **corners**: four squares of 15% of each side.
 
 Masses are fractions of the map's total saliency (0 when the map is all zero).
+
+**Volumes** (maps (N, K, D, H, W), images (N, k, D, H, W), axial slices along D): the body mask is 3D (Otsu
+threshold of the whole volume, largest 3D connected component, then holes filled in every axial slice, since
+lungs and bowel reach the volume's edge through the airways and are no 3D holes, and in 3D); the border band
+and the corner squares are the in-plane ones of the axial slices, through every slice (columns along D):
+the field-of-view edge, the table and burned-in marks sit there on every slice, whereas the first and last
+slices are anatomy cut by the scan range. The first intensity channel (window) is used for the body mask.
 """
 
 from __future__ import annotations
@@ -47,15 +54,23 @@ def otsu_threshold(image: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between))])
 
 
-def body_mask(image: np.ndarray) -> np.ndarray:
-    """Boolean body mask (H, W) of a [0, 1] image (H, W) or (1, H, W); see the module docstring."""
-    img = np.asarray(image, dtype=np.float32).reshape(np.shape(image)[-2:])
+def body_mask(image: np.ndarray, *, volume: bool = False) -> np.ndarray:
+    """Boolean body mask of a [0, 1] image (H, W) or (1, H, W), or with ``volume`` of a volume (D, H, W) or
+    (k, D, H, W) (first channel); see the module docstring."""
+    arr = np.asarray(image, dtype=np.float32)
+    dims = 3 if volume else 2
+    if arr.ndim < dims:
+        raise ValueError(f"expected {'a volume (D, H, W)' if volume else 'an image (H, W)'}, got shape {arr.shape}")
+    img = arr.reshape(-1, *arr.shape[-dims:])[0]  # the first channel
     fg = img > otsu_threshold(img)
     labels, n = ndimage.label(fg)
     if n == 0:
         return np.ones_like(fg)
     sizes = ndimage.sum_labels(fg, labels, index=np.arange(1, n + 1))
-    mask = ndimage.binary_fill_holes(labels == (int(np.argmax(sizes)) + 1))
+    mask = labels == (int(np.argmax(sizes)) + 1)
+    if volume:
+        mask = np.stack([ndimage.binary_fill_holes(s) for s in mask])
+    mask = ndimage.binary_fill_holes(mask)
     return mask if mask.mean() >= 0.05 else np.ones_like(fg)
 
 
@@ -87,9 +102,11 @@ def region_hint(maps: torch.Tensor | np.ndarray, images: torch.Tensor | np.ndarr
 
     Args:
         maps: saliency (N, H, W), (N, 1, H, W) or (N, K, H, W) with values >= 0 (``SaliencyMaps.maps``);
-            with K > 1 each target gets a row (row order: image-major).
+            with K > 1 each target gets a row (row order: image-major). Volumes: (N, K, D, H, W) or
+            (N, D, H, W).
         images: the scans as [0, 1] images (N, H, W) or (N, 1, H, W) (``ScanDataset.cached_image``, before
-            normalisation), used for the body mask.
+            normalisation), used for the body mask; volumes: (N, k, D, H, W) (always 5D: that is what says
+            the maps are volumes; the first channel is used).
 
     Returns:
         One row per map: ``image`` (index), ``outside_body_mass``, ``border_mass``, ``corner_mass`` (of the
@@ -99,17 +116,23 @@ def region_hint(maps: torch.Tensor | np.ndarray, images: torch.Tensor | np.ndarr
     """
     m = _as_numpy(maps)
     img = _as_numpy(images)
-    if m.ndim == 3:
+    volume = img.ndim == 5
+    if m.ndim == (4 if volume else 3):
         m = m[:, None]
-    if img.ndim == 4:
-        img = img[:, 0]
-    if len(img) != len(m) or img.shape[-2:] != m.shape[-2:]:
-        raise ValueError(f"maps {m.shape} and images {img.shape} must have the same N, H, W")
+    img = img[:, 0] if img.ndim in (4, 5) else img
+    dims = 3 if volume else 2
+    if m.ndim != 2 + dims or len(img) != len(m) or img.shape[-dims:] != m.shape[-dims:]:
+        raise ValueError(f"maps {m.shape} and images {img.shape} must have the same N and "
+                         f"{'D, H, W' if volume else 'H, W'}")
     shape = (int(m.shape[-2]), int(m.shape[-1]))
     border, corners = border_mask(shape), corner_masks(shape)
+    if volume:  # in-plane masks through every axial slice
+        depth = int(m.shape[-3])
+        border = np.broadcast_to(border, (depth, *shape))
+        corners = {k: np.broadcast_to(v, (depth, *shape)) for k, v in corners.items()}
     rows = []
     for i in range(len(m)):
-        body = body_mask(img[i])
+        body = body_mask(img[i], volume=volume)
         for k in range(m.shape[1]):
             rows.append({"image": i, **_masses(np.clip(m[i, k], 0, None), body, border, corners)})
     return pd.DataFrame(rows)

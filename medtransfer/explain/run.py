@@ -2,11 +2,21 @@
 
 Writes, atomically, below ``<run_dir>/saliency/``:
 
-- ``<method>/<case_id>_<class>.png``: the overlay (no PHI: pseudonymous case_id only);
+- ``<method>/<case_id>_<class>.png``: the overlay (no PHI: pseudonymous case_id only); for a volume run a
+  montage of the axial, coronal and sagittal slices through the saliency peak, plus the slice-attention curve
+  for ``slices`` models (see :mod:`medtransfer.explain.overlay`);
+- ``<method>/<case_id>_<class>.npz`` (volume runs only): the whole map, since the PNG shows three planes of
+  it. A compressed NumPy archive (``np.load``, no pickle) with ``saliency`` float16 (D, H, W) in [0, 1] (the
+  overlay's map), ``raw`` float32 (D, H, W) (signed, unscaled), ``peak`` int (3,) (the voxel the montage goes
+  through), ``attention`` float32 (S,) (``slices`` models only), ``orientation`` (the card's axcode) and
+  ``layout`` (``"DHW"``). The map lies on the model's input grid (after reorientation, resampling and
+  crop/pad/resize to ``input.size``), not on the original scan's voxels: that grid has no affine of its own
+  in the run, so the map is not written as NIfTI, which a viewer would place over the scan with a wrong
+  geometry;
 - ``index.csv``: one row per (case, class, method): case_id, class, kind (TP/FP/FN, or TN/"" for cases
   asked for by id), group, method, score (the model's probability), sanity_score, sanity_passed,
-  deletion_ratio, outside_body_mass, border_mass, corner_mass, corner, hint, file (relative to
-  ``saliency/``);
+  deletion_ratio, outside_body_mass, border_mass, corner_mass, corner, hint, file (the PNG, relative to
+  ``saliency/``), map_file (the ``.npz``, relative to ``saliency/``; empty for 2D runs);
 - ``sanity_<method>.csv``: the cascading-randomisation table, computed once per method and run.
 
 Work is cached: a (case, class, method) whose row is in ``index.csv`` and whose PNG exists is not redone,
@@ -38,7 +48,8 @@ from medtransfer.run_dir import load_run
 logger = logging.getLogger(__name__)
 
 INDEX_COLUMNS = ["case_id", "class", "kind", "group", "method", "score", "sanity_score", "sanity_passed",
-                 "deletion_ratio", "outside_body_mass", "border_mass", "corner_mass", "corner", "hint", "file"]
+                 "deletion_ratio", "outside_body_mass", "border_mass", "corner_mass", "corner", "hint", "file",
+                 "map_file"]
 #: Images used for the sanity check (once per method per run).
 SANITY_IMAGES = 4
 #: Cases explained per batch.
@@ -164,12 +175,13 @@ def _positive(row: pd.Series, cls: str) -> bool:
 def _read_index(path: Path) -> pd.DataFrame:
     if not path.is_file():
         return pd.DataFrame(columns=INDEX_COLUMNS)
-    return pd.read_csv(path, dtype={"case_id": str, "class": str, "file": str})
+    return pd.read_csv(path, dtype={"case_id": str, "class": str, "file": str, "map_file": str})
 
 
 def _missing(chosen: pd.DataFrame, index: pd.DataFrame, method: str, out: Path) -> pd.DataFrame:
     done = {(r.case_id, r["class"]) for _, r in index[index["method"] == method].iterrows()
-            if isinstance(r["file"], str) and (out / r["file"]).is_file()}
+            if isinstance(r["file"], str) and (out / r["file"]).is_file()
+            and (not isinstance(r.get("map_file"), str) or (out / r["map_file"]).is_file())}
     keep = [(r.case_id, r["class"]) not in done for _, r in chosen.iterrows()]
     return chosen[keep].reset_index(drop=True)
 
@@ -217,20 +229,57 @@ def _explain_chunk(run: Any, ds: Any, idx: list[int], chunk: pd.DataFrame, cls: 
     sm = explain(run, x, method=method, target=target)
     hints = region_hint(sm.maps, img01)
     faith = deletion_scores(run, x, sm.maps[:, 0], target, insertion=False)
+    orientation = str(getattr(run.card.input, "orientation", None) or "RAS")
     rows = []
     for j, (_, sel) in enumerate(chunk.iterrows()):
-        rel = f"{method}/{safe_name(sel['case_id'])}_{safe_name(cls)}.png"
+        stem = f"{method}/{safe_name(sel['case_id'])}_{safe_name(cls)}"
+        rel = f"{stem}.png"
         score, ratio = float(sel["p"]), float(faith["deletion_ratio"].iloc[j])  # p as in predictions.csv
         title = (f"{sel['case_id']} · {cls} ({sel['kind'] or 'requested'}) · {method} · p={score:.2f}\n"
                  f"sanity {sanity[0]:.2f} ({'passed' if sanity[1] else 'NOT passed'}) · deletion ratio {ratio:.2f}")
-        save_overlay(out / rel, img01[j], sm.maps[j, 0], title=title)
+        attention = sm.attention[j] if sm.attention is not None else None
+        map_rel = ""
+        if x.ndim == 5:
+            map_rel = f"{stem}.npz"
+            save_volume_map(out / map_rel, sm.maps[j, 0], sm.raw[j, 0], attention=attention, orientation=orientation)
+        save_overlay(out / rel, img01[j], sm.maps[j, 0], title=title, attention=attention, orientation=orientation)
         h = hints.iloc[j]
         rows.append({"case_id": sel["case_id"], "class": cls, "kind": sel["kind"], "group": sel["group"],
                      "method": method, "score": score, "sanity_score": sanity[0], "sanity_passed": sanity[1],
                      "deletion_ratio": ratio, "outside_body_mass": h["outside_body_mass"],
                      "border_mass": h["border_mass"], "corner_mass": h["corner_mass"], "corner": h["corner"],
-                     "hint": h["hint"], "file": rel})
+                     "hint": h["hint"], "file": rel, "map_file": map_rel})
     return pd.DataFrame(rows, columns=INDEX_COLUMNS)
+
+
+def save_volume_map(path: str | Path, saliency: torch.Tensor, raw: torch.Tensor, *,
+                    attention: torch.Tensor | None = None, orientation: str = "RAS") -> Path:
+    """Write a volume's saliency map as a compressed ``.npz`` (format in the module docstring), atomically.
+
+    Args:
+        path: the file to write (``.npz``).
+        saliency: float tensor (D, H, W) in [0, 1] (``SaliencyMaps.maps[i, k]``).
+        raw: float tensor (D, H, W) (``SaliencyMaps.raw[i, k]``).
+        attention: a ``slices`` model's attention weight per slice (S,), or None.
+        orientation: the axcode of the (D, H, W) layout (``card.input.orientation``).
+
+    Examples:
+        >>> with np.load("runs/ct1/saliency/gradcam/c1_nodule.npz") as f:  # doctest: +SKIP
+        ...     f["saliency"].shape
+        (32, 64, 64)
+    """
+    sal = saliency.detach().float().cpu().numpy()
+    if sal.ndim != 3:
+        raise ValueError(f"a volume map is (D, H, W), got shape {sal.shape}")
+    arrays: dict[str, np.ndarray] = {
+        "saliency": sal.astype(np.float16), "raw": raw.detach().float().cpu().numpy().astype(np.float32),
+        "peak": np.asarray(np.unravel_index(int(np.argmax(sal)), sal.shape), dtype=np.int64),
+        "orientation": np.asarray(str(orientation)), "layout": np.asarray("DHW")}
+    if attention is not None:
+        arrays["attention"] = attention.detach().float().cpu().numpy().reshape(-1).astype(np.float32)
+    with io.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    return Path(path)
 
 
 def _sanity(run: Any, ds: Any, where: dict[str, int], chosen: pd.DataFrame, method: str,

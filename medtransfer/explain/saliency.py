@@ -30,11 +30,34 @@ normalisation mean (mid grey). A black image is the usual default in natural ima
 informative in radiographs (air, collimation), so a neutral grey is a less biased reference.
 
 Multi-channel inputs are summed over channels (signed for ``raw``; ``maps`` then take ReLU or abs).
+
+**Volumes** (images (N, C, D, H, W), maps (N, K, D, H, W)) go through the same methods:
+
+- ``gradcam`` on a 3D CAM layer (``acs``, ``native``: output (N, C, d, h, w)) is 3D Grad-CAM: channel weights
+  are the mean gradient over (d, h, w), ReLU, then trilinear upsampling. For ``slices`` models (a 2D backbone
+  encodes every slice; its CAM layer gives (N*D, C, h, w) and ``model.cam_reshape()`` maps that to
+  (N, C, D, h, w)) each slice gets its own 2D Grad-CAM: channel weights are the mean gradient over that
+  slice's (h, w). Each slice has its own feature path into the attention pooling, so per-slice weights
+  keep what the model does with each slice (a slice with little attention gets small gradients, hence a weak
+  map), whereas one weight per channel for the whole volume would mix slices the model treats differently.
+  The rule is read from the shapes: a CAM layer whose output batch is not the volume batch sees slices.
+  Volumes are processed one per backward pass (memory stays that of one volume).
+- ``occlusion`` slides a 3D window of 1/8 of each axis, coarse to fine as in 2D: 8 x 8 x 8 = 512 occluded
+  copies per volume at a stride of one window (when each side is a multiple of 16; up to 12 per axis for
+  small sides whose 1/8 is odd), then the windows at half-window stride around the 8 coarse windows with
+  the largest drop (``occlusion_refine`` 1/64 of the coarse windows by default for volumes, 1/8 in 2D:
+  8 windows either way), at most 8 x 26 = 208 more; so at most 2 + 512 + 208 = 722 forward passes of a
+  volume per map. ``slices`` models get the same 3D windows (not whole slices): one method for every volume
+  model, and an in-plane location that whole-slice occlusion cannot give (which slices matter is what the
+  attention weights already say, ``SaliencyMaps.attention``). Cost: every occluded copy re-encodes all D
+  slices; prefer ``gradcam`` for large ``slices`` volumes on a CPU.
+- ``integrated_gradients`` and ``saliency`` need nothing volume-specific (Captum works on any shape).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -56,6 +79,8 @@ METHODS: tuple[str, ...] = ("gradcam", "integrated_gradients", "occlusion", "sal
 OCCLUSION_WINDOW = 1 / 8
 #: Share of the coarse occlusion windows (those with the largest logit drop) refined at half-window stride.
 OCCLUSION_REFINE = 1 / 8
+#: The same for volumes: 8 of the 8 x 8 x 8 coarse windows, as 1/8 is 8 of 8 x 8 in 2D.
+OCCLUSION_REFINE_3D = 1 / 64
 
 
 @dataclass
@@ -63,13 +88,16 @@ class SaliencyMaps:
     """Saliency maps for N images and K targets.
 
     Attributes:
-        maps: float tensor (N, K, H, W) in [0, 1], scaled per image and target (max = 1 unless all zero).
-        raw: float tensor (N, K, H, W), the unscaled attribution summed over input channels (signed for
+        maps: float tensor (N, K, H, W), or (N, K, D, H, W) for volumes, in [0, 1], scaled per image and
+            target (max = 1 unless all zero).
+        raw: float tensor of the same shape, the unscaled attribution summed over input channels (signed for
             Grad-CAM, IG and occlusion; |gradient| for ``saliency``).
         method: the method name.
         targets: int tensor (N, K), the model output index each map explains.
         scores: float tensor (N, K) in [0, 1], the model's probability for each target (calibrated with
             the card's temperature when a Run is given, as in ``predictions.csv``).
+        attention: float tensor (N, S) or None: a ``slices`` model's attention weight per slice (S = D),
+            read after the forward pass (see :func:`slice_attention`); None for other models.
     """
 
     maps: torch.Tensor
@@ -77,6 +105,7 @@ class SaliencyMaps:
     method: str
     targets: torch.Tensor
     scores: torch.Tensor
+    attention: torch.Tensor | None = None
 
 
 def explain(
@@ -90,14 +119,15 @@ def explain(
     baseline: float | torch.Tensor | None = None,
     n_steps: int = 32,
     nt_samples: int = 8,
-    occlusion_refine: float = OCCLUSION_REFINE,
+    occlusion_refine: float | None = None,
 ) -> SaliencyMaps:
     """Saliency maps for ``images``.
 
     Args:
         run_or_model: a :class:`~medtransfer.training.run.Run` or a model (a :class:`Classifier`; any
             ``nn.Module`` mapping images to logits (N, K) works for the gradient methods and occlusion).
-        images: float tensor (N, C, H, W), preprocessed with ``card.input`` (normalised).
+        images: float tensor (N, C, H, W), or (N, C, D, H, W) for volumes, preprocessed with ``card.input``
+            (normalised).
         method: ``gradcam``, ``integrated_gradients``, ``occlusion`` or ``saliency``.
         target: model output index, or several (one map per index, e.g. multi-label classes). None: binary
             the single output (index 0, the positive class); otherwise each image's highest-scoring output.
@@ -109,10 +139,12 @@ def explain(
         n_steps: IG integration steps.
         nt_samples: SmoothGrad samples.
         occlusion_refine: share of the coarse occlusion windows refined at half-window stride, in [0, 1]
-            (see the module docstring; 1 = the full half-stride scan, 0 = the coarse pass alone).
+            (see the module docstring; 1 = the full half-stride scan, 0 = the coarse pass alone); None:
+            ``OCCLUSION_REFINE`` (1/8) for images, ``OCCLUSION_REFINE_3D`` (1/64) for volumes.
 
     Returns:
-        :class:`SaliencyMaps` with maps (N, K, H, W), on the CPU (the images go to the model's device).
+        :class:`SaliencyMaps` with maps (N, K, H, W) or (N, K, D, H, W), on the CPU (the images go to the
+        model's device).
 
     The model is put in eval mode and its training flag and parameters' ``requires_grad`` are restored
     afterwards; its outputs are unchanged (gradients are taken with ``torch.autograd.grad``, never stored).
@@ -126,13 +158,17 @@ def explain(
     model, task = model_and_task(run_or_model)
     if method not in METHODS:
         raise ConfigError(f"unknown saliency method '{method}'; expected one of {', '.join(METHODS)}")
-    if images.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if images.ndim not in (4, 5):
+        raise ValueError(f"images must be (N, C, H, W) or, for volumes, (N, C, D, H, W); got shape "
+                         f"{tuple(images.shape)}")
+    if occlusion_refine is None:
+        occlusion_refine = OCCLUSION_REFINE if images.ndim == 4 else OCCLUSION_REFINE_3D
     if not 0 <= occlusion_refine <= 1:
         raise ValueError(f"occlusion_refine must be in [0, 1], got {occlusion_refine}")
     x = images.detach().float().to(model_device(model))
     with prepared(model):
         logits, _ = forward_batches(model, [(x, None)], device=x.device)
+        attention = slice_attention(model, len(x)) if x.ndim == 5 else None
         targets = resolve_targets(logits.to(x.device), target, task)
         raws = [_attribute(model, x, targets[:, k], method, internal_batch_size=internal_batch_size,
                            smoothgrad=smoothgrad, baseline=baseline, n_steps=n_steps, nt_samples=nt_samples,
@@ -142,7 +178,20 @@ def explain(
     maps = torch.stack([r[1] for r in raws], dim=1).cpu()
     temperature = getattr(getattr(run_or_model, "card", None), "temperature", None) or 1.0
     scores = probabilities(logits / temperature, task).cpu().gather(1, targets)
-    return SaliencyMaps(maps=maps, raw=raw, method=str(method), targets=targets, scores=scores)
+    return SaliencyMaps(maps=maps, raw=raw, method=str(method), targets=targets, scores=scores, attention=attention)
+
+
+def slice_attention(model: nn.Module, n: int) -> torch.Tensor | None:
+    """A ``slices`` model's attention weights (n, S) from its last forward pass, on the CPU; None if it has none.
+
+    Read from ``model.head.last_attention`` (or ``model.last_attention``); anything that is not a tensor of
+    ``n`` rows (another model kind, a stale value from a pass over another batch) gives None.
+    """
+    for owner in (getattr(model, "head", None), model):
+        att = getattr(owner, "last_attention", None) if owner is not None else None
+        if isinstance(att, torch.Tensor) and att.ndim >= 2 and att.shape[0] == n:
+            return att.detach().float().reshape(n, -1).cpu()
+    return None
 
 
 def model_and_task(run_or_model: Any) -> tuple[nn.Module, str]:
@@ -205,12 +254,14 @@ def prepared(model: nn.Module) -> Iterator[None]:
 def _attribute(model: nn.Module, x: torch.Tensor, target: torch.Tensor, method: str, *,
                internal_batch_size: int, smoothgrad: bool, baseline: Any, n_steps: int,
                nt_samples: int, occlusion_refine: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(raw, scaled) maps (N, H, W) for one target per image."""
+    """(raw, scaled) maps (N, *spatial) for one target per image."""
     tlist = target.tolist()
     if method == "gradcam":
-        coarse = _gradcam(model, x, tlist)  # (N, 1, h, w), signed
-        raw = _upsample(coarse, x.shape[-2:])
-        return raw[:, 0], scale_maps(_upsample(F.relu(coarse), x.shape[-2:])[:, 0])
+        # (N, 1, h, w) or (N, 1, d, h, w), signed; volumes one at a time (memory of one volume's backward)
+        coarse = _gradcam(model, x, tlist) if x.ndim == 4 else torch.cat(
+            [_gradcam_volume(model, x[i:i + 1], tlist[i:i + 1]) for i in range(len(x))])
+        raw = _upsample(coarse, x.shape[2:])
+        return raw[:, 0], scale_maps(_upsample(F.relu(coarse), x.shape[2:])[:, 0])
     base = torch.as_tensor(0.0 if baseline is None else baseline, dtype=x.dtype, device=x.device)
     if method == "occlusion":
         # A window covers every channel, so each channel carries the pixel's mean drop: summed over channels
@@ -247,10 +298,46 @@ def _gradcam(model: nn.Module, x: torch.Tensor, target: list[int]) -> torch.Tens
         handle.remove()
 
 
-def _upsample(coarse: torch.Tensor, size: torch.Size) -> torch.Tensor:
+def _gradcam_volume(model: nn.Module, x: torch.Tensor, target: list[int]) -> torch.Tensor:
+    """Grad-CAM for volumes x (N, C, D, H, W): coarse signed map (N, 1, d, h, w); see the module docstring.
+
+    Computed here rather than with Captum's ``LayerGradCam`` because a ``slices`` model's CAM layer sees the
+    slices as a batch (N*D, C, h, w): activations and gradients are both mapped to (N, C, D, h, w) with
+    ``cam_reshape()`` (a re-indexing, so it maps gradients exactly as activations), and the channel weights
+    are averaged per slice. For a 3D CAM layer this is exactly Captum's computation.
+    """
+    if not hasattr(model, "cam_layer"):
+        raise ValueError(f"gradcam needs a model with cam_layer() (a medtransfer volume model), got "
+                         f"{type(model).__name__}; use method='integrated_gradients', 'saliency' or 'occlusion'")
+    layer = model.cam_layer()  # type: ignore[operator]
+    reshape = model.cam_reshape() if hasattr(model, "cam_reshape") else None  # type: ignore[operator]
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        with torch.enable_grad():
+            logits = model(x.detach().clone().requires_grad_(True))
+            selected = logits.gather(1, torch.as_tensor(target, device=logits.device)[:, None]).sum()
+            # a slices model may encode its slices in chunks: the layer then runs once per chunk, in slice order
+            grads = torch.autograd.grad(selected, seen, allow_unused=True)
+    finally:
+        handle.remove()
+    act = torch.cat(seen) if len(seen) > 1 else seen[0]
+    grad = torch.cat([torch.zeros_like(a) if g is None else g for a, g in zip(seen, grads, strict=True)])
+    per_slice = act.shape[0] != x.shape[0]  # the layer sees slices as a batch: a slices model
+    if reshape is not None:
+        act, grad = reshape(act.detach()), reshape(grad)
+    if act.ndim != 5 or act.shape[0] != x.shape[0]:
+        raise ValueError(f"gradcam on volumes needs a CAM layer map (N, C, d, h, w) (after cam_reshape()), got "
+                         f"{tuple(act.shape)} for input {tuple(x.shape)}")
+    weights = grad.mean(dim=(3, 4) if per_slice else (2, 3, 4), keepdim=True)
+    return (weights * act.detach()).sum(dim=1, keepdim=True).detach()
+
+
+def _upsample(coarse: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     from captum.attr import LayerAttribution
 
-    return LayerAttribution.interpolate(coarse, tuple(size), interpolate_mode="bilinear")
+    mode = "bilinear" if coarse.ndim == 4 else "trilinear"
+    return LayerAttribution.interpolate(coarse, tuple(size), interpolate_mode=mode)
 
 
 def occlusion_starts(length: int, window: int) -> tuple[list[int], list[int]]:
@@ -272,63 +359,85 @@ def occlusion_starts(length: int, window: int) -> tuple[list[int], list[int]]:
     return fine, coarse
 
 
-def occlusion_window(size: Sequence[int]) -> tuple[int, int]:
-    """The occlusion window (height, width) for an image of ``size`` (H, W): OCCLUSION_WINDOW of each side."""
-    return max(1, round(size[0] * OCCLUSION_WINDOW)), max(1, round(size[1] * OCCLUSION_WINDOW))
+def occlusion_window(size: Sequence[int]) -> tuple[int, ...]:
+    """The occlusion window for an image of ``size`` (H, W) or a volume (D, H, W): OCCLUSION_WINDOW of each side."""
+    return tuple(max(1, round(s * OCCLUSION_WINDOW)) for s in size)
 
 
 def _occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, base: torch.Tensor, *,
                batch_size: int, refine: float) -> torch.Tensor:
-    """Coarse-to-fine occlusion (see the module docstring): signed mean logit drop (N, H, W), on the CPU."""
-    n, _, h, w = x.shape
-    win = occlusion_window((h, w))
-    (fine_y, coarse_y), (fine_x, coarse_x) = occlusion_starts(h, win[0]), occlusion_starts(w, win[1])
+    """Coarse-to-fine occlusion (module docstring): signed mean logit drop (N, *spatial), on the CPU.
+
+    Windows are ``(image, *start)`` tuples, enumerated in raster order (last axis fastest) for 2D and 3D alike.
+    """
+    n, size = x.shape[0], tuple(x.shape[2:])
+    win = occlusion_window(size)
+    axes = [occlusion_starts(length, w) for length, w in zip(size, win, strict=True)]
+    fine, coarse = [a[0] for a in axes], [a[1] for a in axes]
     fill = base.expand_as(x)
     tgt = target.cpu()
     start, _ = forward_batches(model, [(x, None)], device=x.device)
     reference = start.gather(1, tgt[:, None])[:, 0]
-    grid = [(i, y, x0) for i in range(n) for y in coarse_y for x0 in coarse_x]
+    grid = [(i, *pos) for i in range(n) for pos in itertools.product(*coarse)]
     drops = _window_drops(model, x, fill, grid, win, tgt, reference, batch_size)
-    extra: list[tuple[int, int, int]] = []
-    k = min(len(coarse_y) * len(coarse_x), math.ceil(refine * len(coarse_y) * len(coarse_x)))
-    if k > 0:
-        fy, fx = torch.tensor(fine_y), torch.tensor(fine_x)
-        done = torch.isin(fy, torch.tensor(coarse_y))[:, None] & torch.isin(fx, torch.tensor(coarse_x))[None]
-        per_image = drops.view(n, len(coarse_y), len(coarse_x))
-        for i in range(n):
-            top = torch.argsort(-per_image[i].flatten(), stable=True)[:k]  # ties: the first in raster order
-            cy = torch.tensor(coarse_y)[top // len(coarse_x)]
-            cx = torch.tensor(coarse_x)[top % len(coarse_x)]
-            near_y = (fy[None, :] - cy[:, None]).abs() < win[0]  # (k, fine rows): overlaps a top window
-            near_x = (fx[None, :] - cx[:, None]).abs() < win[1]
-            add = (near_y[:, :, None] & near_x[:, None, :]).any(dim=0) & ~done
-            extra += [(i, fine_y[a], fine_x[b]) for a, b in add.nonzero().tolist()]
+    n_coarse = math.prod(len(c) for c in coarse)
+    k = min(n_coarse, math.ceil(refine * n_coarse))
+    extra = _refined_windows(drops.view(n, n_coarse), fine, coarse, win, k) if k > 0 else []
     if extra:
         grid += extra
         drops = torch.cat([drops, _window_drops(model, x, fill, extra, win, tgt, reference, batch_size)])
-    total = torch.zeros(n, h, w)
-    count = torch.zeros(n, h, w)
-    for (i, y, x0), d in zip(grid, drops.tolist(), strict=True):
-        total[i, y:y + win[0], x0:x0 + win[1]] += d
-        count[i, y:y + win[0], x0:x0 + win[1]] += 1
+    total = torch.zeros(n, *size)
+    count = torch.zeros(n, *size)
+    for (i, *pos), d in zip(grid, drops.tolist(), strict=True):
+        region = (i, *(slice(p, p + w) for p, w in zip(pos, win, strict=True)))
+        total[region] += d
+        count[region] += 1
     return total / count
 
 
-def _window_drops(model: nn.Module, x: torch.Tensor, fill: torch.Tensor, windows: list[tuple[int, int, int]],
-                  win: tuple[int, int], target: torch.Tensor, reference: torch.Tensor,
+def _refined_windows(drops: torch.Tensor, fine: list[list[int]], coarse: list[list[int]], win: tuple[int, ...],
+                     k: int) -> list[tuple[int, ...]]:
+    """Fine windows (not already coarse) that overlap one of each image's ``k`` top coarse windows.
+
+    ``drops``: (N, coarse windows) in raster order; ties go to the first window in raster order.
+    """
+    dims = len(fine)
+    fine_t = [torch.tensor(f) for f in fine]
+    coarse_t = [torch.tensor(c) for c in coarse]
+
+    def along(a: int, t: torch.Tensor) -> torch.Tensor:  # (k, len) -> broadcastable over the other fine axes
+        return t.view(t.shape[0], *[t.shape[1] if b == a else 1 for b in range(dims)])
+
+    done = torch.ones(*[len(f) for f in fine], dtype=torch.bool)
+    for a in range(dims):
+        done = done & along(a, torch.isin(fine_t[a], coarse_t[a])[None])[0]
+    extra: list[tuple[int, ...]] = []
+    for i in range(len(drops)):
+        top = torch.argsort(-drops[i], stable=True)[:k]
+        near = torch.ones(len(top), *[len(f) for f in fine], dtype=torch.bool)
+        for a, idx in enumerate(torch.unravel_index(top, tuple(len(c) for c in coarse))):
+            near = near & along(a, (fine_t[a][None, :] - coarse_t[a][idx][:, None]).abs() < win[a])
+        add = near.any(dim=0) & ~done
+        extra += [(i, *(fine[a][j] for a, j in enumerate(row))) for row in add.nonzero().tolist()]
+    return extra
+
+
+def _window_drops(model: nn.Module, x: torch.Tensor, fill: torch.Tensor, windows: list[tuple[int, ...]],
+                  win: tuple[int, ...], target: torch.Tensor, reference: torch.Tensor,
                   batch_size: int) -> torch.Tensor:
-    """Logit drop (M,) for each (image, top, left) window replaced by ``fill``; batch_size copies a pass."""
+    """Logit drop (M,) for each (image, *start) window replaced by ``fill``; batch_size copies a pass."""
 
     def batches() -> Iterator[tuple[torch.Tensor, None]]:
         for s in range(0, len(windows), max(1, batch_size)):
             part = windows[s:s + max(1, batch_size)]
-            xb = x[[i for i, _, _ in part]].clone()
-            for j, (i, y, x0) in enumerate(part):
-                xb[j, :, y:y + win[0], x0:x0 + win[1]] = fill[i, :, y:y + win[0], x0:x0 + win[1]]
+            xb = x[[w[0] for w in part]].clone()
+            for j, (i, *pos) in enumerate(part):
+                region = tuple(slice(p, p + w) for p, w in zip(pos, win, strict=True))
+                xb[(j, slice(None), *region)] = fill[(i, slice(None), *region)]
             yield xb, None
 
     logits, _ = forward_batches(model, batches(), device=x.device)
-    idx = torch.tensor([i for i, _, _ in windows], dtype=torch.long)
+    idx = torch.tensor([w[0] for w in windows], dtype=torch.long)
     return reference[idx] - logits.gather(1, target[idx][:, None])[:, 0]
 
 
@@ -355,7 +464,7 @@ def _gradient_method(model: nn.Module, x: torch.Tensor, target: list[int], metho
 
 
 def scale_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Scale each non-negative map (N, H, W) to [0, 1] by its maximum; all-zero maps stay zero.
+    """Scale each non-negative map (N, ...) to [0, 1] by its maximum; all-zero maps stay zero.
 
     Non-finite values (a diverging model) are set to 0 first, so maps are always finite.
     """

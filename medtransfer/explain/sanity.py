@@ -28,6 +28,11 @@ difference in resolution alone would lower the correlation, i.e. make the check 
 maps deserve; the coarse pass evaluates the same windows for every model, and costs a third of the
 coarse-to-fine maps (this check computes maps ``1 + stages`` times).
 
+Volumes: the same check on 3D maps, the rank correlation taken over every voxel. ``stages()`` of a volume model
+lists its backbone stages (for ``slices`` the 2D backbone's, then the attention-MIL head), so the cascade is the
+same. Occlusion's coarse pass is then 8 x 8 x 8 = 512 occluded volumes per map (see saliency.py), i.e.
+``n_images x (1 + stages) x 514`` forward passes: use few volumes, or check Grad-CAM.
+
 Constant maps. A pair where either map is constant (Grad-CAM with no positive evidence left; occlusion of
 a randomised model whose output no patch changes) has no rank correlation. Such pairs are left out of the
 mean and counted (``n_constant``); when the randomised model's maps are constant for most images at full
@@ -105,11 +110,13 @@ def sanity_check(
 
     Args:
         run_or_model: a Run or a :class:`Classifier` (needs ``stages()``); never modified.
-        images: float tensor (N, C, H, W), normalised as the model expects; a few images suffice.
+        images: float tensor (N, C, H, W) or volumes (N, C, D, H, W), normalised as the model expects; a few
+            suffice.
         method: a :func:`explain` method, used unless ``explain_fn`` is given.
         target: output index to explain; None: each image's target under the *trained* model (then kept
             fixed for the randomised models).
-        explain_fn: ``fn(model, images, targets (N,)) -> maps (N, H, W)``, to check any other method.
+        explain_fn: ``fn(model, images, targets (N,)) -> maps (N, H, W)`` (volumes: (N, D, H, W)), to check any
+            other method.
         seed: seeds the re-initialisation.
         threshold: see the module docstring.
         progress: show progress over the randomisation steps (each recomputes every map).
@@ -173,11 +180,13 @@ def _maps_compared(method: str, images: torch.Tensor, kwargs: dict[str, Any]) ->
     """One line saying which maps the check compared (occlusion: which pass, and its window)."""
     if method != "occlusion":
         return f"{method} maps"
-    h, w = occlusion_window(images.shape[-2:])
-    refine = float(kwargs.get("occlusion_refine", 0.0))  # _explain_fn's default for occlusion
-    if refine == 0:
-        return f"occlusion coarse pass (window {h} x {w} px, stride ~1 window), same windows for every model"
-    return f"occlusion coarse-to-fine (window {h} x {w} px, occlusion_refine={refine:g})"
+    window = " x ".join(str(w) for w in occlusion_window(images.shape[2:]))
+    unit = "px" if images.ndim == 4 else "voxels"
+    refine = kwargs.get("occlusion_refine", 0.0)  # _explain_fn's default for occlusion
+    if refine is not None and float(refine) == 0:
+        return f"occlusion coarse pass (window {window} {unit}, stride ~1 window), same windows for every model"
+    shown = "default" if refine is None else f"{float(refine):g}"
+    return f"occlusion coarse-to-fine (window {window} {unit}, occlusion_refine={shown})"
 
 
 def _one_target(targets: torch.Tensor) -> int:

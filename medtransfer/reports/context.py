@@ -88,15 +88,20 @@ def model_section(files: RunFiles) -> dict[str, Any]:
     size = "×".join(str(s) for s in spec.size)
     window = (f"DICOM window/VOI LUT when present, else {spec.percentiles[0]}–{spec.percentiles[1]} percentile "
               "clipping" if spec.window == "file" else f"{spec.window} intensity scaling")
+    windows = getattr(spec, "windows", ())
+    if windows:
+        window = f"CT window{'s' if len(windows) > 1 else ''} {', '.join(windows)} (one channel each)"
     return {
         "present": True, "name": model_name(card, files.run_dir.name), "created": card.created[:10],
         "backbone": card.backbone,
         "pretraining": source, "pretrained_file": w.get("file") or NOT_PROVIDED,
         "pretrained_sha256": w.get("sha256") or NOT_PROVIDED, "strategy": card.strategy, "task": card.task,
         "task_sentence": task_sentence(card.task, card.classes, modalities), "classes": card.classes,
-        "input": f"{modalities}; {spec.channels} channel(s) resized to {size} px"
-                 f"{' (aspect kept by padding)' if spec.keep_aspect else ''}; {window}; "
-                 f"normalised with mean {list(spec.mean)}, std {list(spec.std)}",
+        "input": (volume_input(card, modalities, window) if len(spec.size) == 3 else
+                  f"{modalities}; {spec.channels} channel(s) resized to {size} px"
+                  f"{' (aspect kept by padding)' if spec.keep_aspect else ''}; {window}; "
+                  f"normalised with mean {list(spec.mean)}, std {list(spec.std)}"),
+        "volume_model": VOLUME_MODELS.get(card.volume or "", "") if card.volume else "",
         "temperature_short": f"T = {num(card.temperature, 2)}" if card.temperature else "not applied",
         "temperature": (f"T = {num(card.temperature, 2)}" if card.temperature else "not applied") + (
             f" ({card.calibration['reason']})" if card.calibration.get("reason") else ""),
@@ -108,6 +113,30 @@ def model_section(files: RunFiles) -> dict[str, Any]:
         "population": _population(d), "version": files.weights_sha256[:12] if files.weights_sha256 else NOT_PROVIDED,
         "versions": card.versions,
     }
+
+
+#: What each ``model.volume`` kind does, in one line for the report.
+VOLUME_MODELS = {
+    "slices": "2.5D: the ImageNet backbone encodes every axial slice; attention-MIL pooling (Ilse et al. 2018) "
+              "weighs the slices (the weights are saved with each prediction)",
+    "acs": "ACS convolutions (Yang et al. 2021): the ImageNet 2D kernels applied in axial, coronal and sagittal "
+           "planes of the volume",
+    "native": "a 3D network trained from random weights (no transfer)",
+}
+
+
+def volume_input(card: Any, modalities: str, window: str) -> str:
+    """The model-facts input line of a volume model: orientation, spacing, intensity, size, model kind."""
+    spec = card.input
+    spacing = getattr(spec, "spacing", None)
+    resample = (f"resampled to {'×'.join(f'{v:g}' for v in spacing)} mm (D×H×W)" if spacing
+                else "voxel spacing as stored (not resampled)")
+    size = "×".join(str(s) for s in spec.size)
+    context = (f"; slices fed {'as 3 adjacent slices (RGB)' if card.slice_context == 3 else 'one at a time'}"
+               if card.volume == "slices" else "")
+    return (f"{modalities} volumes; reoriented to {getattr(spec, 'orientation', 'RAS')}, {resample}; {window}; "
+            f"resized to {size} voxels (D×H×W, slices inferior to superior); normalised with mean "
+            f"{list(spec.mean)}, std {list(spec.std)}; model: {card.volume}{context}")
 
 
 def task_sentence(task: str, classes: list[str], modality: str) -> str:
@@ -181,7 +210,31 @@ def data_section(files: RunFiles) -> dict[str, Any]:
         "quarantine": {str(k): int(v) for k, v in q["problem"].value_counts().items()} if len(q) else {},
         "quarantine_total": len(q), "warnings": list(m.warnings),
         "modalities": sorted(df["modality"].dropna().astype(str).unique()) if "modality" in df else [],
+        "geometry": source_geometry(df),
     }
+
+
+def source_geometry(df: pd.DataFrame) -> str | None:
+    """For volumes, the source size and in-plane spacing as stored (median and range over cases), else None.
+
+    Read from the manifest's header columns (``rows``, ``cols``, ``frames`` = slices, ``spacing_row``/``_col``).
+    """
+    if not {"rows", "cols", "frames"} <= set(df.columns):
+        return None
+    frames = pd.to_numeric(df["frames"], errors="coerce")
+    vol = df[frames > 1]
+    if vol.empty:
+        return None
+
+    def span(col: str, unit: str = "") -> str:
+        v = pd.to_numeric(vol[col], errors="coerce").dropna() if col in vol else pd.Series(dtype=float)
+        if v.empty:
+            return NOT_PROVIDED
+        lo, med, hi = v.min(), v.median(), v.max()
+        return f"{med:g}{unit}" if lo == hi else f"{med:g}{unit} ({lo:g}–{hi:g})"
+
+    return (f"{len(vol)} volumes as stored: {span('frames')} slices of {span('rows')} × {span('cols')} pixels "
+            f"(median, range); in-plane spacing {span('spacing_row', ' mm')} × {span('spacing_col', ' mm')}")
 
 
 def _images(part: pd.DataFrame) -> int:

@@ -317,6 +317,8 @@ def _make_card(cfg: RunConfig, manifest: Manifest, fit: Any, run_dir: Path) -> M
         classes=list(manifest.classes),
         num_outputs=manifest.num_outputs,
         input=cfg.input,
+        volume=cfg.model.volume if cfg.input.spatial_dims == 3 else None,
+        slice_context=cfg.model.slice_context if cfg.input.spatial_dims == 3 and cfg.model.volume == "slices" else None,
         training={
             "counts": counts,
             "patients": {s: int(df.loc[df["split"] == s, "patient_key"].nunique()) for s in ("train", "val", "test")},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -90,11 +90,61 @@ class ModelConfig(_Frozen):
         weights: ``"imagenet"`` (the backbone's default pretrained weights), ``"none"`` (random init, i.e.
             training from scratch), or a path to a local weights file (for air-gapped sites).
         dropout: dropout before the new head.
+        volume: for volumes only (``input.size`` with 3 entries): how the model sees them.
+        slice_context: ``volume: slices`` only: 3 adjacent slices as RGB, or 1 slice alone.
+
+    With ``volume: native`` and no backbone/weights of your own, the backbone is ``resnet10_3d`` from scratch
+    (weights ``none``); choosing a 3D backbone implies ``volume: native``.
     """
+
+    #: The 3D networks of the backbone table (models/backbones.py; a test checks the two agree). Listed here
+    #: because the config layer sits below the models layer and cannot read the table.
+    NATIVE_BACKBONES: ClassVar[tuple[str, ...]] = ("resnet10_3d", "resnet18_3d")
+    NATIVE_DEFAULT: ClassVar[str] = "resnet10_3d"
 
     backbone: str = "efficientnet_lite0"
     weights: str = "imagenet"
     dropout: float = Field(default=0.2, ge=0, lt=1)
+    volume: Literal["slices", "acs", "native"] = Field(default="slices", description=(
+        "Volumes only (`input.size` with 3 entries; ignored for images). `slices` (2.5D): the 2D ImageNet "
+        "backbone encodes every slice and attention pooling weighs the slices (the weights are saved with "
+        "predictions); `acs`: the same ImageNet weights as 3D convolutions (ACS: each 2D kernel on the axial, "
+        "coronal and sagittal planes); `native`: a 3D network trained from scratch (default `resnet10_3d`), the "
+        "baseline the transfer audit compares against."))
+    slice_context: Literal[1, 3] = Field(default=3, description=(
+        "`volume: slices` only: 3 feeds slices (s-1, s, s+1) as the RGB input of slice s, so the pretrained first "
+        "convolution is used unchanged (needs one input channel); 1 feeds each slice alone through the "
+        "grey-adapted first convolution (any number of channels, e.g. several CT windows)."))
+
+    @model_validator(mode="after")
+    def _volume_backbone(self) -> ModelConfig:
+        # Defaults are filled without marking the field as set (object.__setattr__ on a frozen model, as
+        # InputSpec does): apply_overrides re-validates with exclude_unset, so they are derived again.
+        given = self.model_fields_set
+        three_d = self.backbone in self.NATIVE_BACKBONES
+        if three_d and "volume" not in given:
+            object.__setattr__(self, "volume", "native")
+        if self.volume == "native":
+            if "backbone" not in given:
+                object.__setattr__(self, "backbone", self.NATIVE_DEFAULT)
+            elif not three_d:
+                raise ValueError(
+                    f"model.volume=native trains a 3D network from scratch, but model.backbone={self.backbone} is a "
+                    f"2D ImageNet backbone; set model.backbone to one of {', '.join(self.NATIVE_BACKBONES)} (or "
+                    f"leave it unset), or keep {self.backbone} with model.volume=slices or acs, which carry its "
+                    "ImageNet weights into 3D")
+            if "weights" not in given:
+                object.__setattr__(self, "weights", "none")
+            elif self.weights == "imagenet":
+                raise ValueError(
+                    f"{self.backbone} is a 3D network without ImageNet weights: set model.weights to none (from "
+                    "scratch) or to a local weights file (e.g. MedicalNet's); for ImageNet weights in 3D use "
+                    "model.volume=slices or acs with a 2D backbone")
+        elif three_d:
+            raise ValueError(
+                f"model.backbone={self.backbone} is a 3D network: use it with model.volume=native; "
+                f"model.volume={self.volume} reuses a 2D ImageNet backbone such as efficientnet_lite0")
+        return self
 
 
 class TrainConfig(_Frozen):

@@ -53,7 +53,8 @@ class BackboneSpec:
     Attributes:
         name: the table key (``--backbone``).
         builder: ``"module:function"`` that returns the randomly initialised ImageNet model (1000 classes).
-        weights: torchvision weights enum name (``"DenseNet121_Weights.IMAGENET1K_V1"``) or ``"bundled"``.
+        weights: torchvision weights enum name (``"DenseNet121_Weights.IMAGENET1K_V1"``), ``"bundled"``, or
+            ``"none"`` (:data:`NO_PRETRAINED`: no pretrained weights exist; ``weights="imagenet"`` is refused).
         head: dotted path of the original classification head; replaced by ``nn.Identity``.
         first_conv: dotted path of the first convolution (adapted for grey-scale input).
         cam_layer: dotted path of the layer Grad-CAM attributes to.
@@ -70,6 +71,10 @@ class BackboneSpec:
         cam_reshape: ``"vit_tokens"`` when the CAM layer outputs tokens (N, 1 + h*w, C) that must drop the
             class token and become a map (N, C, h, w); ``None`` for convolutional maps.
         fixed_input_size: the architecture accepts only ``input_size`` (ViT's position embeddings).
+        spatial_dims: 2 for ImageNet backbones (images; volumes through ``model.volume`` slices or acs),
+            3 for networks that take volumes natively (``model.volume: native``; no pretrained weights).
+        acs: whether ACS conversion (``model.volume: acs``) can turn it into a 3D network: False where the
+            forward pass itself is 2D-only (ViT's patch tokens, ConvNeXt's channels-last LayerNorm).
     """
 
     name: str
@@ -88,6 +93,8 @@ class BackboneSpec:
     feature_act: Literal["relu"] | None = None
     cam_reshape: Literal["vit_tokens"] | None = None
     fixed_input_size: bool = False
+    spatial_dims: Literal[2, 3] = 2
+    acs: bool = True
 
     def input_stats(self, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Normalisation (mean, std) for ``channels`` input channels.
@@ -102,6 +109,10 @@ class BackboneSpec:
 
 def _blocks(prefix: str, start: int, stop: int) -> tuple[str, ...]:
     return tuple(f"{prefix}{i}" for i in range(start, stop))
+
+
+#: ``BackboneSpec.weights`` of networks without pretrained weights (trained from scratch or from a local file).
+NO_PRETRAINED = "none"
 
 
 def _tv(name: str, weights: str, **kw: Any) -> BackboneSpec:
@@ -124,6 +135,13 @@ _DENSE = {"head": "classifier", "first_conv": "features.conv0", "cam_layer": "fe
           "stages": _DENSE_STAGES, "input_size": 224, "feature_map": "features", "feature_act": "relu"}
 _RES = {"head": "fc", "first_conv": "conv1", "cam_layer": "layer4", "stages": _RES_STAGES, "input_size": 224}
 
+
+def _monai3d(name: str, **kw: Any) -> BackboneSpec:
+    return BackboneSpec(name=name, builder=f"medtransfer.models.backbones:_build_{name}", weights=NO_PRETRAINED,
+                        source="no pretrained weights: MONAI 3D ResNet (MedicalNet layout), trained from scratch",
+                        spatial_dims=3, acs=False, head="fc", first_conv="conv1", cam_layer="layer4",
+                        stages=_RES_STAGES, input_size=64, **kw)
+
 BACKBONES: dict[str, BackboneSpec] = {
     s.name: s
     for s in (
@@ -139,7 +157,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             first_conv="features.0.0", cam_layer="features.8", stages=_EFF_STAGES, feature_dim=1536,
             input_size=300),
         # classifier.0 (LayerNorm2d) stays: it normalises the pooled features the new head sees.
-        _tv("convnext_tiny", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", head="classifier.2",
+        _tv("convnext_tiny", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", head="classifier.2", acs=False,
             first_conv="features.0.0", cam_layer="features.7", feature_dim=768, input_size=224,
             stages=(("features.0", "features.1"), ("features.2", "features.3"), ("features.4", "features.5"),
                     ("features.6", "features.7", "classifier.0"))),
@@ -150,7 +168,7 @@ BACKBONES: dict[str, BackboneSpec] = {
                     _blocks("features.", 13, 17), ("classifier.0",))),
         # Grad-CAM on ViT: the last block's ln_1 output, class token dropped, tokens reshaped to 14x14.
         _tv("vit_b_16", "ViT_B_16_Weights.IMAGENET1K_V1", head="heads.head", first_conv="conv_proj",
-            cam_layer=f"{_VIT_LAYERS}11.ln_1", cam_reshape="vit_tokens", fixed_input_size=True,
+            cam_layer=f"{_VIT_LAYERS}11.ln_1", cam_reshape="vit_tokens", fixed_input_size=True, acs=False,
             feature_dim=768, input_size=224,
             stages=(("conv_proj", "class_token", "encoder.pos_embedding"), _blocks(_VIT_LAYERS, 0, 3),
                     _blocks(_VIT_LAYERS, 3, 6), _blocks(_VIT_LAYERS, 6, 9),
@@ -165,6 +183,12 @@ BACKBONES: dict[str, BackboneSpec] = {
             stages=(("_conv_stem", "_bn0", *_blocks("_blocks.", 0, 3)), _blocks("_blocks.", 3, 5),
                     _blocks("_blocks.", 5, 11), (*_blocks("_blocks.", 11, 16), "_conv_head", "_bn1")),
         ),
+        # 3D networks for volumes (model.volume: native), the from-scratch baseline of the transfer audit. The
+        # layout of MedicalNet (Chen et al. 2019): conv1 7^3 stride 2, shortcut B, no downsample bias, 1 input
+        # channel, so its published weights load as a local weights file. input_size: a cube side, not a
+        # pretraining resolution.
+        _monai3d("resnet10_3d", feature_dim=512),
+        _monai3d("resnet18_3d", feature_dim=512),
     )
 }
 
@@ -205,6 +229,21 @@ def _build_efficientnet_lite0() -> torch.nn.Module:
     return model
 
 
+def _build_monai_resnet(layers: list[int]) -> torch.nn.Module:
+    from monai.networks.nets.resnet import ResNet, ResNetBlock
+
+    return ResNet(ResNetBlock, layers, [64, 128, 256, 512], spatial_dims=3, n_input_channels=1,
+                  conv1_t_size=7, conv1_t_stride=2, shortcut_type="B", bias_downsample=False, num_classes=1000)
+
+
+def _build_resnet10_3d() -> torch.nn.Module:
+    return _build_monai_resnet([1, 1, 1, 1])
+
+
+def _build_resnet18_3d() -> torch.nn.Module:
+    return _build_monai_resnet([2, 2, 2, 2])
+
+
 def _instantiate(spec: BackboneSpec) -> torch.nn.Module:
     module_name, fn_name = spec.builder.split(":")
     fn = getattr(importlib.import_module(module_name), fn_name)
@@ -230,6 +269,8 @@ def load_backbone(name: str, weights: str = "imagenet") -> torch.nn.Module:
         >>> model = load_backbone("efficientnet_lite0")  # bundled, works offline  # doctest: +SKIP
     """
     spec = get_backbone(name)
+    if weights == "imagenet" and spec.weights == NO_PRETRAINED:
+        raise ConfigError(_no_imagenet_message(spec))
     model = _instantiate(spec)
     if weights == "none":
         logger.info("%s: random initialisation (weights='none')", name)
@@ -247,6 +288,12 @@ def load_backbone(name: str, weights: str = "imagenet") -> torch.nn.Module:
     load_state_dict_checked(model, _remap_legacy_keys(state), source=source, ignore_prefix=spec.head)
     logger.info("%s: loaded weights from %s", name, source)
     return model
+
+
+def _no_imagenet_message(spec: BackboneSpec) -> str:
+    return (f"{spec.name} is a 3D network without ImageNet weights: set model.weights to 'none' (train from "
+            "scratch: the native baseline) or to a local weights file with its layout (e.g. MedicalNet's). To "
+            "carry ImageNet weights into volumes use a 2D backbone with model.volume=slices or acs.")
 
 
 def read_weights_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -375,6 +422,8 @@ def _unavailable_message(spec: BackboneSpec, path: Path, url: str, reason: str) 
 def weights_available(name: str) -> bool:
     """Whether ``name``'s pretrained weights are on this machine (no network access is attempted)."""
     spec = get_backbone(name)
+    if spec.weights == NO_PRETRAINED:
+        return False
     if spec.weights == "bundled":
         try:
             return _bundled_path().is_file()
@@ -401,6 +450,8 @@ def weights_fingerprint(name: str, weights: str) -> dict[str, Any]:
     if weights == "none":
         source, path = "random initialisation (trained from scratch)", None
     elif weights == "imagenet":
+        if spec.weights == NO_PRETRAINED:
+            raise ConfigError(_no_imagenet_message(spec))
         source = spec.source
         path = _bundled_path() if spec.weights == "bundled" else expected_weights_path(spec)[0]
     else:

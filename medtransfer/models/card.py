@@ -1,7 +1,7 @@
 """``ModelCard``: the JSON record beside ``model.safetensors`` that makes a model self-describing.
 
 It holds what :func:`~medtransfer.models.checkpoint.load_model` needs to rebuild the architecture (backbone,
-task, classes, input channels), the preprocessing (``InputSpec``), what was learned after training
+task, classes, input channels, for volumes the model kind and slice context), the preprocessing (``InputSpec``), what was learned after training
 (thresholds, temperature) and a summary of the training data. It never holds PHI: sites, views and sexes
 are category names, ages a range, patients only counts.
 
@@ -15,7 +15,7 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -46,6 +46,9 @@ class ModelCard(BaseModel):
         classes: class names, in output order.
         num_outputs: 1 for binary, ``len(classes)`` otherwise.
         input: the preprocessing; evaluation and prediction rebuild it from here.
+        volume: for volume models (``input.size`` with 3 entries) how the model sees them, as ``model.volume``
+            (``slices``, ``acs`` or ``native``); None for images.
+        slice_context: ``volume: slices`` only: 3 adjacent slices as RGB, or 1; None otherwise.
         thresholds: class → decision threshold on the probability (empty until evaluation chooses them).
         temperature: temperature-scaling factor for the logits (None: uncalibrated).
         calibration: how the temperature was decided on the validation split: ``applied`` (bool), ``reason``,
@@ -69,6 +72,8 @@ class ModelCard(BaseModel):
     classes: list[str]
     num_outputs: int
     input: InputSpec = InputSpec()
+    volume: Literal["slices", "acs", "native"] | None = None
+    slice_context: Literal[1, 3] | None = None
     thresholds: dict[str, float] = Field(default_factory=dict)
     temperature: float | None = Field(default=None, gt=0)
     calibration: dict[str, Any] = Field(default_factory=dict)
@@ -111,6 +116,14 @@ class ModelCard(BaseModel):
                              f"{len(self.classes)} classes (expected {expected})")
         if self.task == "binary" and len(self.classes) != 2:
             raise ValueError(f"a binary card needs exactly 2 classes, got {self.classes}")
+        if (self.volume is None) != (len(self.input.size) == 2):
+            raise ValueError(f"input.size {list(self.input.size)} with volume={self.volume}: a volume model (size D, H, "
+                             "W) records its kind (slices, acs or native), an image model none")
+        if (self.slice_context is None) != (self.volume != "slices"):
+            raise ValueError(f"slice_context={self.slice_context} with volume={self.volume}: only a slices model has one")
+        if self.volume is not None and (self.volume == "native") != (BACKBONES[self.backbone].spatial_dims == 3):
+            raise ValueError(f"volume={self.volume} does not fit backbone {self.backbone} (native needs a 3D network, "
+                             "slices and acs a 2D one)")
         unknown = set(self.thresholds) - set(self.classes)
         if unknown:
             raise ValueError(f"thresholds for unknown classes {sorted(unknown)}; classes are {self.classes}")

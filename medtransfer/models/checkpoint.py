@@ -73,12 +73,18 @@ def save_model(model: Classifier, run_dir: str | os.PathLike[str], card: ModelCa
     """Write ``model.safetensors`` and ``model_card.json`` into ``run_dir`` (weights first, card last).
 
     Raises:
-        CheckpointError: the card does not describe this model (backbone or number of outputs differ).
+        CheckpointError: the card does not describe this model (backbone, number of outputs, volume kind or
+            slice context differ).
     """
     d = Path(run_dir)
     if card.backbone != model.spec.name or card.num_outputs != model.num_outputs:
         raise CheckpointError(f"model card says {card.backbone} with {card.num_outputs} outputs, but the model "
                               f"is {model.spec.name} with {model.num_outputs}; build the card from this model.")
+    kind = (getattr(model, "volume", None), getattr(model, "slice_context", None))
+    if (card.volume, card.slice_context) != kind:
+        raise CheckpointError(f"model card says volume={card.volume}, slice_context={card.slice_context}, but the "
+                              f"model is volume={kind[0]}, slice_context={kind[1]}; build the card "
+                              "from this model (volume=model.volume, slice_context=model.slice_context).")
     save_weights(model, d / MODEL_FILE)
     card.save(d / CARD_FILE)
     return d
@@ -109,7 +115,7 @@ def load_model(run_dir: str | os.PathLike[str], *, device: str | torch.device = 
                 refuse_pickle(f)
         raise CheckpointError(f"{weights}: not found; the run did not finish saving. Re-run training.")
     model = build_model(card.backbone, card.classes, task=card.task, in_channels=card.input.channels,
-                        weights="none")
+                        weights="none", volume=card.volume, slice_context=card.slice_context or 3)
     load_weights(model, weights)
     return model.eval().to(device), card
 

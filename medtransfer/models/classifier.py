@@ -3,6 +3,14 @@
 Everything architecture-specific comes from the backbone's :class:`~medtransfer.models.backbones.BackboneSpec`:
 the classifier finds the head, first conv, Grad-CAM layer and stages by their dotted paths, so training,
 feature caching and saliency code work the same for every backbone.
+
+Volumes (N, C, D, H, W) get one of three models (``model.volume``; building blocks in
+:mod:`medtransfer.models.volumes`): ``slices``, a :class:`SliceClassifier` (the 2D backbone encodes every
+slice, attention-MIL pools them); ``acs``, a :class:`Classifier` whose 2D backbone was converted to ACS 3D
+convolutions; ``native``, a :class:`Classifier` on a 3D network trained from scratch. All honour one contract:
+``model(x)`` → logits (N, K); ``model.features(x)`` → what ``model.head`` takes; ``cam_layer()``,
+``cam_reshape()``, ``stages()``, ``freeze_backbone()``, ``unfreeze(n)``, ``param_groups(lr, decay)``;
+``model.volume`` (None for images) and ``model.slice_context`` say which model it is (the model card records both).
 """
 
 from __future__ import annotations
@@ -21,9 +29,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from medtransfer.data.spec import TASKS
 from medtransfer.errors import ConfigError
 from medtransfer.models.backbones import BackboneSpec, get_backbone, load_backbone
+from medtransfer.models.volumes import (
+    SLICE_CHUNK,
+    AttentionMILHead,
+    check_volume_model,
+    convert_to_acs,
+    encode_in_chunks,
+    slice_stack,
+    slices_to_volume_map,
+)
 
 logger = logging.getLogger(__name__)
-
 
 
 def get_path(root: nn.Module, path: str) -> nn.Module | nn.Parameter | Callable[..., torch.Tensor]:
@@ -66,12 +82,18 @@ class Classifier(nn.Module):
         num_outputs: 1 for binary, the number of classes otherwise.
         dropout: dropout probability before the new linear layer.
         classes, task: what the outputs mean (kept for convenience; the model card is the record).
+        volume: None for images; ``"acs"`` (backbone converted to 3D) or ``"native"`` (a 3D network) for volumes.
+        head: a head to use instead of the default dropout + linear (it must take ``features``' output).
 
     Attributes:
         backbone: the feature extractor.
-        head: ``nn.Sequential(Dropout, Linear(spec.feature_dim, num_outputs))``.
+        head: ``nn.Sequential(Dropout, Linear(spec.feature_dim, num_outputs))`` unless given.
         spec: the backbone spec.
+        volume, slice_context: which model this is, for the model card (``slice_context`` is None but for
+            :class:`SliceClassifier`).
     """
+
+    slice_context: int | None = None
 
     def __init__(
         self,
@@ -82,15 +104,19 @@ class Classifier(nn.Module):
         dropout: float = 0.2,
         classes: Sequence[str] = (),
         task: str = "binary",
+        volume: str | None = None,
+        head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.classes = tuple(classes)
         self.task = task
+        self.volume = volume
         set_path(backbone, spec.head, nn.Identity())
         self.backbone = backbone
         self.spec = spec
         self.num_outputs = int(num_outputs)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.feature_dim, self.num_outputs))
+        self.head = head if head is not None else nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(spec.feature_dim, self.num_outputs))
         self.bn_frozen = False  # set by fine-tuning (train.bn); see train()
         self._check_stages()
 
@@ -98,20 +124,22 @@ class Classifier(nn.Module):
         """Pooled features.
 
         Args:
-            x: float tensor (N, C, H, W), normalised as the model card's ``input`` says.
+            x: float tensor (N, C, H, W), or (N, C, D, H, W) for ``acs``/``native``, normalised as the model
+                card's ``input`` says.
 
         Returns:
             float tensor (N, spec.feature_dim).
         """
         if self.spec.feature_map is None:
             return self.backbone(x).flatten(1)
-        fmap = get_path(self.backbone, self.spec.feature_map)(x)  # (N, C, h, w)
+        fmap = get_path(self.backbone, self.spec.feature_map)(x)  # (N, C, h, w) or (N, C, d, h, w)
         if self.spec.feature_act == "relu":
             fmap = F.relu(fmap)  # never in place: Captum hooks on the CAM layer see this tensor
-        return F.adaptive_avg_pool2d(fmap, 1).flatten(1)
+        pool = F.adaptive_avg_pool2d if fmap.ndim == 4 else F.adaptive_avg_pool3d
+        return pool(fmap, 1).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, num_outputs) for images ``x`` (N, C, H, W)."""
+        """Logits (N, num_outputs) for images ``x`` (N, C, H, W) or volumes (N, C, D, H, W)."""
         return self.head(self.features(x))
 
     def cam_layer(self) -> nn.Module:
@@ -119,7 +147,10 @@ class Classifier(nn.Module):
         return get_path(self.backbone, self.spec.cam_layer)  # type: ignore[return-value]
 
     def cam_reshape(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """A function turning the CAM layer's output into a map (N, C, h, w), or None if it already is one."""
+        """A function turning the CAM layer's output into a map (N, C, h, w), or None if it already is one.
+
+        ``acs``/``native``: None, the CAM layer's output is already a 3D map (N, C, d, h, w).
+        """
         return vit_tokens_to_map if self.spec.cam_reshape == "vit_tokens" else None
 
     def stages(self) -> list[nn.Module]:
@@ -186,6 +217,84 @@ class Classifier(nn.Module):
             raise RuntimeError(f"{self.spec.name}: stages miss parameters {missing[:5]}")
 
 
+class SliceClassifier(Classifier):
+    """2.5D: a 2D ImageNet backbone encodes every slice of a volume; gated attention-MIL pools the slices.
+
+    ``slice_context=3``: slices (s-1, s, s+1) form the RGB input of slice s (the edge slices repeat), so the
+    pretrained first convolution is used unchanged and sees what it was trained on (the grey-normalised input
+    is renormalised with the backbone's RGB statistics); the volume must have 1 channel. ``slice_context=1``:
+    every slice alone through the grey-adapted first convolution (any number of channels).
+
+    Slices are encoded ``chunk_size`` at a time; while training with gradients each chunk's activations are
+    recomputed in backward (activation checkpointing), so peak memory scales with the chunk, not with N * D.
+    In training mode BatchNorm layers that are not frozen normalise each chunk with its own statistics.
+
+    Args:
+        backbone, spec, num_outputs, dropout, classes, task: as for :class:`Classifier`.
+        slice_context: 1 or 3 (see above).
+        hidden: size of the attention network.
+
+    Attributes:
+        head: :class:`~medtransfer.models.volumes.AttentionMILHead`; ``head.last_attention`` holds the
+            attention weights (N, D) of the last forward pass (also :meth:`slice_attention`).
+        chunk_size: slices per backbone call (None: all at once).
+        checkpoint_chunks: recompute chunk activations in backward when training (set False to keep them).
+    """
+
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, num_outputs: int, *, dropout: float = 0.2,
+                 classes: Sequence[str] = (), task: str = "binary", slice_context: int = 3,
+                 hidden: int = 128) -> None:
+        head = AttentionMILHead(spec.feature_dim, int(num_outputs), hidden=hidden, dropout=dropout)
+        super().__init__(backbone, spec, num_outputs, dropout=dropout, classes=classes, task=task, volume="slices",
+                         head=head)
+        self.slice_context = int(slice_context)
+        self.chunk_size: int | None = SLICE_CHUNK
+        self.checkpoint_chunks = True
+        self._depth = 0  # slices per volume in the last forward pass (for cam_reshape)
+        # the input is normalised with the grey statistics (input_stats(1)); the RGB conv wants its own
+        (g_mean,), (g_std,) = spec.input_stats(1)
+        self._to_rgb = None if self.slice_context != 3 or (set(spec.mean) == {g_mean} and set(spec.std) == {g_std}) \
+            else ([g_std / s for s in spec.std], [(g_mean - m) / s for m, s in zip(spec.mean, spec.std, strict=True)])
+
+    def _renormalise(self, chunk: torch.Tensor) -> torch.Tensor:
+        scale, shift = (torch.tensor(v, dtype=chunk.dtype, device=chunk.device).view(1, 3, 1, 1)
+                        for v in self._to_rgb)  # type: ignore[union-attr]
+        return chunk * scale + shift
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled 2D features (B, F) of slice inputs (B, C', H, W): the backbone as a 2D Classifier."""
+        return super().features(images)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-slice features (N, D, F) of volumes ``x`` (N, C, D, H, W): what the head takes (and the cache stores)."""
+        if x.ndim != 5:
+            raise ValueError(f"a slices model takes volumes (N, C, D, H, W), got shape {tuple(x.shape)}")
+        n, _, d = x.shape[:3]
+        self._depth = d
+        grads = torch.is_grad_enabled() and self.training and self.checkpoint_chunks and (
+            x.requires_grad or any(p.requires_grad for p in self.backbone.parameters()))
+        feats = encode_in_chunks(self.encode, slice_stack(x, self.slice_context), chunk_size=self.chunk_size,
+                                 use_checkpoint=grads, bn_owner=self.backbone,
+                                 to_input=self._renormalise if self._to_rgb is not None else None)
+        return feats.view(n, d, -1)
+
+    def slice_attention(self) -> torch.Tensor | None:
+        """The attention weights (N, D) of the last forward pass (``head.last_attention``), or None."""
+        return self.head.last_attention  # type: ignore[return-value]
+
+    def cam_reshape(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function mapping the CAM layer's output over all slices (N*D, C, h, w) to (N, C, D, h, w).
+
+        D is read when the function is called: that of the last forward pass. The CAM layer runs once per
+        chunk of slices, in slice order; concatenate its outputs before reshaping.
+        """
+        def to_volume(t: torch.Tensor) -> torch.Tensor:
+            fmap = vit_tokens_to_map(t) if self.spec.cam_reshape == "vit_tokens" else t
+            return slices_to_volume_map(fmap, self._depth)
+
+        return to_volume
+
+
 def vit_tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
     """ViT tokens (N, 1 + h*w, C) → map (N, C, h, w), dropping the class token (h = w)."""
     n, t, c = tokens.shape
@@ -200,25 +309,30 @@ def adapt_input_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
 
     1 channel: the RGB filters are summed, so a grey image gives exactly what the original conv gives for
     the same image replicated to RGB. More channels: the RGB filters are tiled and scaled by 3 / in_channels.
+    A one-channel conv (3D networks) is tiled to ``in_channels`` and scaled by 1 / in_channels, so input
+    replicated to every channel gives what the original gave.
 
     Args:
-        conv: the first convolution, with 3 input channels (any ``nn.Conv2d`` subclass, e.g. TF-same padding).
+        conv: the first convolution, with 3 (or 1) input channels (any ``nn.Conv2d`` subclass, e.g. TF-same
+            padding, or an ``nn.Conv3d``).
         in_channels: the new number of input channels.
 
     Raises:
-        ConfigError: grouped convolution, or a conv that does not take RGB input.
+        ConfigError: grouped convolution, or a conv that does not take RGB (or one-channel) input.
     """
     if conv.in_channels == in_channels:
         return conv
-    if conv.groups != 1 or conv.in_channels != 3:
+    if conv.groups != 1 or conv.in_channels not in (1, 3):
         raise ConfigError(f"cannot adapt a first conv with {conv.in_channels} input channels and groups="
                           f"{conv.groups} to {in_channels} channels; expected an RGB conv with groups=1.")
     w = conv.weight.detach()
-    if in_channels == 1:
+    if conv.in_channels == 1:
+        new_w = w.repeat(1, in_channels, *([1] * (w.ndim - 2))) / in_channels
+    elif in_channels == 1:
         new_w = functools.reduce(operator.add, w.split(1, dim=1))  # R + G + B, in a fixed order
     else:
         reps = -(-in_channels // 3)
-        new_w = w.repeat(1, reps, 1, 1)[:, :in_channels] * (3.0 / in_channels)
+        new_w = w.repeat(1, reps, *([1] * (w.ndim - 2)))[:, :in_channels] * (3.0 / in_channels)
     new = copy.deepcopy(conv)
     new.in_channels = in_channels
     new.weight = nn.Parameter(new_w.clone().contiguous(), requires_grad=conv.weight.requires_grad)
@@ -247,38 +361,60 @@ def build_model(
     in_channels: int = 1,
     weights: str = "imagenet",
     dropout: float = 0.2,
+    volume: str | None = None,
+    slice_context: int = 3,
 ) -> Classifier:
-    """A classifier for ``classes`` on a pretrained backbone.
+    """A classifier for ``classes`` on a pretrained backbone; for volumes, one of three volume models.
 
     Args:
         backbone: a name from ``medtransfer backbones``.
         classes: class names; binary: exactly 2 (the single output scores ``classes[1]``).
         task: ``"binary"`` (1 sigmoid output), ``"multiclass"`` (softmax) or ``"multilabel"`` (a sigmoid each).
-        in_channels: 1 for grey scans (first conv adapted by summing RGB filters) or 3.
+        in_channels: 1 for grey scans (first conv adapted by summing RGB filters) or 3 (or the number of
+            stacked CT windows).
         weights: ``"imagenet"``, ``"none"`` (random init) or a local weights file (see ``load_backbone``).
         dropout: dropout before the new linear layer.
+        volume: None for images (N, C, H, W). For volumes (N, C, D, H, W) (``model.volume``): ``"slices"``
+            (:class:`SliceClassifier`), ``"acs"`` (the 2D backbone as ACS 3D convolutions) or ``"native"``
+            (a 3D backbone such as ``resnet10_3d``, trained from scratch).
+        slice_context: ``slices`` only: 3 (three adjacent slices as RGB; needs ``in_channels=1``) or 1.
 
     Raises:
-        ConfigError: unknown backbone or task, wrong number of classes, bad ``in_channels``.
+        ConfigError: unknown backbone, task or volume kind, wrong number of classes, bad ``in_channels``, a
+            backbone that does not fit the volume kind.
         WeightsUnavailable, CheckpointError: see :func:`~medtransfer.models.backbones.load_backbone`.
 
     Examples:
         >>> model = build_model("efficientnet_lite0", ["normal", "pneumonia"])  # doctest: +SKIP
         >>> model(torch.zeros(2, 1, 64, 64)).shape  # doctest: +SKIP
         torch.Size([2, 1])
+        >>> model = build_model("efficientnet_lite0", ["a", "b"], volume="slices")  # doctest: +SKIP
+        >>> model(torch.zeros(2, 1, 16, 64, 64)).shape, model.head.last_attention.shape  # doctest: +SKIP
+        (torch.Size([2, 1]), torch.Size([2, 16]))
     """
     spec = get_backbone(backbone)
     num_outputs = _num_outputs(task, classes)
     if in_channels < 1:
         raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
+    check_volume_model(spec, volume, slice_context=slice_context, in_channels=in_channels)
     net = load_backbone(backbone, weights)
-    if in_channels != 3:
-        conv = get_path(net, spec.first_conv)
+    # slices with three adjacent slices as RGB: the pretrained first conv stays exactly as it is
+    rgb_slices = volume == "slices" and slice_context == 3
+    conv = get_path(net, spec.first_conv)
+    if not rgb_slices and conv.in_channels != in_channels:  # type: ignore[union-attr]
         set_path(net, spec.first_conv, adapt_input_conv(conv, in_channels))  # type: ignore[arg-type]
-        how = "summing" if in_channels == 1 else "tiling and rescaling"
-        logger.info("%s: adapted first conv %s from 3 to %d input channel(s) by %s RGB filters",
-                 backbone, spec.first_conv, in_channels, how)
-    return Classifier(disable_inplace_relu(net), spec, num_outputs, dropout=dropout, classes=classes, task=task)
+        how = ("summing" if in_channels == 1 else "tiling and rescaling") + (
+            " RGB filters" if conv.in_channels == 3 else " its filter")  # type: ignore[union-attr]
+        logger.info("%s: adapted first conv %s from %d to %d input channel(s) by %s", backbone, spec.first_conv,
+                    conv.in_channels, in_channels, how)  # type: ignore[union-attr]
+    net = disable_inplace_relu(net)
+    kw = {"dropout": dropout, "classes": classes, "task": task}
+    if volume == "slices":
+        return SliceClassifier(net, spec, num_outputs, slice_context=slice_context, **kw)  # type: ignore[arg-type]
+    if volume == "acs":
+        convert_to_acs(net, name=backbone)
+        logger.info("%s: 2D ImageNet convolutions converted to ACS 3D convolutions", backbone)
+    return Classifier(net, spec, num_outputs, volume=volume, **kw)  # type: ignore[arg-type]
 
 
 def _num_outputs(task: str, classes: Sequence[str]) -> int:

@@ -49,12 +49,14 @@ def no_network(tmp_path, monkeypatch):
 def test_every_backbone_builds_with_features_head_stages_and_cam_layer(name):
     spec = BACKBONES[name]
     torch.manual_seed(0)
-    model = build_model(name, ["a", "b", "c"], task="multiclass", weights="none").eval()
+    volume = "native" if spec.spatial_dims == 3 else None
+    model = build_model(name, ["a", "b", "c"], task="multiclass", weights="none", volume=volume).eval()
     size, n = (224, 1) if spec.fixed_input_size else (32, 2)
+    shape = (n, 1, 16, size, size) if spec.spatial_dims == 3 else (n, 1, size, size)
     seen: list[torch.Tensor] = []
     handle = model.cam_layer().register_forward_hook(lambda m, i, o: seen.append(o))
     with torch.no_grad():
-        feats = model.features(torch.randn(n, 1, size, size))
+        feats = model.features(torch.randn(shape))
         logits = model.head(feats)
     handle.remove()
     assert feats.shape == (n, spec.feature_dim)
@@ -65,7 +67,7 @@ def test_every_backbone_builds_with_features_head_stages_and_cam_layer(name):
     assert len(seen) == 1
     reshape = model.cam_reshape()
     cam = reshape(seen[0]) if reshape else seen[0]
-    assert cam.ndim == 4 and cam.shape[0] == n
+    assert cam.ndim == 2 + spec.spatial_dims and cam.shape[0] == n
     stages = model.stages()
     assert len(stages) >= 4 and stages[-1] is model.head
     covered = [id(p) for s in stages for p in s.parameters()]

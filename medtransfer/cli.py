@@ -182,16 +182,33 @@ def backbones() -> None:
 @app.command("sample-data")
 @user_errors
 def sample_data(
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("sample_data/generated"),
-    n: Annotated[int, typer.Option(help="Number of radiographs.")] = 400,
+    out: Annotated[Path | None, typer.Option(
+        help="Output folder [default: sample_data/generated, or sample_data/volumes with --volumes].")] = None,
+    n: Annotated[int | None, typer.Option(
+        help="Number of radiographs, or of CT studies with --volumes [default: 400, or 160].")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
-    size: Annotated[int, typer.Option(help="Image size in pixels.")] = 256,
+    size: Annotated[int | None, typer.Option(
+        help="Image size in pixels (rows = columns) [default: 256, or 64 with --volumes].")] = None,
+    volumes: Annotated[bool, typer.Option(
+        "--volumes", help="Write chest CT volumes (DICOM series and NIfTI) instead of radiographs.")] = False,
+    slices: Annotated[int, typer.Option(help="Slices per volume (with --volumes).")] = 32,
     overwrite: Annotated[bool, typer.Option(help="Regenerate even if a complete dataset is there.")] = False,
 ) -> None:
-    """Write realistic synthetic chest radiographs as DICOM (3 sites, demographics, planted effects)."""
+    """Write realistic synthetic chest radiographs as DICOM, or chest CT volumes with --volumes (3 sites,
+    demographics, planted effects)."""
+    if volumes:
+        from medtransfer.datasets.synthetic import generate_sample_volumes
+
+        side = 64 if size is None else size
+        path = generate_sample_volumes(out or Path("sample_data/volumes"), n=160 if n is None else n, seed=seed,
+                                       size=(slices, side, side), overwrite=overwrite)
+        say(f"sample volumes in {path} (labels: {path / 'labels.csv'} for the DICOM series, "
+            f"{path / 'labels_nifti.csv'} for the NIfTI files)")
+        return
     from medtransfer.datasets.synthetic import generate_sample_data
 
-    path = generate_sample_data(out, n=n, seed=seed, size=size, overwrite=overwrite)
+    path = generate_sample_data(out or Path("sample_data/generated"), n=400 if n is None else n, seed=seed,
+                                size=256 if size is None else size, overwrite=overwrite)
     say(f"sample data in {path} (labels: {path / 'labels.csv'})")
 
 

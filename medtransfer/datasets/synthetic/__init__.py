@@ -14,6 +14,11 @@ leaves a half data set under the final name. Ground truth (marker corner, opacit
 Modules, one concern each: ``plan`` (the knobs and who is scanned where), ``anatomy`` (the phantom drawing),
 ``sites`` (how each simulated hospital acquires and stores an image), ``writers`` (DICOM and NIfTI files),
 ``generate`` (the data set folder), ``preview`` (a contact sheet to look at).
+
+``generate_sample_volumes`` does the same for chest CT: volumes in Hounsfield units with lung nodules in the
+positives, three simulated CT scanners, a planted skin-marker shortcut and a noisier site, written as DICOM
+CT series and as NIfTI (``volumes``: knobs, sites, plan and folder; ``volume_anatomy``: the phantom;
+``volume_writers``: the files).
 """
 
 from __future__ import annotations
@@ -22,13 +27,27 @@ from medtransfer.datasets.synthetic.generate import generate_sample_data, sample
 from medtransfer.datasets.synthetic.plan import GENERATOR_VERSION, SampleDataConfig
 from medtransfer.datasets.synthetic.preview import render_preview
 from medtransfer.datasets.synthetic.sites import SITES, SiteProfile
+from medtransfer.datasets.synthetic.volumes import (
+    CT_SITES,
+    VOLUME_GENERATOR_VERSION,
+    CTSiteProfile,
+    VolumeDataConfig,
+    generate_sample_volumes,
+    sample_volume_truth,
+)
 
 __all__ = [
+    "CT_SITES",
     "GENERATOR_VERSION",
     "SITES",
+    "VOLUME_GENERATOR_VERSION",
+    "CTSiteProfile",
     "SampleDataConfig",
     "SiteProfile",
+    "VolumeDataConfig",
     "generate_sample_data",
+    "generate_sample_volumes",
     "render_preview",
     "sample_truth",
+    "sample_volume_truth",
 ]

@@ -31,6 +31,7 @@ _PUBLIC = {
     "Manifest": "medtransfer.data.manifest",
     "index_scans": "medtransfer.data.discovery",
     "ScanDataset": "medtransfer.data.dataset",
+    "read_scan": "medtransfer.data.loading",
     "build_model": "medtransfer.models.classifier",
     "ModelCard": "medtransfer.models.card",
     "fine_tune": "medtransfer.training.fine_tune",
@@ -82,6 +83,7 @@ __all__ = [
     "load_config",
     "load_run",
     "predict",
+    "read_scan",
     "render_report",
     "run_demo",
     "train",
@@ -96,6 +98,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from medtransfer.config import RunConfig, load_config
     from medtransfer.data.dataset import ScanDataset
     from medtransfer.data.discovery import index_scans
+    from medtransfer.data.loading import read_scan
     from medtransfer.data.manifest import Manifest
     from medtransfer.data.spec import InputSpec
     from medtransfer.datasets.synthetic import generate_sample_data

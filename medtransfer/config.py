@@ -41,6 +41,9 @@ class DataConfig(_Frozen):
             rather than crashing a long training job later.
         cache_dir: where decoded, preprocessed images are cached; default ``<run>/cache``.
         fit_input_size: lower ``input.size`` to fit small source images (see ``medtransfer.training.sizing``).
+        max_volume_voxels: volumes with more voxels (from their headers, before decoding) are quarantined.
+        max_obliquity: volumes whose slices are tilted further from the nearest anatomical plane (degrees) are
+            quarantined.
     """
 
     data_dir: Path | None = None
@@ -58,6 +61,14 @@ class DataConfig(_Frozen):
         "of 32, at least 64 px), never above the configured size, so 28-px images are not upsampled to 224. "
         "`null` (default): only when `input.size` was not set explicitly (a preset's or the default size is a "
         "ceiling; `--image-size` or your own `input.size` is used as given); `true`/`false`: always/never."))
+    max_volume_voxels: int = Field(default=1 << 28, ge=1, description=(
+        "Volumes with more voxels than this (read from their headers, before decoding) are quarantined: the "
+        "default 2**28 (268 million, 1 GiB as float32, e.g. 1024x512x512) keeps one decoded volume well within "
+        "a laptop's memory. Raise it on a machine with more memory."))
+    max_obliquity: float = Field(default=30.0, ge=0, le=90, description=(
+        "Volumes whose slices are tilted more than this many degrees from the nearest axial, coronal or sagittal "
+        "plane are quarantined (they are read in their own grid, labelled by the nearest anatomical axes, which "
+        "becomes ambiguous towards 45 degrees). Reformat such series, or raise this to accept them."))
 
     @field_validator("age_bands")
     @classmethod

@@ -1,6 +1,8 @@
 """``ScanDataset`` (decode → resize, cached on disk → [augment] → normalise), ``make_loader`` and ``preprocess``.
 
-Cache layout: ``<cache_dir>/<spec digest>/<case key>.npy``, one array (1, *spec.size) per case, plus
+Cache layout: ``<cache_dir>/<spec digest>/<case key>.npy``, one array (k, *spec.size) per case (k = 1, or one
+channel per CT window of ``spec.windows``), exactly what :func:`~medtransfer.data.loading.read_scan` returns
+for it (decoded, oriented, resampled and resized once: volumes are never cached at their original size), plus
 ``spec.json`` recording what the digest stands for. Pixels are stored as integers, not float32: **uint8** when
 the decoded scan holds 8-bit values (PNG, JPEG, 8-bit DICOM: 256 levels is all there is, and the resized image
 is rounded to the nearest of them, an error of at most half a grey level) and **uint16** otherwise (12-16-bit
@@ -34,7 +36,7 @@ from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from medtransfer import io
 from medtransfer.config import AugmentConfig
-from medtransfer.data.loading import load_case, sniff_format
+from medtransfer.data.loading import read_scan, sniff_format
 from medtransfer.data.manifest import SUBGROUP_COLUMNS, Manifest
 from medtransfer.data.spec import InputSpec
 from medtransfer.data.transforms import (
@@ -42,13 +44,15 @@ from medtransfer.data.transforms import (
     random_transforms,
     resize_transforms,
 )
+from medtransfer.data.volumes import dims_reason
+from medtransfer.data.volumes import holds_8bit_values as holds_8bit_values
 from medtransfer.errors import ScanReadError
 from medtransfer.progress import track
 
 logger = logging.getLogger(__name__)
 
 #: Bump when decoding or resizing changes its output, so that old cache entries are not reused.
-CACHE_VERSION = "2"  # 2: integer pixels (uint8/uint16) instead of float32
+CACHE_VERSION = "3"  # 2: integer pixels (uint8/uint16) instead of float32; 3: read_scan (MONAI orientation, geometry)
 
 
 def spec_digest(spec: InputSpec) -> str:
@@ -69,7 +73,7 @@ class ScanDataset(torch.utils.data.Dataset):
         cache_dir: where decoded, resized images are cached (see the module docstring); None = no disk cache.
         memory_cache: also keep decoded images in memory (per process; about 4 x H x W bytes per case).
 
-    Items are dicts: ``image`` float32 tensor (spec.channels, *spec.size), normalised with
+    Items are dicts: ``image`` float32 tensor (spec.channels, *spec.size) ((C, D, H, W) for volumes), normalised with
     ``spec.mean``/``std``; ``label`` float32 scalar in {0, 1} (binary), int64 scalar (multiclass) or
     float32 (C,) with NaN for unknown (multilabel); ``case_id`` str; ``index`` int; and the subgroup
     fields ``sex``, ``age_band``, ``site``, ``view``, ``manufacturer`` as str ("" when missing).
@@ -124,7 +128,7 @@ class ScanDataset(torch.utils.data.Dataset):
         self._seed = int(seed) % (2**32)
 
     def cached_image(self, index: int) -> np.ndarray:
-        """The deterministic part for case ``index``: float32 (1, *spec.size) in [0, 1], from cache or decoded.
+        """The deterministic part for case ``index``: float32 (k, *spec.size) in [0, 1], from cache or decoded.
 
         The pixels are the quantised ones the cache stores (see the module docstring), cached or not.
 
@@ -151,12 +155,11 @@ class ScanDataset(torch.utils.data.Dataset):
         if not isinstance(fmt, str) or not fmt:
             fmt = sniff_format(files[0]) or ("dicom" if files[0].is_dir() else "")
         try:
-            array = load_case(files, fmt, self.spec)
+            scan = read_scan(files, self.spec, fmt=fmt or None)
         except ScanReadError as exc:  # name the case as the manifest does (relative path), keep the reason
             raise ScanReadError(rel, exc.reason) from exc
-        _check_dims(array, self.spec, rel)
         self.decode_count += 1
-        return cacheable_pixels(array, self._resize)
+        return pack_pixels(scan.as_tensor().numpy(), eight_bit=bool(scan.meta["eight_bit"]))
 
     def _write_cache(self, path: Path, image: np.ndarray) -> None:
         try:
@@ -196,16 +199,10 @@ def _read_cache(path: Path, spec: InputSpec) -> np.ndarray | None:
     except (OSError, ValueError, EOFError) as exc:
         logger.warning("ignoring unreadable cache entry %s (%s)", path.name, exc)
         return None
-    if image.dtype not in (np.uint8, np.uint16) or image.shape != (1, *spec.size):
+    if image.dtype not in (np.uint8, np.uint16) or image.shape != (spec.intensity_channels, *spec.size):
         logger.warning("ignoring cache entry %s with shape %s %s", path.name, image.shape, image.dtype)
         return None
     return image
-
-
-def holds_8bit_values(array: np.ndarray) -> bool:
-    """Whether a decoded [0, 1] image holds only the 256 levels of an 8-bit source (k / 255)."""
-    scaled = np.asarray(array, dtype=np.float32) * 255.0
-    return bool(np.abs(scaled - np.round(scaled)).max(initial=0.0) < 1e-3)
 
 
 def cacheable_pixels(array: np.ndarray, resize: Any) -> np.ndarray:
@@ -229,11 +226,8 @@ def unpack_pixels(packed: np.ndarray) -> np.ndarray:
 
 
 def _check_dims(array: np.ndarray, spec: InputSpec, where: str) -> None:
-    dims = array.ndim - 1
-    if dims != spec.spatial_dims:
-        kind = "a volume" if dims == 3 else "a 2D image"
-        raise ScanReadError(where, f"{kind} {tuple(array.shape[1:])}, but input.size {tuple(spec.size)} is "
-                            f"{spec.spatial_dims}D; set input.size to {'(D, H, W)' if dims == 3 else '(H, W)'}")
+    if array.ndim - 1 != spec.spatial_dims:
+        raise ScanReadError(where, dims_reason(tuple(array.shape[1:]), spec))
 
 
 def _as_str(value: Any) -> str:
@@ -344,15 +338,11 @@ def preprocess(paths_or_array: Path | str | Sequence[Path | str] | np.ndarray | 
             array = array[None]
         if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
             raise ValueError("preprocess() takes arrays already scaled to [0, 1] (as load_case returns them)")
-        where = "<array>"
+        _check_dims(array, spec, "<array>")
+        # the pixels a ScanDataset sees: resized, then quantised as the cache stores them
+        pixels = unpack_pixels(cacheable_pixels(array, resize_transforms(spec)))
     else:
         files = [Path(paths_or_array)] if isinstance(paths_or_array, (str, Path)) else [Path(p) for p in paths_or_array]
-        where = str(files[0])
-        fmt = "dicom" if files[0].is_dir() else sniff_format(files[0])
-        if fmt is None:
-            raise ScanReadError(where, "not a recognised scan (DICOM, NIfTI, PNG or JPEG)")
-        array = load_case(files, fmt, spec)
-    _check_dims(array, spec, where)
-    # the pixels a ScanDataset sees: resized, then quantised as the cache stores them (a cache never changes a result)
-    pixels = unpack_pixels(cacheable_pixels(array, resize_transforms(spec)))
+        scan = read_scan(files, spec)  # exactly what a ScanDataset caches (a cache never changes a result)
+        pixels = unpack_pixels(pack_pixels(scan.as_tensor().numpy(), eight_bit=bool(scan.meta["eight_bit"])))
     return finalise_transforms(spec)({"image": pixels})["image"]

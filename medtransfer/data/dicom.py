@@ -15,10 +15,16 @@ The order is the DICOM grayscale pipeline (PS3.3 C.11, PS3.4 N.2.1.1), and it is
    MONOCHROME2 polarity (bone bright). A MONOCHROME1 twin of a MONOCHROME2 image gives the same array.
 
 Only this module reads pixel data; headers are read elsewhere with ``stop_before_pixels``.
+
+It also owns the geometry of slice stacks (series of single-frame files and multi-frame objects with per-frame
+positions, PS3.3 C.7.6.2.1.1): the slice order along the normal, the checks that the slices form one regular
+grid (no missing slice, no uneven spacing, no gantry tilt or shear) and the voxel-to-patient affine, converted
+from DICOM's LPS to the RAS+ convention of NIfTI and MONAI.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import warnings
@@ -74,6 +80,49 @@ class _Decoded:
     modality_lut: str
 
 
+#: Slices may advance at most this many degrees off their normal before the stack counts as tilted or sheared.
+MAX_TILT_DEGREES = 0.5
+#: A gap between slices may differ from the median gap by this fraction (plus 0.01 mm of rounding) at most.
+SPACING_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Where the voxels of a stack of slices are: ``affine`` (4x4, RAS+ mm) maps (slice, row, column) indices of
+    the decoded (F, H, W) array to patient coordinates; ``obliquity`` is the angle in degrees between the image
+    axes and the nearest anatomical axes (0 for a true axial, coronal or sagittal stack)."""
+
+    affine: np.ndarray
+    obliquity: float
+
+
+@dataclass
+class DicomPixels:
+    """One decoded DICOM case before intensity scaling (see :func:`decode_dicom`).
+
+    Attributes:
+        values: float32 (F, H, W) modality values (Hounsfield units for CT) or grey luminance, frames in
+            slice order (sorted along the slice normal when positions are known).
+        ref: the dataset whose VOI attributes stand for the case (the middle slice of a series).
+        decoded: photometric, colour range and modality LUT of the values.
+        sorted_by: how the frames were ordered.
+        where: the file, or the series' folder, for error messages.
+        geometry: the stack's affine, or None when the case has no usable position information (a radiograph,
+            a cine loop, a series without ImagePositionPatient).
+        single: one single-frame file: an image, not a volume.
+        frames: for a multi-frame object, the file's frame number of each row of ``values``.
+    """
+
+    values: np.ndarray
+    ref: Dataset
+    decoded: _Decoded
+    sorted_by: str
+    where: Path
+    geometry: SliceGeometry | None
+    single: bool
+    frames: list[int] | None = None
+
+
 def read_dicom_pixels(paths: Sequence[Path] | Path, spec: InputSpec) -> tuple[np.ndarray, dict]:
     """Decode one DICOM image, multi-frame object or multi-file series to float32 in [0, 1].
 
@@ -88,15 +137,87 @@ def read_dicom_pixels(paths: Sequence[Path] | Path, spec: InputSpec) -> tuple[np
         ``frames``, ``modality_lut``, ``transfer_syntax`` and ``sorted_by``.
 
     Raises:
-        ScanReadError: unreadable, truncated, non-image, undecodable, constant or unsupported data, or a header
-            value the pipeline needs that pydicom cannot convert (``WindowCenter = "abc"``).
+        ScanReadError: unreadable, truncated, non-image, undecodable, constant or unsupported data, a series
+            that is not one regular stack, or a header value the pipeline needs that pydicom cannot convert
+            (``WindowCenter = "abc"``).
+    """
+    pixels = decode_dicom(paths)
+    out, info = dicom_to_unit(pixels, spec)
+    array = out[0] if pixels.single else out
+    return np.ascontiguousarray(array, dtype=np.float32), info
+
+
+def decode_dicom(paths: Sequence[Path] | Path) -> DicomPixels:
+    """Read, check and decode one DICOM case to modality values, with its slice geometry.
+
+    Args:
+        paths: one file, or the files of one series.
+
+    Raises:
+        ScanReadError: see :func:`read_dicom_pixels`.
     """
     files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not files:
         raise ScanReadError("<no files>", "no DICOM files were given for this case")
+    with _as_scan_errors(files):
+        if len(files) == 1:
+            ref = read_dataset(files[0])
+            check_dataset(ref, files[0])
+            decoded = decode_values(ref, files[0])
+            decoded, geometry, sorted_by, frames = _multi_frame_geometry(ref, decoded, files[0])
+            _drop_pixels(ref)
+            single = decoded.values.shape[0] == 1
+            return DicomPixels(decoded.values, ref, decoded, sorted_by, files[0], geometry, single, frames)
+        decoded, ref, sorted_by, geometry = _read_series(files)
+        return DicomPixels(decoded.values, ref, decoded, sorted_by, files[0].parent, geometry, False)
+
+
+def dicom_to_unit(pixels: DicomPixels, spec: InputSpec) -> tuple[np.ndarray, dict]:
+    """The VOI (``spec.window``) and polarity steps: modality values (F, H, W) → float32 [0, 1], and what was done.
+
+    The values are scaled frame by frame where the file gives per-frame windows, so this runs on the frames as
+    decoded (before any reorientation).
+    """
+    values, ref, where = pixels.values, pixels.ref, pixels.where
+    with _as_scan_errors([where]):
+        if float(values.max()) == float(values.min()):
+            raise ScanReadError(str(where), f"constant image: every pixel is {float(values.min()):g} after decoding")
+        photometric = str(ref.get("PhotometricInterpretation", "")).strip()
+        out, window = _voi_to_unit(values, ref, spec, pixels.decoded, where, pixels.frames)
+        inverted = inverts(pixels, spec)
+        if inverted:
+            # PS3.3 C.7.6.3.1.2: MONOCHROME1 = minimum is white. Inverting after the VOI keeps the window's meaning.
+            out = np.subtract(1.0, out, out=out if out is not values else None, dtype=np.float32)
+            _log_inversion()
+        info = {
+            "photometric": photometric,
+            "inverted": inverted,
+            "window": window,
+            "bits_stored": int(ref.get("BitsStored") or 0),
+            "frames": int(values.shape[0]),
+            "modality_lut": pixels.decoded.modality_lut,
+            "transfer_syntax": str(_transfer_syntax(ref).name),
+            "sorted_by": pixels.sorted_by,
+        }
+    return out, info
+
+
+def inverts(pixels: DicomPixels, spec: InputSpec) -> bool:
+    """Whether the case is MONOCHROME1 and ``spec`` asks for MONOCHROME2 polarity (to be inverted after VOI).
+
+    Raises:
+        ScanReadError: MONOCHROME2 with Presentation LUT Shape INVERSE (ambiguous polarity).
+    """
+    photometric = str(pixels.ref.get("PhotometricInterpretation", "")).strip()
+    return _polarity(pixels.ref, photometric, pixels.where) and spec.invert_monochrome1
+
+
+@contextlib.contextmanager
+def _as_scan_errors(files: list[Path]) -> Iterator[None]:
+    """pydicom muted, and its stray exceptions turned into ScanReadError (see below)."""
     with quiet_pydicom():
         try:
-            return _read_dicom_pixels(files, spec)
+            yield
         except ScanReadError:
             raise
         except Exception as exc:  # noqa: BLE001 - see below
@@ -106,6 +227,13 @@ def read_dicom_pixels(paths: Sequence[Path] | Path, spec: InputSpec) -> tuple[np
             where = files[0] if len(files) == 1 else files[0].parent
             raise ScanReadError(str(where), f"the DICOM header is damaged or holds invalid values "
                                 f"({type(exc).__name__}); re-export the file") from exc
+
+
+def _drop_pixels(ds: Dataset) -> None:
+    """Free a dataset's encoded pixel bytes once decoded (a 300-slice CT holds ~150 MB of them)."""
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            del ds[keyword]
 
 
 @contextlib.contextmanager
@@ -125,38 +253,6 @@ def quiet_pydicom() -> Iterator[None]:
             yield
     finally:
         log.setLevel(level)
-
-
-def _read_dicom_pixels(files: list[Path], spec: InputSpec) -> tuple[np.ndarray, dict]:
-    if len(files) == 1:
-        ref = read_dataset(files[0])
-        check_dataset(ref, files[0])
-        decoded, sorted_by, where = decode_values(ref, files[0]), "single file", files[0]
-    else:
-        decoded, ref, sorted_by = _read_series(files)
-        where = files[0].parent
-    values = decoded.values
-    if float(values.max()) == float(values.min()):
-        raise ScanReadError(str(where), f"constant image: every pixel is {float(values.min()):g} after decoding")
-    photometric = str(ref.get("PhotometricInterpretation", "")).strip()
-    out, window = _voi_to_unit(values, ref, spec, decoded, where)
-    inverted = _polarity(ref, photometric, where) and spec.invert_monochrome1
-    if inverted:
-        # PS3.3 C.7.6.3.1.2: MONOCHROME1 = minimum is white. Inverting after the VOI keeps the window's meaning.
-        out = 1.0 - out
-        _log_inversion()
-    info = {
-        "photometric": photometric,
-        "inverted": inverted,
-        "window": window,
-        "bits_stored": int(ref.get("BitsStored") or 0),
-        "frames": int(values.shape[0]),
-        "modality_lut": decoded.modality_lut,
-        "transfer_syntax": str(_transfer_syntax(ref).name),
-        "sorted_by": sorted_by,
-    }
-    array = out[0] if len(files) == 1 and out.shape[0] == 1 else out
-    return np.ascontiguousarray(array, dtype=np.float32), info
 
 
 def read_dataset(path: Path) -> Dataset:
@@ -219,6 +315,10 @@ def check_dataset(ds: Dataset, path: Path) -> None:
         raise ScanReadError(
             str(path), f"PhotometricInterpretation '{photometric or 'missing'}' is not supported (validated: "
             f"{', '.join(_GREY + _COLOUR)}); convert the image to MONOCHROME2 or RGB")
+    image_type = ds.get("ImageType")
+    if image_type is not None and "MOSAIC" in {str(v).strip().upper() for v in np.atleast_1d(image_type)}:
+        raise ScanReadError(str(path), "Siemens mosaic (the slices of a volume tiled in one image, ImageType MOSAIC); "
+                            "convert the series to NIfTI with dcm2niix and use the NIfTI file")
     if not _transfer_syntax(ds).is_compressed:
         _check_native_length(ds, path)
     frames, spp = int_tag(ds, "NumberOfFrames", 1), int_tag(ds, "SamplesPerPixel", 1)
@@ -282,8 +382,9 @@ def _modality_lut(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
     return arr.astype(np.float32) * s + b, "rescale"
 
 
-def _frame_attr(ds: Dataset, frame: int, sequence: str, attr: str) -> object:
-    """``attr`` for ``frame``: per-frame functional group, then shared group (PS3.3 C.7.6.16), then top level."""
+def _frame_attr(ds: Dataset, frame: int, sequence: str, attr: str, *, top_level: bool = True) -> object:
+    """``attr`` for ``frame``: per-frame functional group, then shared group (PS3.3 C.7.6.16), then top level
+    (unless ``top_level`` is False)."""
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     shared = ds.get("SharedFunctionalGroupsSequence")
     for item in (per_frame[frame] if per_frame and frame < len(per_frame) else None,
@@ -291,11 +392,15 @@ def _frame_attr(ds: Dataset, frame: int, sequence: str, attr: str) -> object:
         inner = item.get(sequence) if item is not None else None
         if inner and attr in inner[0]:
             return inner[0][attr].value
-    return ds.get(attr)
+    return ds.get(attr) if top_level else None
 
 
-def _voi_to_unit(values: np.ndarray, ds: Dataset, spec: InputSpec, dec: _Decoded, where: Path) -> tuple[np.ndarray, str]:
-    """PS3.3 C.11.2: modality values (F, H, W) → [0, 1] per ``spec.window``; returns what was applied."""
+def _voi_to_unit(values: np.ndarray, ds: Dataset, spec: InputSpec, dec: _Decoded, where: Path,
+                 frames: Sequence[int] | None = None) -> tuple[np.ndarray, str]:
+    """PS3.3 C.11.2: modality values (F, H, W) → [0, 1] per ``spec.window``; returns what was applied.
+
+    ``frames``: the file's frame number of each row of ``values`` (multi-frame objects sorted by position).
+    """
     if spec.window != "file":
         return scale_intensity(values, spec)
     if dec.colour_max is not None:  # no VOI for colour (C.11.2 applies to MONOCHROME only): use the stored range
@@ -304,12 +409,18 @@ def _voi_to_unit(values: np.ndarray, ds: Dataset, spec: InputSpec, dec: _Decoded
         out = _voi_lut_sequence(values, ds)
         desc = "VOI LUT Sequence"
     else:
-        windows = [_frame_window(ds, i if values.shape[0] == int_tag(ds, "NumberOfFrames", 1) else 0, where)
-                   for i in range(values.shape[0])]
+        per_frame = values.shape[0] == int_tag(ds, "NumberOfFrames", 1)
+        frames = list(frames) if frames is not None else list(range(values.shape[0]))
+        windows = [_frame_window(ds, frames[i] if per_frame else 0, where) for i in range(values.shape[0])]
         if any(w is None for w in windows):
             out, desc = percentile_to_unit(values, spec.percentiles)
             return out, f"{desc} (no valid window in the file)"
-        out = np.stack([window_to_unit(v, *w) for v, w in zip(values, windows, strict=True)])
+        if len(set(windows)) == 1:
+            out = window_to_unit(values, *windows[0])
+        else:
+            out = np.empty_like(values, dtype=np.float32)
+            for i, (v, w) in enumerate(zip(values, windows, strict=True)):
+                out[i] = window_to_unit(v, *w)
         distinct = sorted({f"{c:g}/{w:g} {f}" for c, w, f in windows})
         desc = "file window " + ("; ".join(distinct) if len(distinct) <= 3 else f"{len(distinct)} per-frame windows")
     if float(out.max()) - float(out.min()) < 1e-6:
@@ -373,8 +484,8 @@ def _log_inversion() -> None:
         _inversion_logged = True
 
 
-def _read_series(files: list[Path]) -> tuple[_Decoded, Dataset, str]:
-    """Read, check, sort and decode the slices of one series into one (D, H, W) volume."""
+def _read_series(files: list[Path]) -> tuple[_Decoded, Dataset, str, SliceGeometry | None]:
+    """Read, check, sort and decode the slices of one series into one (D, H, W) volume (and its geometry)."""
     folder = files[0].parent
     datasets = [read_dataset(p) for p in files]
     for ds, p in zip(datasets, files, strict=True):
@@ -389,11 +500,26 @@ def _read_series(files: list[Path]) -> tuple[_Decoded, Dataset, str]:
     if len(photometrics) > 1:
         raise ScanReadError(str(folder), f"slices mix PhotometricInterpretation {photometrics}")
     order, sorted_by = _slice_order(datasets, folder)
-    parts = [decode_values(datasets[i], files[i]) for i in order]
-    values = np.concatenate([d.values for d in parts], axis=0)
-    first = parts[0]
+    series = collections.Counter(str(ds.get("SeriesInstanceUID", "") or "") for ds in datasets)
+    series.pop("", None)
+    if len(series) > 1:
+        counts = ", ".join(str(n) for n in sorted(series.values(), reverse=True))
+        raise ScanReadError(str(folder), f"these files mix {len(series)} series (SeriesInstanceUID differs; "
+                            f"{counts} slices): a case must be one series. Put each series in its own folder")
+    geometry = None
+    if sorted_by == "ImagePositionPatient":
+        geometry = _stack_geometry([_floats_of(datasets[0], "ImageOrientationPatient")] * len(order),
+                                   [_floats_of(datasets[i], "ImagePositionPatient") for i in order],
+                                   pixel_spacing(datasets[0], 0), folder)
+    # decoded one slice at a time into one preallocated volume, each file's pixel bytes freed once decoded
+    first = decode_values(datasets[order[0]], files[order[0]])
+    values = np.empty((len(order), *first.values.shape[1:]), dtype=np.float32)
+    for n, i in enumerate(order):
+        part = first if n == 0 else decode_values(datasets[i], files[i])
+        values[n] = part.values[0]
+        _drop_pixels(datasets[i])
     ref = datasets[order[len(order) // 2]]  # the middle slice's window is the series' window
-    return _Decoded(values, first.photometric, first.colour_max, first.modality_lut), ref, sorted_by
+    return _Decoded(values, first.photometric, first.colour_max, first.modality_lut), ref, sorted_by, geometry
 
 
 def _slice_order(datasets: list[Dataset], folder: Path) -> tuple[list[int], str]:
@@ -406,14 +532,144 @@ def _slice_order(datasets: list[Dataset], folder: Path) -> tuple[list[int], str]
             raise ScanReadError(str(folder), "slices have different orientations (ImageOrientationPatient); "
                                 "a case must be one series with one orientation")
         if all(p is not None and len(p) == 3 for p in ipps):
-            normal = np.cross(iop[0][:3], iop[0][3:])
-            pos = np.array([[float(v) for v in p] for p in ipps]) @ normal
-            return list(np.argsort(pos, kind="stable")), "ImagePositionPatient"
+            pos = np.array([[float(v) for v in p] for p in ipps]) @ slice_normal(iop[0])
+            return [int(i) for i in np.argsort(pos, kind="stable")], "ImagePositionPatient"
     numbers = [ds.get("InstanceNumber") for ds in datasets]
     if all(n is not None and str(n) != "" for n in numbers):
-        return list(np.argsort([int(n) for n in numbers], kind="stable")), "InstanceNumber"
+        return [int(i) for i in np.argsort([int(n) for n in numbers], kind="stable")], "InstanceNumber"
     logger.info("series without positions or instance numbers; keeping the given slice order")
     return list(range(len(datasets))), "given order"
+
+
+def _multi_frame_geometry(ds: Dataset, decoded: _Decoded, path: Path
+                          ) -> tuple[_Decoded, SliceGeometry | None, str, list[int] | None]:
+    """Frames of a multi-frame object sorted along their normal, with the stack's geometry and the original frame
+    numbers, when every frame has its own position (PS3.3 C.7.6.16.2.3, Plane Position); otherwise the frames
+    as stored, no geometry."""
+    n = decoded.values.shape[0]
+    stored = (decoded, None, "single file", None)
+    if n < 2 or not ds.get("PerFrameFunctionalGroupsSequence"):
+        return stored
+    positions = [_frame_attr(ds, i, "PlanePositionSequence", "ImagePositionPatient", top_level=False)
+                 for i in range(n)]
+    orientations = [_frame_attr(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient") for i in range(n)]
+    if any(p is None or len(p) != 3 for p in positions) or any(o is None or len(o) != 6 for o in orientations):
+        return stored
+    ipps = [[float(v) for v in p] for p in positions]
+    if np.ptp(np.asarray(ipps), axis=0).max() < 1e-4:  # one position: a time series (cine), frames as stored
+        return stored
+    iops = [[float(v) for v in o] for o in orientations]
+    if np.abs(np.asarray(iops) - iops[0]).max() > 1e-3:
+        raise ScanReadError(str(path), "frames have different orientations (Plane Orientation); a case must be "
+                            "one stack of parallel slices: export each orientation as its own series")
+    order = np.argsort(np.asarray(ipps) @ slice_normal(iops[0]), kind="stable")
+    geometry = _stack_geometry([iops[0]] * n, [ipps[i] for i in order], pixel_spacing(ds, 0), path)
+    if (order != np.arange(n)).any():
+        decoded = _Decoded(decoded.values[order], decoded.photometric, decoded.colour_max, decoded.modality_lut)
+    return decoded, geometry, "Plane Position (per frame)", [int(i) for i in order]
+
+
+def _floats_of(ds: Dataset, keyword: str) -> list[float]:
+    return [float(v) for v in ds.get(keyword)]
+
+
+def pixel_spacing(ds: Dataset, frame: int) -> tuple[float, float]:
+    """(row spacing, column spacing) in mm: PixelSpacing (per frame, shared, top level); 1 mm when absent."""
+    value = _frame_attr(ds, frame, "PixelMeasuresSequence", "PixelSpacing")
+    try:
+        row, col = (float(v) for v in value)  # type: ignore[union-attr]
+        if row > 0 and col > 0:
+            return row, col
+    except (TypeError, ValueError):
+        pass
+    logger.info("no valid PixelSpacing; assuming 1 mm pixels for the volume's geometry")
+    return 1.0, 1.0
+
+
+def slice_normal(orientation: Sequence[float]) -> np.ndarray:
+    """The unit normal of slices with ImageOrientationPatient ``orientation`` (row x column cosines, LPS)."""
+    iop = np.asarray(orientation, dtype=np.float64)
+    normal = np.cross(iop[:3], iop[3:])
+    return normal / (np.linalg.norm(normal) or 1.0)
+
+
+def obliquity_degrees(orientation: Sequence[float]) -> float:
+    """Degrees between the image axes (rows, columns, normal) and the nearest anatomical axes; 0 when the
+    slices are exactly axial, coronal or sagittal."""
+    iop = np.asarray(orientation, dtype=np.float64)
+    axes = [iop[:3], iop[3:], slice_normal(iop)]
+    cosines = [float(np.max(np.abs(a)) / (np.linalg.norm(a) or 1.0)) for a in axes]
+    return float(np.degrees(np.arccos(np.clip(min(cosines), -1.0, 1.0))))
+
+
+def stack_problem(orientation: Sequence[float], positions: Sequence[Sequence[float]]) -> str | None:
+    """Why slices at ``positions`` (ImagePositionPatient, any order) with one ``orientation`` are not one regular
+    grid, or None.
+
+    Checked along the slice normal after sorting: a repeated position, a missing slice (a gap that is a multiple
+    of the usual spacing), uneven spacing (beyond :data:`SPACING_TOLERANCE`), and slices that advance off their
+    normal (gantry tilt, or a sheared stack: more than :data:`MAX_TILT_DEGREES`). Slice numbers in the reasons
+    count from 1 in that sorted order.
+    """
+    pos = np.asarray(positions, dtype=np.float64)
+    n = len(pos)
+    if n < 2:
+        return None
+    normal = slice_normal(orientation)
+    pos = pos[np.argsort(pos @ normal, kind="stable")]
+    steps = np.diff(pos, axis=0)
+    along = steps @ normal
+    if (np.abs(along) < 1e-4).any():
+        i = int(np.argmax(np.abs(along) < 1e-4))
+        return (f"slices {i + 1} and {i + 2} of {n} lie at the same position (duplicate files, or several "
+                "acquisitions in one series); export each acquisition as its own series")
+    usual = float(np.median(along))
+    off = np.abs(along - usual) > SPACING_TOLERANCE * usual + 0.01
+    if off.any():
+        i = int(np.argmax(np.abs(along - usual)))
+        gap, others = float(along[i]), f"{_mm(usual)} mm elsewhere"
+        multiple = gap / usual
+        if round(multiple) >= 2 and abs(multiple - round(multiple)) <= SPACING_TOLERANCE:
+            missing = round(multiple) - 1
+            what = "a slice is missing" if missing == 1 else f"{missing} slices are missing"
+            more = f" ({int(off.sum())} such gaps)" if off.sum() > 1 else ""
+            return (f"slice spacing {_mm(gap)} mm between slices {i + 1} and {i + 2}, {others}: {what}{more}; "
+                    "export the complete series again")
+        return (f"uneven slice spacing: {_mm(gap)} mm between slices {i + 1} and {i + 2}, {others} "
+                f"({int(off.sum())} of {n - 1} gaps differ); export the series again or resample it to even spacing")
+    inplane = np.linalg.norm(steps - along[:, None] * normal, axis=1)
+    angles = np.degrees(np.arctan2(inplane, np.abs(along)))
+    limit = np.degrees(np.arctan2(np.tan(np.radians(MAX_TILT_DEGREES)) * np.abs(along) + 0.01, np.abs(along)))
+    if (angles > limit).any():
+        angle = float(angles.max())
+        return (f"the slices advance at {angle:.1f} degrees to their normal (gantry tilt or a sheared stack; "
+                f"tolerance {MAX_TILT_DEGREES:g} degrees), so they do not form a rectangular grid; resample the series "
+                "to slices without tilt (dcm2niix corrects gantry tilt) or export it without tilt")
+    return None
+
+
+def _mm(x: float) -> str:
+    return f"{x:.1f}" if abs(x) >= 1 else f"{x:.3g}"
+
+
+def _stack_geometry(orientations: list[list[float]], positions: list[list[float]], spacing: tuple[float, float],
+                    where: Path) -> SliceGeometry:
+    """Check a sorted stack and build its affine (RAS+, for (slice, row, column) indices).
+
+    DICOM (PS3.3 C.7.6.2.1.1): voxel (column i, row j) of a slice lies at ``IPP + i * dc * X + j * dr * Y``
+    (X, Y: the row and column direction cosines of ImageOrientationPatient; dr, dc: PixelSpacing), in LPS;
+    the slice axis steps from the first to the last position in equal steps. LPS → RAS negates x and y.
+    """
+    problem = stack_problem(orientations[0], positions)
+    if problem:
+        raise ScanReadError(str(where), problem)
+    iop = np.asarray(orientations[0], dtype=np.float64)
+    pos = np.asarray(positions, dtype=np.float64)
+    dr, dc = spacing
+    step = (pos[-1] - pos[0]) / (len(pos) - 1)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = step, iop[3:] * dr, iop[:3] * dc, pos[0]
+    return SliceGeometry(np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, obliquity_degrees(iop))
 
 
 # --- Intensity windows to [0, 1] (also used for NIfTI and PNG by medtransfer.data.loading) ---------------
@@ -425,15 +681,23 @@ def window_to_unit(x: np.ndarray, center: float, width: float, function: str = "
     LINEAR (C.11.2.1.2.1) keeps the standard's half-unit offsets: 0 where ``x <= c - 0.5 - (w - 1) / 2``,
     1 where ``x > c - 0.5 + (w - 1) / 2``, else ``(x - (c - 0.5)) / (w - 1) + 0.5``. LINEAR_EXACT
     (C.11.2.1.3.2): ``(x - c) / w + 0.5`` clipped. SIGMOID (C.11.2.1.3.1): ``1 / (1 + exp(-4 (x - c) / w))``.
+    Computed in float32 in one new array (volumes hold hundreds of MB; no float64, no temporaries).
     """
     x = np.asarray(x, dtype=np.float32)
     if function == "SIGMOID":
-        return (1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))).astype(np.float32)
-    if function == "LINEAR_EXACT":
-        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
-    if width == 1:  # LINEAR with w = 1 is a threshold at c - 0.5
+        out = np.subtract(x, center, dtype=np.float32)
+        out *= np.float32(-4.0)
+        out /= np.float32(width)
+        np.exp(out, out=out)
+        out += 1.0
+        return np.divide(1.0, out, out=out)
+    if function != "LINEAR_EXACT" and width == 1:  # LINEAR with w = 1 is a threshold at c - 0.5
         return (x > center - 0.5).astype(np.float32)
-    return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+    shift, scale = (center, width) if function == "LINEAR_EXACT" else (center - 0.5, width - 1)
+    out = np.subtract(x, shift, dtype=np.float32)
+    out /= np.float32(scale)
+    out += np.float32(0.5)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def percentile_to_unit(x: np.ndarray, percentiles: tuple[float, float]) -> tuple[np.ndarray, str]:
@@ -441,19 +705,25 @@ def percentile_to_unit(x: np.ndarray, percentiles: tuple[float, float]) -> tuple
 
     Large volumes are subsampled (a regular stride, so deterministic) to keep this fast.
     """
-    flat = x.reshape(-1)
-    sample = flat[:: max(1, flat.size // 4_000_000)]
+    x = np.asarray(x, dtype=np.float32)
+    sample = x.reshape(-1)[:: max(1, x.size // 4_000_000)] if x.flags.c_contiguous else x.flat[:: max(
+        1, x.size // 4_000_000)]
     lo, hi = (float(v) for v in np.percentile(sample, percentiles))
     if hi <= lo:
         return minmax_to_unit(x)
-    return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32), f"percentile {percentiles} = {lo:g}..{hi:g}"
+    out = np.subtract(x, np.float32(lo), dtype=np.float32)
+    out /= np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out), f"percentile {percentiles} = {lo:g}..{hi:g}"
 
 
 def minmax_to_unit(x: np.ndarray) -> tuple[np.ndarray, str]:
     """Scale the image's own min..max to [0, 1] (zeros for a constant image, which callers refuse)."""
+    x = np.asarray(x, dtype=np.float32)
     lo, hi = float(x.min()), float(x.max())
     scale = 1.0 / (hi - lo) if hi > lo else 0.0
-    return ((x - lo) * scale).astype(np.float32), f"minmax {lo:g}..{hi:g}"
+    out = np.subtract(x, np.float32(lo), dtype=np.float32)
+    out *= np.float32(scale)
+    return out, f"minmax {lo:g}..{hi:g}"
 
 
 def scale_intensity(x: np.ndarray, spec: InputSpec, *, natural_max: float | None = None) -> tuple[np.ndarray, str]:
@@ -468,7 +738,8 @@ def scale_intensity(x: np.ndarray, spec: InputSpec, *, natural_max: float | None
     if spec.window == "minmax":
         return minmax_to_unit(x)
     if spec.window == "file" and natural_max is not None:
-        return np.clip(x / natural_max, 0.0, 1.0).astype(np.float32), f"range 0..{natural_max:g}"
+        out = np.divide(x, np.float32(natural_max), dtype=np.float32)
+        return np.clip(out, 0.0, 1.0, out=out), f"range 0..{natural_max:g}"
     return percentile_to_unit(x, spec.percentiles)
 
 

@@ -13,6 +13,11 @@ Rules others rely on:
   modalities (CT, MR, PT, NM) with ImagePositionPatient, in one folder or several; the case ``path`` is the
   deepest folder common to the slices and ``files`` lists them (sorted). Every other DICOM file is one case:
   radiographs (CR/DX/MG/...) of one series are separate images, and a multi-frame file is one case.
+* **Volumes checked from headers, before any decoding** (each reason names the fix): slices that do not form
+  one regular stack (``mixed_series``: sizes, orientations, shared positions; ``series_geometry``: a missing
+  slice, uneven spacing, gantry tilt), two series whose case would be the same folder (``mixed_series``),
+  slices tilted beyond ``data.max_obliquity`` (``oblique``), and more voxels than ``data.max_volume_voxels``
+  (``too_large``).
 * **Labels.** Class sub-folders (the first folder below the data folder) or a labels CSV. A folder without
   labels (no CSV, no scan in a class sub-folder), or with a single class, is refused when labels are required
   (training, evaluation: "need at least two classes") and is otherwise (``require_labels=False``, what
@@ -47,10 +52,12 @@ from medtransfer.data.headers import (
     HeaderProblem,
     ScanHeader,
     merge_fields,
+    oblique_problem,
     read_dicom_header,
     read_image_header,
     read_nifti_header,
     series_problem,
+    too_large_reason,
 )
 from medtransfer.data.labels import LabelTable, folder_label, match_rows, read_labels_csv, resolve_classes
 from medtransfer.data.manifest import (
@@ -96,6 +103,8 @@ class _State:
     ignored: int = 0
     dir_links: int = 0
     loops: int = 0
+    max_voxels: int | None = None
+    max_obliquity: float | None = None
 
     def reject(self, exc: ScanReadError, problem: str | None = None) -> None:
         """Quarantine one file (or raise it, in strict mode)."""
@@ -157,7 +166,8 @@ def index_scans(
     root = _check_root(data_dir)
     labels = labels if labels is not None else cfg.labels
     columns = list(label_columns or cfg.label_columns or []) or None
-    state = _State(root, cfg.strict if strict is None else strict, require_labels)
+    state = _State(root, cfg.strict if strict is None else strict, require_labels, max_voxels=cfg.max_volume_voxels,
+                   max_obliquity=cfg.max_obliquity)
     table = read_labels_csv(labels, root, label_columns=columns) if labels is not None else None
     try:
         _walk(root, _inside(root, out_dir), state)
@@ -322,22 +332,39 @@ def _header(path: Path, rel: str, size: int, fmt: str) -> ScanHeader | None:
 
 
 def _cases(headers: list[tuple[str, ScanHeader]], state: _State) -> pd.DataFrame:
-    """Group files into cases (see the module docstring) as a DataFrame sorted by path."""
+    """Group files into cases (see the module docstring) as a DataFrame sorted by path; volumes that cannot be
+    used, by their headers, are quarantined here."""
     series: dict[str, list[tuple[str, ScanHeader]]] = {}
     rows: list[dict[str, Any]] = []
     for rel, header in headers:
         if header.is_volume_slice:
             series.setdefault(header.series_uid, []).append((rel, header))
-        else:
+        elif not _volume_refused(rel, header, header.frames, state):
             rows.append(_case_row([rel], header))
+    volumes: dict[str, list[list[tuple[str, ScanHeader]]]] = {}
     for members in series.values():
         members.sort(key=lambda m: m[0])
-        problem = series_problem([h for _, h in members]) if len(members) > 1 else None
-        if problem:
+        found = series_problem([h for _, h in members], max_obliquity=state.max_obliquity) if len(members) > 1 \
+            else None
+        if found:
             for rel, _ in members:
-                state.reject(HeaderProblem(rel, problem, "mixed_series"))
+                state.reject(HeaderProblem(rel, found[1], found[0]))
             continue
-        rows.append(_case_row([rel for rel, _ in members], members[0][1]))
+        if len(members) == 1:
+            rows.append(_case_row([members[0][0]], members[0][1]))
+        else:
+            volumes.setdefault(_series_folder([rel for rel, _ in members]), []).append(members)
+    for folder, groups in volumes.items():
+        if len(groups) > 1:  # two series would be one case, with one path and one label
+            sizes = ", ".join(str(len(g)) for g in sorted(groups, key=len, reverse=True))
+            reason = (f"this folder holds {len(groups)} series ({sizes} slices; SeriesInstanceUID differs) and a case "
+                      "folder must hold one: move each series into its own folder")
+            for rel, _ in (m for g in groups for m in g):
+                state.reject(HeaderProblem(rel, reason, "mixed_series"))
+            continue
+        members = groups[0]
+        if not _volume_refused(folder, members[0][1], len(members), state):
+            rows.append(_case_row([rel for rel, _ in members], members[0][1]))
     if not rows:
         raise ManifestError(
             f"no scans found in {state.root}: looked for {_FORMATS_LOOKED_FOR}; {state.ignored} other file(s) "
@@ -347,14 +374,36 @@ def _cases(headers: list[tuple[str, ScanHeader]], state: _State) -> pd.DataFrame
     return pd.DataFrame(rows).sort_values("path", kind="stable").reset_index(drop=True)
 
 
+def _volume_refused(path: str, header: ScanHeader, depth: int, state: _State) -> bool:
+    """Quarantine a volume (``depth`` slices or frames) that is too large or too oblique; True if it was."""
+    if depth <= 1 or not header.rows or not header.cols:
+        return False
+    count = depth * header.rows * header.cols
+    if state.max_voxels is not None and count > state.max_voxels:
+        shown = f"{header.rows}x{header.cols}x{depth}"
+        state.reject(HeaderProblem(path, too_large_reason(shown, count, state.max_voxels), "too_large"))
+        return True
+    # NIfTI here; DICOM series in series_problem. Multi-frame DICOM objects are not: a cine loop in an oblique
+    # plane is a sequence of frames, not a volume to orient
+    found = oblique_problem(header.obliquity if header.fmt == "nifti" else None, state.max_obliquity)
+    if found:
+        state.reject(HeaderProblem(path, found[1], found[0]))
+        return True
+    return False
+
+
+def _series_folder(rels: list[str]) -> str:
+    """The case path of a series: the deepest folder common to its files."""
+    return posixpath.commonpath([posixpath.dirname(r) for r in rels]) or "."
+
+
 def _case_row(rels: list[str], header: ScanHeader) -> dict[str, Any]:
     values = {f.name: getattr(header, f.name) for f in fields(header)}
-    for internal in ("series_uid", "position", "orientation", "fmt"):
+    for internal in ("series_uid", "position", "orientation", "fmt", "obliquity", "extra_dims"):
         values.pop(internal)
     if len(rels) == 1:
         return {"path": rels[0], "files": "", "format": header.fmt, **values}
-    folder = posixpath.commonpath([posixpath.dirname(r) for r in rels]) or "."
-    return {"path": folder, "files": ";".join(rels), "format": header.fmt, **values, "frames": len(rels)}
+    return {"path": _series_folder(rels), "files": ";".join(rels), "format": header.fmt, **values, "frames": len(rels)}
 
 
 def _attach_labels(df: pd.DataFrame, table: LabelTable | None, state: _State) -> pd.DataFrame:

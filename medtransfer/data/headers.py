@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import pandas as pd
 
-from medtransfer.data.dicom import int_tag
+from medtransfer.data.dicom import int_tag, obliquity_degrees, stack_problem
 from medtransfer.data.privacy import pseudonym
 from medtransfer.errors import ScanReadError
 
@@ -80,6 +80,8 @@ class ScanHeader:
         series_uid: SeriesInstanceUID, used only to group slices; never written to the manifest.
         age: years (from PatientAge), or None.
         position, orientation: ImagePositionPatient / ImageOrientationPatient, for series grouping.
+        obliquity: NIfTI only: degrees between the voxel axes and the nearest anatomical axes (from the affine).
+        extra_dims: NIfTI only: the sizes of the dimensions beyond the third (time points, channels).
     """
 
     fmt: str
@@ -101,6 +103,8 @@ class ScanHeader:
     spacing_col: float | None = None
     position: tuple[float, ...] | None = None
     orientation: tuple[float, ...] | None = None
+    obliquity: float | None = None
+    extra_dims: tuple[int, ...] = ()
 
     @property
     def is_volume_slice(self) -> bool:
@@ -291,9 +295,10 @@ def _explicit_element(head: bytes, *, implicit: bool) -> bool:
 
 
 def read_nifti_header(path: Path, rel: str) -> ScanHeader:
-    """Shape and voxel size of a NIfTI file via nibabel (the data array is not loaded).
+    """Shape, voxel size and obliquity of a NIfTI file via nibabel (the data array is not loaded).
 
-    ``rows``/``cols`` are the first two array dimensions as stored, ``frames`` the third (1 for 2D).
+    ``rows``/``cols`` are the first two array dimensions as stored, ``frames`` the third (1 for 2D), and
+    ``extra_dims`` any further ones (a 4D series).
 
     Raises:
         HeaderProblem: nibabel cannot read the header.
@@ -304,13 +309,20 @@ def read_nifti_header(path: Path, rel: str) -> ScanHeader:
         img = nib.load(str(path))
         shape = tuple(int(s) for s in img.shape)
         zooms = tuple(float(z) for z in img.header.get_zooms())
+        rotation = np.asarray(img.affine, dtype=np.float64)[:3, :3]
     except Exception as exc:  # noqa: BLE001 - nibabel raises several types for corrupt files
         raise HeaderProblem(rel, f"not a readable NIfTI file ({type(exc).__name__})", "unreadable") from None
     if len(shape) < 2 or min(shape) < 1:
         raise HeaderProblem(rel, f"NIfTI image has shape {shape}; expected at least 2 dimensions", "no_size")
+    norms = np.linalg.norm(rotation, axis=0)
+    obliquity = None
+    if np.all(norms > 0) and np.isfinite(rotation).all():
+        cosines = np.max(np.abs(rotation), axis=0) / norms
+        obliquity = float(np.degrees(np.arccos(np.clip(cosines.min(), -1.0, 1.0))))
     return ScanHeader(
         fmt="nifti", rows=shape[0], cols=shape[1], frames=shape[2] if len(shape) > 2 else 1,
         spacing_row=zooms[0] if len(zooms) > 1 else None, spacing_col=zooms[1] if len(zooms) > 1 else None,
+        obliquity=obliquity, extra_dims=tuple(shape[3:]),
     )
 
 
@@ -394,19 +406,52 @@ def _site_from_header(df: pd.DataFrame) -> pd.Series:
     return institution.where(institution != "", fallback)
 
 
-def series_problem(slices: list[ScanHeader]) -> str | None:
-    """Why these slices of one series cannot form one volume (sizes, orientations, positions differ), or None."""
+def series_problem(slices: list[ScanHeader], *, max_obliquity: float | None = None) -> tuple[str, str] | None:
+    """Why these slices of one series cannot form one volume, as ``(problem, reason)``, or None.
+
+    Problems: ``mixed_series`` (sizes, orientations or positions that do not belong to one stack),
+    ``series_geometry`` (a missing slice, uneven spacing, gantry tilt: see
+    :func:`medtransfer.data.dicom.stack_problem`), ``oblique`` (slices tilted more than ``max_obliquity``
+    degrees from the nearest anatomical plane; None: not checked).
+    """
     n = len(slices)
     if len({(h.rows, h.cols) for h in slices}) > 1:
-        return f"the {n} slices of this series differ in size (Rows/Columns); export each size as its own series"
+        return "mixed_series", (f"the {n} slices of this series differ in size (Rows/Columns); export each size as "
+                                "its own series")
     orientations = [h.orientation for h in slices]
     first = orientations[0]
     if any(o is None for o in orientations) and first is not None or any(
         o is not None and (first is None or len(o) != len(first) or not np.allclose(o, first, atol=_VOLUME_TOLERANCE))
         for o in orientations
     ):
-        return (f"the {n} slices of this series have mixed orientations (ImageOrientationPatient); split it into "
-                "one series per orientation")
+        return "mixed_series", (f"the {n} slices of this series have mixed orientations (ImageOrientationPatient); "
+                                "split it into one series per orientation")
     if len({tuple(round(p, 3) for p in h.position or ()) for h in slices}) < n:
-        return f"several of the {n} slices of this series share one position (duplicate files or acquisitions)"
-    return None
+        return "mixed_series", (f"several of the {n} slices of this series share one position (duplicate files or "
+                                "acquisitions)")
+    if first is None or len(first) != 6 or any(h.position is None or len(h.position) != 3 for h in slices):
+        return None
+    problem = stack_problem(first, [h.position for h in slices])  # type: ignore[misc]
+    if problem:
+        return "series_geometry", problem
+    return oblique_problem(obliquity_degrees(first), max_obliquity)
+
+
+def too_large_reason(shown: str, count: int, limit: int) -> str:
+    """The quarantine reason for a volume of ``count`` voxels (``shown``, e.g. ``512x512x3000``) over ``limit``."""
+    return (f"volume {shown} has {count:,} voxels ({count * 4 / 2**30:.1f} GiB as float32), more than the "
+            f"data.max_volume_voxels limit of {limit:,} ({limit * 4 / 2**30:.1f} GiB): raise it (e.g. --set "
+            f"data.max_volume_voxels={_next_power(count)}) on a machine with the memory, or crop the volume")
+
+
+def _next_power(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def oblique_problem(angle: float | None, max_obliquity: float | None) -> tuple[str, str] | None:
+    """``("oblique", reason)`` when ``angle`` (degrees from the nearest anatomical axes) exceeds the tolerance."""
+    if angle is None or max_obliquity is None or angle <= max_obliquity:
+        return None
+    return "oblique", (f"oblique volume: its slices are tilted {angle:.1f} degrees from the nearest axial, coronal "
+                       f"or sagittal plane (data.max_obliquity is {max_obliquity:g}); reformat it to straight slices "
+                       "(a viewer's MPR, or resampling), or raise data.max_obliquity to read it in its own grid")

@@ -1,13 +1,15 @@
 """MONAI dictionary-transform pipelines built from an :class:`InputSpec` (key ``"image"``).
 
 The input of every pipeline is what :func:`medtransfer.data.loading.load_case` returns: float32
-(1, *spatial) in [0, 1]. The pipeline is split in three so that the expensive, deterministic part can be
-cached (:mod:`medtransfer.data.dataset`):
+(k, *spatial) in [0, 1] (k = 1, or one channel per CT window). The pipeline is split in three so that the
+expensive, deterministic part can be cached (:mod:`medtransfer.data.dataset`):
 
-1. :func:`resize_transforms`: resize to ``spec.size`` (``keep_aspect``: fit inside and pad with 0). Output
-   float32 (1, *size) in [0, 1]: this is what the disk cache stores.
+1. :func:`resize_transforms`: resize to exactly ``spec.size`` (``keep_aspect``: fit inside and pad with 0).
+   Output float32 (k, *size) in [0, 1]: this is what the disk cache stores (``read_scan`` resizes with the same
+   :class:`FitResized`).
 2. :func:`random_transforms` (training only): flips, rotation, zoom, contrast/brightness, on [0, 1] images.
-3. :func:`finalise_transforms`: replicate to ``spec.channels`` and normalise with ``spec.mean``/``std``.
+3. :func:`finalise_transforms`: replicate one grey channel to ``spec.channels`` and normalise with
+   ``spec.mean``/``std``.
 
 :func:`deterministic_transforms` is 1 followed by 3: the whole evaluation/prediction pipeline.
 """
@@ -30,7 +32,6 @@ from monai.transforms import (
     RandRotated,
     RandShiftIntensityd,
     RandZoomd,
-    RepeatChanneld,
     Resize,
     SpatialPad,
 )
@@ -42,11 +43,12 @@ KEY = "image"
 
 
 class FitResized(MapTransform):
-    """Resize a channel-first image to ``spatial_size``; with ``keep_aspect`` fit inside it and pad with 0.
+    """Resize a channel-first image to exactly ``spatial_size``; with ``keep_aspect`` fit inside it and pad with 0.
 
     Shrinking uses ``area`` interpolation (an average over each output pixel's footprint, so no aliasing of
     fine texture such as trabecular bone); enlarging uses (bi|tri)linear interpolation. Fitting then padding
-    gives the same result as the usual "pad to square, then resize" at a fraction of the cost.
+    gives the same result as the usual "pad to square, then resize" at a fraction of the cost. A MONAI
+    ``MetaTensor`` keeps a correct affine (MONAI's ``Resize`` and ``SpatialPad`` update it).
     """
 
     def __init__(self, keys: str | Sequence[str], spatial_size: Sequence[int], keep_aspect: bool = False) -> None:
@@ -73,7 +75,32 @@ class FitResized(MapTransform):
             shrink = all(t <= s for t, s in zip(target, src, strict=True))
             mode = "area" if shrink else ("bilinear" if len(src) == 2 else "trilinear")
             img = Resize(target, mode=mode, align_corners=None if shrink else False)(img)
-        return self._pad(img) if target != self.spatial_size else img
+        out = self._pad(img) if target != self.spatial_size else img
+        if tuple(out.shape[1:]) != self.spatial_size:  # guards the contract every model relies on
+            raise RuntimeError(f"resize produced {tuple(out.shape[1:])}, not {self.spatial_size}")
+        return out
+
+
+class ToChannelsd(MapTransform):
+    """One grey channel replicated to ``channels`` (the RGB backbone then sees R = G = B); an image that already
+    has ``channels`` channels (one per CT window) is left as it is."""
+
+    def __init__(self, keys: str | Sequence[str], channels: int) -> None:
+        super().__init__(keys)
+        self.channels = int(channels)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            if x.shape[0] == self.channels:
+                continue
+            if x.shape[0] != 1:
+                raise ValueError(f"image has {x.shape[0]} channels; the model takes {self.channels} "
+                                 "(one grey channel is replicated, k windows need channels = k)")
+            reps = (self.channels,) + (1,) * (x.ndim - 1)
+            d[key] = x.repeat(*reps) if isinstance(x, torch.Tensor) else np.tile(x, reps)
+        return d
 
 
 class _Clampd(MapTransform):
@@ -87,7 +114,7 @@ class _Clampd(MapTransform):
 
 
 def resize_transforms(spec: InputSpec) -> Compose:
-    """The cached, deterministic geometry: float32 (1, *spatial) [0, 1] → float32 tensor (1, *spec.size) [0, 1]."""
+    """The cached, deterministic geometry: float32 (k, *spatial) [0, 1] → float32 tensor (k, *spec.size) [0, 1]."""
     return Compose([
         EnsureTyped(keys=KEY, dtype=torch.float32, track_meta=False),
         FitResized(KEY, spec.size, keep_aspect=spec.keep_aspect),
@@ -127,11 +154,12 @@ def normalise(spec: InputSpec) -> Normalised:
 
 
 def finalise_transforms(spec: InputSpec) -> Compose:
-    """(1, *size) in [0, 1] → float32 tensor (spec.channels, *size), normalised.
+    """(k, *size) in [0, 1] → float32 tensor (spec.channels, *size), normalised.
 
-    Grey is replicated to 3 channels when ``spec.channels == 3`` (the RGB backbone then sees R = G = B).
+    Grey (k = 1) is replicated to 3 channels when ``spec.channels == 3`` (the RGB backbone then sees R = G = B);
+    three CT windows (k = 3) are the three channels.
     """
-    steps: list[Any] = [RepeatChanneld(keys=KEY, repeats=3)] if spec.channels == 3 else []
+    steps: list[Any] = [ToChannelsd(KEY, spec.channels)] if spec.channels != 1 else []
     return Compose([*steps, normalise(spec)])
 
 

@@ -42,13 +42,13 @@ def _manifest(root: Path, n: int = 5, task: str = "binary") -> Manifest:
 @pytest.fixture
 def counting(monkeypatch):
     calls = []
-    real = dataset_mod.load_case
+    real = dataset_mod.read_scan  # the dataset decodes with read_scan (the public reader)
 
-    def fake(paths, fmt, spec):
-        calls.append(fmt)
-        return real(paths, fmt, spec)
+    def fake(paths, spec, **kwargs):
+        calls.append(kwargs.get("fmt"))
+        return real(paths, spec, **kwargs)
 
-    monkeypatch.setattr(dataset_mod, "load_case", fake)
+    monkeypatch.setattr(dataset_mod, "read_scan", fake)
     return calls
 
 

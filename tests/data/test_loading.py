@@ -291,7 +291,9 @@ def test_png_8bit_16bit_and_rgb(tmp_path):
 def test_dicom_series_folder(tmp_path):
     for k in range(3):
         write_dicom(tmp_path / "series" / f"{k}.dcm", chest_like(16, seed=k), position=(0, 0, float(k)),
-                    orientation=(1, 0, 0, 0, 1, 0))
+                    orientation=(1, 0, 0, 0, 1, 0), series_uid="1.2.3")
     assert load_case(tmp_path / "series", "dicom", InputSpec()).shape == (1, 3, 16, 16)
+    write_dicom(tmp_path / "series" / "other.dcm", chest_like(16), position=(0, 0, 3.0), orientation=(1, 0, 0, 0, 1, 0))
+    assert "mix 2 series" in _refused(tmp_path / "series")  # a second series in the folder
     (tmp_path / "none").mkdir()
     assert "no files" in _refused(tmp_path / "none")

@@ -191,10 +191,10 @@ EXPECTED = {
     "trunc.dcm": "truncated", "trunc.png": "pixels", "trunc.nii": "pixels", "trunc.nii.gz": "pixels",
     "zero.dcm": "empty", "zero.png": "empty", "zero.nii.gz": "empty", "zero": "ignored",
     "png_named.dcm": "used", "dicom_named.png": "used", "text_named.dcm": "not_image", "nifti_named.dcm": "unreadable",
-    "no_pixel_data.dcm": "no_pixels", "pixel_length_2gb.dcm": "truncated", "rows_65535_frames_1000.dcm": "pixels",
+    "no_pixel_data.dcm": "no_pixels", "pixel_length_2gb.dcm": "truncated", "rows_65535_frames_1000.dcm": "too_large",
     "one_by_one.dcm": "pixels", "one_by_one.png": "pixels", "one_by_one.nii.gz": "pixels",
     "some_nan_inf.nii.gz": "used", "all_nan.nii.gz": "pixels", "all_inf.nii.gz": "pixels", "four_d.nii.gz": "pixels",
-    "declares_30000_cubed.nii": "pixels", "declares_30000_cubed.nii.gz": "pixels",
+    "declares_30000_cubed.nii": "too_large", "declares_30000_cubed.nii.gz": "too_large",
     "declares_20000_squared.nii.gz": "pixels", "declares_100000_squared.png": "unreadable",
     "declares_12000_squared.png": "pixels", "link_outside.dcm": "outside", "caf\udce9.dcm": "bad_name",
 }

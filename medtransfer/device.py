@@ -101,9 +101,14 @@ def to_device(x: torch.Tensor, device: torch.device, *, channels_last: bool = Fa
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device, *, channels_last: bool) -> torch.nn.Module:
-    """Move the model to ``device``, in channels_last memory format when asked (faster convolutions on CUDA and CPU)."""
+    """Move the model to ``device``, in channels_last memory format when asked (faster convolutions on CUDA and CPU).
+
+    A network with 3D convolutions (5D weights: ``model.volume: native``) keeps its default memory format:
+    channels_last applies to 4D tensors only, and channels_last_3d was not measured to help here. 2.5D and ACS
+    volume models hold 2D kernels (4D weights) and are converted like image models.
+    """
     model = model.to(device)
-    if channels_last:
+    if channels_last and not any(p.dim() == 5 for p in model.parameters()):
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
 

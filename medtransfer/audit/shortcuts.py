@@ -168,7 +168,8 @@ def _leave_one_site_out(run: Any, manifest: Any, n_boot: int, progress: bool) ->
     try:
         pretrained = build_model(run.card.backbone, manifest.classes, task=manifest.task,
                                  in_channels=run.card.input.channels,
-                                 weights=source if source in ("imagenet", "none") else "imagenet")
+                                 weights=source if source in ("imagenet", "none") else "imagenet",
+                                 volume=run.card.volume, slice_context=run.card.slice_context or 3)
     except WeightsUnavailable as exc:
         return pd.DataFrame(), f"leave-one-site-out skipped: pretrained weights unavailable ({exc})"
     feats = _features(pretrained, manifest, run, progress)

@@ -125,14 +125,13 @@ def _measure(cfg: RunConfig, manifest: Manifest, size_reason: str) -> Estimate:
     from medtransfer.data.dataset import ScanDataset
     from medtransfer.device import set_determinism
     from medtransfer.inference import forward_batches
-    from medtransfer.models.classifier import build_model
     from medtransfer.training.fine_tune import Phase, _Trainer, plan_phases
+    from medtransfer.training.run import build_run_model
 
     tc = cfg.train
     counts = {s: len(manifest.split(s)) for s in ("train", "val", "test")}
     set_determinism(tc.seed, tc.deterministic)
-    model = build_model(cfg.model.backbone, manifest.classes, task=manifest.task, in_channels=cfg.input.channels,
-                        weights=cfg.model.weights, dropout=cfg.model.dropout)
+    model = build_run_model(cfg, manifest.classes, manifest.task)
     trainer = _Trainer(model, manifest, cfg, None, False, None)
     train_m = trainer.train_m
 

@@ -20,6 +20,7 @@ Nothing here reads PHI into the result: the meta dict is built from scratch (no 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -68,7 +69,6 @@ def read_nifti_values(path: Path, *, max_voxels: int | None = None) -> MetaTenso
             non-finite, or a constant image.
     """
     import nibabel as nib
-    from monai.transforms import LoadImage
 
     try:
         shape = tuple(int(s) for s in nib.load(str(path)).shape)
@@ -82,8 +82,7 @@ def read_nifti_values(path: Path, *, max_voxels: int | None = None) -> MetaTenso
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # header fixes MONAI reports; the result is what matters
-            loaded = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True,
-                               dtype=np.float32)(str(path))
+            loaded = _nifti_loader()(str(path))
     except Exception as exc:  # truncated data, bad compression...: the file is unreadable
         raise ScanReadError(str(path), f"not a readable NIfTI file ({type(exc).__name__}: {why(exc, path)})") from exc
     values = loaded.as_tensor().reshape(1, *spatial).numpy()
@@ -91,6 +90,16 @@ def read_nifti_values(path: Path, *, max_voxels: int | None = None) -> MetaTenso
     if float(values.max()) == float(values.min()):
         raise ScanReadError(str(path), f"constant image: every voxel is {float(values.min()):g}")
     return MetaTensor(torch.from_numpy(values), affine=torch.as_tensor(np.asarray(loaded.affine), dtype=torch.float64))
+
+
+@functools.lru_cache(maxsize=1)
+def _nifti_loader() -> Any:
+    """One MONAI ``LoadImage`` per process: constructing one instantiates every MONAI reader, which costs time
+    and made MONAI's pydicom plugin log "nvImageCodec is not available" once per scan read (silenced below)."""
+    from monai.transforms import LoadImage
+
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)  # a GPU decoder we do not use
+    return LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
 
 
 def check_voxels(where: str, shape: Sequence[int], max_voxels: int | None) -> None:

@@ -466,15 +466,19 @@ def _audit_table(result: Any) -> str:
 @app.command()
 @user_errors
 def demo(
-    out: Annotated[Path, typer.Option(help="Run directory for the demo.")] = Path("runs/demo"),
+    out: Annotated[Path | None, typer.Option(
+        help="Run directory for the demo [default: runs/demo, or runs/demo-volumes with --volumes].")] = None,
     fast: Annotated[bool, typer.Option(help="Fewer epochs and saliency maps (about half the time).")] = False,
-    data: Annotated[Path, typer.Option(help="Where the synthetic sample scans are (made if missing).")] = Path(
-        "sample_data/generated"),
+    data: Annotated[Path | None, typer.Option(
+        help="Where the synthetic sample scans are, made if missing [default: sample_data/generated, or "
+             "sample_data/volumes with --volumes].")] = None,
+    volumes: Annotated[bool, typer.Option(help="The volume pipeline: synthetic chest CT series (DICOM), a 2.5D "
+                                          "model on ImageNet weights, 3-plane saliency montages.")] = False,
 ) -> None:
-    """The whole pipeline offline on bundled synthetic DICOMs: train, evaluate, explain, report."""
+    """The whole pipeline offline on bundled synthetic scans: train, evaluate, explain, audit, report."""
     from medtransfer.demo import run_demo
 
-    result = run_demo(out, fast=fast, data_dir=data, progress=not quiet())
+    result = run_demo(out, fast=fast, data_dir=data, progress=not quiet(), volumes=volumes)
     console.print(result.summary(), highlight=False, soft_wrap=True)
 
 

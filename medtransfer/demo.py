@@ -28,10 +28,14 @@ from medtransfer.errors import RunDirError
 
 logger = logging.getLogger(__name__)
 
-#: Settings of the full demo (``configs/demo.yaml``) and of ``--fast`` (5 epochs, occlusion on fewer cases).
+#: Settings of the full demo (``configs/demo.yaml``), of ``--fast`` (5 epochs, occlusion on fewer cases), and of
+#: the same two for ``--volumes`` (``configs/demo-volumes.yaml``).
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     "full": {"overrides": [], "gradcam_cases": 3, "occlusion_cases": 2},
     "fast": {"overrides": ["train.epochs=5", "train.patience=2"], "gradcam_cases": 2, "occlusion_cases": 1},
+    # volumes (configs/demo-volumes.yaml): occlusion re-encodes every slice for each occluded copy, so fewer cases
+    "full-volumes": {"overrides": [], "gradcam_cases": 2, "occlusion_cases": 1},
+    "fast-volumes": {"overrides": ["train.epochs=3"], "gradcam_cases": 1, "occlusion_cases": 1},
 }
 DEMO_FILE = "demo.json"
 
@@ -82,19 +86,25 @@ class DemoResult:
 
 
 def run_demo(
-    out: str | Path = "runs/demo",
+    out: str | Path | None = None,
     *,
     fast: bool = False,
-    data_dir: str | Path = "sample_data/generated",
+    data_dir: str | Path | None = None,
     formats: tuple[str, ...] = ("html", "pdf"),
     progress: bool = False,
+    volumes: bool = False,
 ) -> DemoResult:
     """Run the whole pipeline on the bundled synthetic scans, offline, and render the report.
 
     Args:
-        out: run directory for the demo (re-used when its settings match; see the module docstring).
+        out: run directory for the demo (re-used when its settings match; see the module docstring); default
+            ``runs/demo`` (``runs/demo-volumes`` with ``volumes``).
         fast: fewer epochs and fewer occlusion maps (about half the time).
-        data_dir: where the sample scans are (generated there if missing or made with other settings).
+        data_dir: where the sample scans are (generated there if missing or made with other settings); default
+            ``sample_data/generated`` (``sample_data/volumes``).
+        volumes: the volume pipeline instead: synthetic chest CT series from three simulated scanners
+            (``sample-data --volumes``: lung nodules, a metal-marker shortcut at one site), read as DICOM
+            series, a 2.5D model (``configs/demo-volumes.yaml``), Grad-CAM and occlusion montages.
         formats: report formats; without WeasyPrint the HTML is still written and a warning says so.
         progress: progress bars on stderr.
 
@@ -105,26 +115,31 @@ def run_demo(
         RunDirError: ``out`` is a non-empty folder that the demo did not make.
     """
     from medtransfer.audit.shortcuts import audit_shortcuts
-    from medtransfer.datasets.synthetic import generate_sample_data
+    from medtransfer.datasets.synthetic import generate_sample_data, generate_sample_volumes
     from medtransfer.evaluation.evaluate import evaluate
     from medtransfer.evaluation.result import EvaluationResult
     from medtransfer.explain.run import explain_run
     from medtransfer.reports.render import PdfUnavailable, render_report
     from medtransfer.training.run import train
 
-    mode = "fast" if fast else "full"
+    mode = ("fast" if fast else "full") + ("-volumes" if volumes else "")
     settings = DEMO_SETTINGS[mode]
-    run_dir, seconds = Path(out), {}
+    preset = "demo-volumes" if volumes else "demo"
+    run_dir = Path(out if out is not None else "runs/demo-volumes" if volumes else "runs/demo")
+    seconds: dict[str, float] = {}
 
     t = time.perf_counter()
-    data = generate_sample_data(data_dir)
+    if volumes:
+        data = generate_sample_volumes(data_dir if data_dir is not None else "sample_data/volumes")
+    else:
+        data = generate_sample_data(data_dir if data_dir is not None else "sample_data/generated")
     seconds["sample data"] = time.perf_counter() - t
 
-    key = _settings_key(mode, data)
+    key = _settings_key(mode, data, preset)
     state = _prepare_out(run_dir, key)
     t = time.perf_counter()
     if state != "trained":
-        train(data, labels=data / "labels.csv", config="demo", overrides=settings["overrides"], out=run_dir,
+        train(data, labels=data / "labels.csv", config=preset, overrides=settings["overrides"], out=run_dir,
               resume=state == "resume", progress=progress)
     seconds["train"] = time.perf_counter() - t
 
@@ -164,11 +179,11 @@ def run_demo(
     return demo
 
 
-def _settings_key(mode: str, data: Path) -> str:
+def _settings_key(mode: str, data: Path, name: str = "demo") -> str:
     """Fingerprint of what the demo run depends on: mode, demo preset, sample-data fingerprint."""
     from medtransfer.config import resolve_config_path
 
-    preset = resolve_config_path("demo")
+    preset = resolve_config_path(name)
     return sha256_json({"mode": mode, "settings": DEMO_SETTINGS[mode],
                         "preset": preset.read_text(encoding="utf-8") if preset else "",
                         "data": (data / ".complete").read_text(encoding="utf-8").strip()}, 16)

@@ -34,7 +34,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "volumes": ("volumes", []),
     # at 32^3 (MedMNIST's published 3D baselines ran at 28^3): 3D convolutions from scratch at 64^3 cost ~5 min
     # an epoch here, and a from-scratch network needs many epochs
-    "native": ("volumes", ["model.volume=native", "train.strategy=fine-tune", "train.epochs=10", "train.lr=0.001",
+    "native": ("volumes", ["model.volume=native", "model.backbone=resnet10_3d", "model.weights=none",
+                           "train.strategy=fine-tune", "train.epochs=10", "train.lr=0.001",
                            "train.patience=10", "input.size=[32,32,32]"]),
 }
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -81,27 +82,41 @@ def generate_sample_data(
                            sites=tuple(sites), extras=extras, shortcut_strength=shortcut_strength,
                            weak_contrast=weak_contrast, weak_noise=weak_noise, opacity_contrast=opacity_contrast)
     out = Path(out_dir)
-    key = cfg.fingerprint()
+    if build_folder(out, cfg.fingerprint(), lambda tmp: _build(tmp, cfg), maker="generate_sample_data",
+                    overwrite=overwrite):
+        logger.info("wrote %d synthetic radiographs to %s", n, out)
+    return out
+
+
+def build_folder(out: Path, key: str, build: Callable[[Path], None], *, maker: str, overwrite: bool) -> bool:
+    """Build a generated data set folder atomically and idempotently; returns False when it was up to date.
+
+    ``build`` fills a hidden sibling folder, which is renamed over ``out`` at the end (the previous folder moved
+    aside first), so an interrupted run never leaves half a data set under the final name; a ``.complete``
+    marker holding ``key`` (the generator's settings) makes a second call with the same settings a no-op.
+
+    Raises:
+        MedtransferError: ``out`` is a non-empty folder that ``maker`` did not make (it is never deleted).
+    """
     marker = out / _MARKER
     if not overwrite and marker.is_file() and marker.read_text().strip() == key:
-        logger.info("sample data in %s is up to date", out)
-        return out
+        logger.info("%s is up to date", out)
+        return False
     if out.exists() and any(out.iterdir()) and not marker.is_file():
-        raise MedtransferError(f"{out} is not empty and was not made by generate_sample_data; "
-                               "choose a new or empty folder")
+        raise MedtransferError(f"{out} is not empty and was not made by {maker}; choose a new or empty folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
         started = time.perf_counter()
-        _build(tmp, cfg)
+        build(tmp)
         (tmp / _MARKER).write_text(key + "\n")
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("wrote %d synthetic radiographs to %s in %.1f s", n, out, time.perf_counter() - started)
-    return out
+    logger.info("built %s in %.1f s", out, time.perf_counter() - started)
+    return True
 
 
 def sample_truth(out_dir: str | os.PathLike[str]) -> pd.DataFrame:

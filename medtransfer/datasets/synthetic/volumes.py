@@ -21,9 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-import time
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -34,7 +31,7 @@ import pandas as pd
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
-from medtransfer.datasets.synthetic.generate import _MARKER, _swap_in
+from medtransfer.datasets.synthetic.generate import build_folder
 from medtransfer.datasets.synthetic.volume_anatomy import (
     Grid,
     Torso,
@@ -184,26 +181,9 @@ def generate_sample_volumes(
                            shortcut_site=shortcut_site, shortcut_strength=shortcut_strength, weak_site=weak_site,
                            weak_noise=weak_noise, nodule_mm=diameters)
     out = Path(out_dir)
-    key = cfg.fingerprint()
-    marker = out / _MARKER
-    if not overwrite and marker.is_file() and marker.read_text().strip() == key:
-        logger.info("sample volumes in %s are up to date", out)
-        return out
-    if out.exists() and any(out.iterdir()) and not marker.is_file():
-        raise MedtransferError(f"{out} is not empty and was not made by generate_sample_volumes; "
-                               "choose a new or empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        started = time.perf_counter()
-        _build(tmp, cfg)
-        (tmp / _MARKER).write_text(key + "\n")
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("wrote %d synthetic CT volumes to %s in %.1f s", n, out, time.perf_counter() - started)
+    if build_folder(out, cfg.fingerprint(), lambda tmp: _build(tmp, cfg), maker="generate_sample_volumes",
+                    overwrite=overwrite):
+        logger.info("wrote %d synthetic CT volumes to %s", n, out)
     return out
 
 

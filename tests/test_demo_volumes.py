@@ -1,9 +1,10 @@
 """``medtransfer demo --volumes --fast`` end to end in a fresh folder: synthetic CT series (DICOM) are made,
-indexed as volumes, an ACS model trains, and evaluation, 3-plane saliency montages, the shortcut audit and the
-report follow.
+indexed as volumes, a 2.5D linear probe trains, and evaluation, 3-plane saliency montages, the shortcut audit and
+the report follow.
 
-What the demo's model learns is not asserted beyond "a valid AUROC": on the demo's ~100 training volumes it
-does not learn the planted nodules (test AUROC about 0.5, said in configs/demo-volumes.yaml and the README).
+What the demo's model learns is not asserted beyond "a valid AUROC": on the demo's ~90 training volumes it finds
+the planted nodules only moderately (test AUROC about 0.7 in the full demo, said in configs/demo-volumes.yaml and
+the README); the --fast demo trains fewer epochs.
 """
 
 from __future__ import annotations
@@ -40,23 +41,25 @@ def test_volume_demo_runs_every_stage_on_dicom_series(demo) -> None:
     assert "Traceback" not in proc.stderr
     run = cwd / "runs" / "demo-volumes"
     card = json.loads((run / "model_card.json").read_text())
-    assert card["volume"] == "acs" and card["input"]["size"] == [32, 64, 64]
+    assert card["volume"] == "slices" and card["input"]["size"] == [32, 128, 128]
     manifest = pd.read_csv(run / "manifest.csv")
     assert manifest["format"].eq("dicom").all() and manifest["frames"].gt(1).all()  # series read as volumes
     ev = json.loads((run / "evaluation.json").read_text())
     (row,) = ev["overall"]["records"]
     assert 0.0 <= row["auroc"] <= 1.0 and row["auroc_lo"] <= row["auroc"] <= row["auroc_hi"]
     index = pd.read_csv(run / "saliency" / "index.csv")
-    assert set(index["method"]) == {"gradcam", "occlusion"}
+    assert set(index["method"]) == {"gradcam"}
     for _, r in index.iterrows():
         assert (run / "saliency" / r["file"]).is_file() and (run / "saliency" / r["map_file"]).is_file()
     assert (run / "audit" / "shortcuts.json").is_file()
+    preds = pd.read_csv(run / "predictions.csv")
+    assert preds["slice_attention"].notna().all()  # which slices: saved with every prediction
 
 
 def test_volume_demo_report_describes_the_volumes_and_leaks_no_identifiers(demo) -> None:
     cwd, _ = demo
     html = (cwd / "runs" / "demo-volumes" / "report.html").read_text(encoding="utf-8")
-    assert "reoriented to RAS" in html and "32×64×64 voxels" in html and "ACS convolutions" in html
+    assert "reoriented to RAS" in html and "32×128×128 voxels" in html and "attention-MIL" in html
     assert "Volume geometry" in html
     assert "DEMO^CT" not in html and "DEMO-CT0" not in html  # the synthetic patients' fake names and IDs
 

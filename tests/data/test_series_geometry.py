@@ -51,7 +51,7 @@ def _pydicom_file(*parts: str) -> Path:
     base = Path(get_testdata_file("CT_small.dcm")).parent
     path = base.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"pydicom's test data has no {'/'.join(parts)}")
+        skip_or_fail(f"pydicom's test data has no {'/'.join(parts)} (it ships with pydicom)")
     return path
 
 
@@ -144,7 +144,7 @@ def test_series_from_a_real_ct_slice_equals_dcm2niix(tmp_path: Path, name: str, 
 def test_real_enhanced_multi_frame_mr_geometry_equals_dcm2niix(tmp_path: Path) -> None:
     source = Path(nib.__file__).parent / "nicom" / "tests" / "data" / "philips_mprage.dcm.gz"
     if not source.is_file():
-        pytest.skip("nibabel's test data has no philips_mprage.dcm.gz")
+        skip_or_fail("nibabel's test data has no philips_mprage.dcm.gz (it ships with nibabel)")
     path = tmp_path / "mprage" / "mprage.dcm"
     path.parent.mkdir()
     with gzip.open(source) as fh, open(path, "wb") as out:

@@ -277,14 +277,14 @@ def test_a_real_series_with_missing_slices_is_refused(tmp_path):
 
     folder = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "77654033" / "CT2"
     if not folder.is_dir():
-        pytest.skip("pydicom's test data has no dicomdirtests/77654033/CT2")
+        skip_or_fail("pydicom's test data has no dicomdirtests/77654033/CT2 (it ships with pydicom)")
     assert "slices are missing" in _refusal(folder)
 
 
 def test_siemens_mosaic_is_refused_with_what_to_do():
     path = Path(nib.__file__).parent / "nicom" / "tests" / "data" / "0.dcm"
     if not path.is_file():
-        pytest.skip("nibabel's test data has no nicom/tests/data/0.dcm")
+        skip_or_fail("nibabel's test data has no nicom/tests/data/0.dcm (it ships with nibabel)")
     assert "Siemens mosaic" in _refusal(path) and "dcm2niix" in _refusal(path)
 
 

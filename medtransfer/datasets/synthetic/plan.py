@@ -59,6 +59,21 @@ class SampleDataConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def patients_and_studies(rng: np.random.Generator, n: int, second_fraction: float, sites: tuple[str, ...], *,
+                         min_patients: int = 1) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Spread ``n`` studies over patients, about ``second_fraction`` of them with a second study.
+
+    Returns ``(n_patients, site per patient, patient per study, study number per study)``: sites are dealt to
+    patients in a balanced random order; every patient has study 1, the chosen ones also study 2.
+    """
+    n_pat = min(n, max(min_patients, round(n / (1 + second_fraction))))
+    pat_site = rng.permutation(np.resize(np.array(sites), n_pat))
+    second = np.sort(rng.choice(n_pat, size=n - n_pat, replace=False))
+    pat = np.concatenate([np.arange(n_pat), second])
+    study = np.concatenate([np.ones(n_pat, int), np.full(len(second), 2)])
+    return n_pat, pat_site, pat, study
+
+
 def plan_cases(cfg: SampleDataConfig) -> pd.DataFrame:
     """Who is scanned where: patients, sites, second studies, labels, demographics, marker corners.
 
@@ -67,11 +82,7 @@ def plan_cases(cfg: SampleDataConfig) -> pd.DataFrame:
         corner (of the laterality marker) and date (YYYYMMDD).
     """
     rng = np.random.default_rng([cfg.seed, 1])
-    n_pat = min(cfg.n, max(1, round(cfg.n / (1 + cfg.second_study_fraction))))
-    pat_site = rng.permutation(np.resize(np.array(cfg.sites), n_pat))
-    second = np.sort(rng.choice(n_pat, size=cfg.n - n_pat, replace=False))
-    pat = np.concatenate([np.arange(n_pat), second])
-    study = np.concatenate([np.ones(n_pat, int), np.full(len(second), 2)])
+    n_pat, pat_site, pat, study = patients_and_studies(rng, cfg.n, cfg.second_study_fraction, cfg.sites)
     site = pat_site[pat]
     sex = np.where(rng.random(n_pat) < 0.5, "M", "F")[pat]
     band = rng.choice(3, size=n_pat, p=[0.12, 0.63, 0.25])  # child / adult / elderly

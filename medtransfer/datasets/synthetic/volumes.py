@@ -32,6 +32,7 @@ from pydicom.uid import generate_uid
 from scipy import ndimage
 
 from medtransfer.datasets.synthetic.generate import build_folder
+from medtransfer.datasets.synthetic.plan import patients_and_studies
 from medtransfer.datasets.synthetic.volume_anatomy import (
     Grid,
     Torso,
@@ -211,11 +212,8 @@ def plan_volume_cases(cfg: VolumeDataConfig) -> pd.DataFrame:
     marker (bool) and date (YYYYMMDD).
     """
     rng = np.random.default_rng([cfg.seed, 11])
-    n_pat = min(cfg.n, max(2, round(cfg.n / (1 + cfg.follow_up_fraction))))
-    pat_site = rng.permutation(np.resize(np.array(cfg.sites), n_pat))
-    second = np.sort(rng.choice(n_pat, size=cfg.n - n_pat, replace=False))
-    pat = np.concatenate([np.arange(n_pat), second])
-    study = np.concatenate([np.ones(n_pat, int), np.full(len(second), 2)])
+    n_pat, pat_site, pat, study = patients_and_studies(rng, cfg.n, cfg.follow_up_fraction, cfg.sites,
+                                                       min_patients=2)
     sex = np.where(rng.random(n_pat) < 0.5, "M", "F")
     age = rng.integers(35, 90, n_pat)
     positive = np.zeros(n_pat, bool)

@@ -426,6 +426,8 @@ def _window_drops(model: nn.Module, x: torch.Tensor, fill: torch.Tensor, windows
                   win: tuple[int, ...], target: torch.Tensor, reference: torch.Tensor,
                   batch_size: int) -> torch.Tensor:
     """Logit drop (M,) for each (image, *start) window replaced by ``fill``; batch_size copies a pass."""
+    if x.ndim == 5 and callable(getattr(model, "encode_slices", None)):
+        return _slice_window_drops(model, x, fill, windows, win, target, reference, batch_size)
 
     def batches() -> Iterator[tuple[torch.Tensor, None]]:
         for s in range(0, len(windows), max(1, batch_size)):
@@ -437,6 +439,60 @@ def _window_drops(model: nn.Module, x: torch.Tensor, fill: torch.Tensor, windows
             yield xb, None
 
     logits, _ = forward_batches(model, batches(), device=x.device)
+    idx = torch.tensor([w[0] for w in windows], dtype=torch.long)
+    return reference[idx] - logits.gather(1, target[idx][:, None])[:, 0]
+
+
+def _slice_window_drops(model: nn.Module, x: torch.Tensor, fill: torch.Tensor, windows: list[tuple[int, ...]],
+                        win: tuple[int, ...], target: torch.Tensor, reference: torch.Tensor,
+                        batch_size: int) -> torch.Tensor:
+    """:func:`_window_drops` for a ``slices`` model: re-encode only the slices whose 2D input a window touches.
+
+    A window over slices [d, d + wd) changes the 2D inputs of slices [d - c, d + wd + c) (c = 1 with three
+    adjacent slices as RGB, 0 otherwise); every other slice's features are those of the unoccluded volume. In
+    eval mode the backbone encodes slices independently, so the head on the spliced features gives the same
+    logit as a forward pass of the whole occluded volume (tested), at about (wd + 2c) / D of the cost:
+    6 of 32 slices with the default window. ``batch_size`` slices are encoded per backbone call.
+    """
+    dev_ = x.device
+    depth = x.shape[2]
+    reach = (int(getattr(model, "slice_context", 1)) - 1) // 2
+    with torch.no_grad():
+        base_feats = model.features(x).float()  # (N, D, F)
+    step = max(1, batch_size)
+    out: list[torch.Tensor] = []
+    pending: list[tuple[int, int, int]] = []  # (image, first, last) of each copy in this group
+    inputs: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        with torch.no_grad():
+            stacked = torch.cat(inputs)
+            enc = torch.cat([model.encode_slices(stacked[s:s + step]).float() for s in range(0, len(stacked), step)])
+            feats = base_feats[[i for i, _, _ in pending]].clone()
+            at = 0
+            for j, (_, lo, hi) in enumerate(pending):
+                feats[j, lo:hi] = enc[at:at + hi - lo]
+                at += hi - lo
+            out.append(model.head(feats.to(base_feats.dtype)).float().cpu())
+        pending.clear()
+        inputs.clear()
+
+    n_slices = 0
+    for i, *pos in windows:
+        region = tuple(slice(p, p + w) for p, w in zip(pos, win, strict=True))
+        copy = x[i:i + 1].clone()
+        copy[(0, slice(None), *region)] = fill[(i, slice(None), *region)]
+        lo, hi = max(0, pos[0] - reach), min(depth, pos[0] + win[0] + reach)
+        inputs.append(model.slice_inputs(copy)[0, lo:hi].to(dev_))
+        pending.append((i, lo, hi))
+        n_slices += hi - lo
+        if n_slices >= step * 4:
+            flush()
+            n_slices = 0
+    flush()
+    logits = torch.cat(out)
     idx = torch.tensor([w[0] for w in windows], dtype=torch.long)
     return reference[idx] - logits.gather(1, target[idx][:, None])[:, 0]
 

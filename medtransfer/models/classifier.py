@@ -278,6 +278,22 @@ class SliceClassifier(Classifier):
                                  to_input=self._renormalise if self._to_rgb is not None else None)
         return feats.view(n, d, -1)
 
+    def slice_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The 2D input of every slice of volumes ``x`` (N, C, D, H, W): a view (N, D, C', H, W).
+
+        Slice s's input depends on slices s-1..s+1 with ``slice_context=3`` (only s with 1), so changing a block
+        of slices changes only the inputs of that block and its neighbours: what occlusion exploits.
+        """
+        return slice_stack(x, self.slice_context)
+
+    def encode_slices(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Features (B, F) of slice inputs (B, C', H, W) taken from :meth:`slice_inputs`.
+
+        In eval mode each slice is encoded independently of the others, so features of unchanged slices can
+        be reused: ``head(features)`` with some rows re-encoded equals a full forward pass of the changed volume.
+        """
+        return self.encode(self._renormalise(inputs) if self._to_rgb is not None else inputs)
+
     def slice_attention(self) -> torch.Tensor | None:
         """The attention weights (N, D) of the last forward pass (``head.last_attention``), or None."""
         return self.head.last_attention  # type: ignore[return-value]

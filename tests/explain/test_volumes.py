@@ -471,3 +471,36 @@ def test_gradcam_and_saliency_on_the_real_volume_models(backbone: str, volume: s
         assert sm.attention is not None and sm.attention.shape[0] == 2
     with torch.no_grad():
         assert torch.equal(before, model(x))
+
+
+@pytest.mark.parametrize("context", [1, 3])
+def test_slices_occlusion_reencodes_only_touched_slices_and_equals_full_forward(context: int) -> None:
+    """The 2.5D fast path (only the slices a window touches are re-encoded) gives the generic path's map."""
+    from medtransfer.models.classifier import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", ["a", "b"], weights="none", volume="slices", slice_context=context).eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics, so eval-mode BN matters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 1, 16, 32, 32)
+
+    class Plain(nn.Module):  # no encode_slices: the generic path re-encodes the whole volume per copy
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            return self.inner(v)
+
+    calls: list[int] = []
+    hook = model.backbone.register_forward_hook(lambda _m, inp, _o: calls.append(inp[0].shape[0]))
+    fast = explain(model, x, method="occlusion", target=0, internal_batch_size=16)
+    fast_slices = sum(calls)
+    calls.clear()
+    slow = explain(Plain(model), x, method="occlusion", target=0, internal_batch_size=16)
+    slow_slices = sum(calls)
+    hook.remove()
+    assert torch.allclose(fast.raw, slow.raw, atol=1e-5), (fast.raw - slow.raw).abs().max()
+    assert fast_slices < slow_slices / 3, (fast_slices, slow_slices)

@@ -170,7 +170,15 @@ class TrainConfig(_Frozen):
     freeze_epochs: int = Field(default=2, ge=0, description=(
         "`gradual` only: head-only epochs before the backbone unfreezes; `>= epochs` makes it a linear probe."))
     batch_size: int = Field(default=32, ge=1, description=(
-        "Images per batch for training, and for validation and calibration inference."))
+        "Images per optimiser step (the global batch: under torchrun each of N processes takes batch_size / N, "
+        "and with `accumulate` k each takes it in k micro-batches), and per inference batch for validation and "
+        "calibration."))
+    accumulate: int = Field(default=1, ge=1, description=(
+        "Gradient accumulation: each optimiser step sums gradients over this many micro-batches of "
+        "batch_size / (processes x accumulate) images, for global batches larger than memory allows."))
+    sync_bn: bool = Field(default=False, description=(
+        "Under torchrun on CUDA: SyncBatchNorm, so BatchNorm statistics come from the global batch, not each "
+        "GPU's share (useful when the per-GPU batch is small, < 16). Ignored in one process and on the CPU."))
     lr: float = Field(default=1e-3, gt=0, description=(
         "Base learning rate: the head's; backbone stages get lower LRs under `lr_decay`."))
     lr_decay: float = Field(default=0.5, gt=0, le=1, description=(

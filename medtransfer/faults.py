@@ -19,6 +19,9 @@ point       environment variable                value
 ``step``    ``MEDTRANSFER_FAULT_KILL_AT_STEP``   ``N``: SIGKILL just before the N-th optimiser step
 ==========  ==================================  =====================================================
 
+Under torchrun, ``MEDTRANSFER_FAULT_RANK=R`` arms these only in the process of global rank R, and only in the
+group's first start (``TORCHELASTIC_RESTART_COUNT`` 0), so that a group restarted by the agent runs clean.
+
 Hits are counted per process from the moment a fault is armed (for the environment: from process start). The
 variables are never set outside tests.
 """
@@ -37,6 +40,7 @@ from pathlib import PurePath
 #: The environment variable that arms each point in a subprocess (all start with :data:`ENV_PREFIX`).
 ENV_PREFIX = "MEDTRANSFER_FAULT_"
 _ENV = {"write": ENV_PREFIX + "KILL_IN_WRITE", "step": ENV_PREFIX + "KILL_AT_STEP"}
+_RANK_ENV = ENV_PREFIX + "RANK"
 #: The fault points production code may call.
 POINTS = tuple(_ENV)
 
@@ -111,8 +115,10 @@ def arm(name: str, *, match: str | None = None, nth: int = 1,
             _armed = saved
 
 
-def subprocess_env(name: str, *, match: str | None = None, nth: int = 1) -> dict[str, str]:
+def subprocess_env(name: str, *, match: str | None = None, nth: int = 1, rank: int | None = None) -> dict[str, str]:
     """The environment variables that make a child process SIGKILL itself at the ``nth`` hit of point ``name``.
+
+    ``rank``: under torchrun, only the process of that global rank, in the group's first start.
 
     Examples:
         >>> subprocess.run(cmd, env={**os.environ, **faults.subprocess_env("step", nth=3)})  # doctest: +SKIP
@@ -121,10 +127,10 @@ def subprocess_env(name: str, *, match: str | None = None, nth: int = 1) -> dict
     if name == "write":
         if not match:
             raise ValueError("the 'write' point needs match= (an fnmatch pattern on the file name, e.g. '*.png')")
-        return {_ENV[name]: f"{match}:{nth}"}
+        return {_ENV[name]: f"{match}:{nth}", **({} if rank is None else {_RANK_ENV: str(rank)})}
     if match is not None:
         raise ValueError(f"the {name!r} point has no subject to match; give nth= only")
-    return {_ENV[name]: str(nth)}
+    return {_ENV[name]: str(nth), **({} if rank is None else {_RANK_ENV: str(rank)})}
 
 
 def _check(name: str, nth: int) -> None:
@@ -154,6 +160,9 @@ def _read_environment() -> dict[str, _Fault]:
 
 def _parse_environment(env: Mapping[str, str]) -> dict[str, _Fault]:
     armed: dict[str, _Fault] = {}
+    only = env.get(_RANK_ENV, "")
+    if only and (env.get("RANK", "0") != only or env.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")):
+        return armed  # armed for another rank, or for the first start only
     write = env.get(_ENV["write"], "")
     if write:
         pattern, _, nth = write.partition(":")

@@ -42,6 +42,7 @@ import pandas as pd
 import torch
 
 from medtransfer import device as dev
+from medtransfer import distributed
 from medtransfer.config import DataConfig
 from medtransfer.data.dataset import ScanDataset, make_loader
 from medtransfer.data.discovery import index_scans
@@ -166,8 +167,12 @@ def forward_batches(model: torch.nn.Module, batches: Iterable[Any], *, device: t
 def run_model(model: torch.nn.Module, manifest: Manifest, spec: InputSpec, *, output: Output = "logits",
               batch_size: int = 32, device: str | torch.device = "auto", amp: bool = True, cpu_bf16: bool = False,
               num_workers: int = 0, cache_dir: str | Path | None = None, progress: bool = False,
-              description: str = "predicting") -> Inference:
+              description: str = "predicting", shard: bool = True) -> Inference:
     """One batched no-grad pass (AMP and channels_last on CUDA) over every case of ``manifest``.
+
+    Under torchrun (an initialised process group) each rank runs a contiguous block of whole batches
+    (:func:`medtransfer.distributed.shard_bounds` over batches: no case twice, no padding) and the blocks are
+    gathered in order, so every rank returns the result one process would (every rank must call it).
 
     Args:
         model: the classifier (returned to the device it came from afterwards).
@@ -182,10 +187,21 @@ def run_model(model: torch.nn.Module, manifest: Manifest, spec: InputSpec, *, ou
         cache_dir: decoded-image cache (see :class:`ScanDataset`); None decodes without caching.
         progress: show progress (a bar on a terminal, periodic lines otherwise).
         description: the progress label.
+        shard: split the cases across ranks under torchrun (False: this rank runs them all).
 
     Returns:
         An :class:`Inference` with outputs in manifest order; undecodable cases are listed in ``errors``.
     """
+    if shard and distributed.active():
+        # whole batches per rank: every batch holds the cases it would hold in one process, so the outputs
+        # are those of one process (batch composition can change float32 results in the last bits)
+        n_batches = -(-len(manifest) // max(1, batch_size))
+        first, last = distributed.shard_bounds(n_batches)
+        start, stop = min(first * batch_size, len(manifest)), min(last * batch_size, len(manifest))
+        part = run_model(model, manifest.rows(start, stop), spec, output=output, batch_size=batch_size,
+                         device=device, amp=amp, cpu_bf16=cpu_bf16, num_workers=num_workers, cache_dir=cache_dir,
+                         progress=progress and distributed.is_main(), description=description, shard=False)
+        return _gathered(part, start, manifest)
     target = device if isinstance(device, torch.device) else dev.resolve_device(device)
     amp_type = dev.amp_dtype(target, amp, cpu_bf16=cpu_bf16)
     home = next(model.parameters()).device
@@ -209,6 +225,25 @@ def run_model(model: torch.nn.Module, manifest: Manifest, spec: InputSpec, *, ou
         arr = outs.numpy() if len(manifest) else np.zeros((0, 1), np.float32)
     att = torch.cat(weights).numpy() if weights and len(manifest) else None
     return Inference(arr, data.targets, errors, att if att is not None and len(att) == len(manifest) else None)
+
+
+def _gathered(part: Inference, start: int, manifest: Manifest) -> Inference:
+    """Every rank's block of an :class:`Inference`, in manifest order, on every rank."""
+    # a rank with no cases (fewer cases than ranks) has an empty (0, 1) block: give it the others' row shape
+    shapes = distributed.gather_objects(tuple(part.outputs.shape) if len(part.outputs) else None)
+    row = next((sh[1:] for sh in shapes if sh is not None), (1,))
+    mine = part.outputs if len(part.outputs) else np.zeros((0, *row), np.float32)
+    outputs = distributed.gather_rows(torch.from_numpy(np.ascontiguousarray(mine))).numpy()
+    errors: dict[int, str] = {}
+    blocks = distributed.gather_objects(({start + i: reason for i, reason in part.errors.items()},
+                                         part.attention if len(part.outputs) else "empty"))
+    for block, _ in blocks:
+        errors.update(block)
+    att = [a for _, a in blocks if not isinstance(a, str)]
+    attention = np.concatenate(att) if att and all(a is not None for a in att) else None
+    targets = manifest.targets() if manifest.has_labels else None
+    return Inference(outputs, targets, errors, attention if attention is not None and len(attention) == len(manifest)
+                     else None)
 
 
 def _tap(loader: Iterable[dict[str, Any]], errors: dict[int, str], progress: bool,

@@ -161,11 +161,15 @@ class ScanDataset(torch.utils.data.Dataset):
         self.decode_count += 1
         return pack_pixels(scan.as_tensor().numpy(), eight_bit=bool(scan.meta["eight_bit"]))
 
+    def write_cache_spec(self) -> None:
+        """Write the cache folder's ``spec.json`` (what its images are) if it is not there yet."""
+        if self.cache_dir is not None and not (self.cache_dir / "spec.json").is_file():
+            meta = {"cache_version": CACHE_VERSION, "spec": self.spec.model_dump(mode="json")}
+            io.write_json(self.cache_dir / "spec.json", meta)
+
     def _write_cache(self, path: Path, image: np.ndarray) -> None:
         try:
-            if not (path.parent / "spec.json").is_file():
-                meta = {"cache_version": CACHE_VERSION, "spec": self.spec.model_dump(mode="json")}
-                io.write_json(path.parent / "spec.json", meta)
+            self.write_cache_spec()
             with io.atomic_path(path, durable=False) as tmp, open(tmp, "wb") as fh:  # a cache: checked on read
                 np.save(fh, image, allow_pickle=False)
         except OSError as exc:  # a full or read-only disk slows training down but must not stop it

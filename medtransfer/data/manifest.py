@@ -156,6 +156,11 @@ class Manifest:
         sub = self.df[self.df["split"].isin(names)]
         return Manifest(sub.copy(), list(self.classes), self.task, self.data_dir, list(self.warnings))
 
+    def rows(self, start: int, stop: int) -> Manifest:
+        """Cases ``start`` to ``stop`` (positions, in order) as a new Manifest: one rank's shard under DDP."""
+        return Manifest(self.df.iloc[start:stop].copy(), list(self.classes), self.task, self.data_dir,
+                        list(self.warnings))
+
     def abspath(self, row: pd.Series | dict) -> list[Path]:
         """Absolute file paths of one case (several for a multi-file series).
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medtransfer import distributed
 from medtransfer._version import __version__
 from medtransfer.checks import evaluation_checks
 from medtransfer.commands import Commands
@@ -103,10 +104,29 @@ def evaluate(
     ci = defaults.ci if ci is None else float(ci)
     min_group_size = defaults.min_group_size if min_group_size is None else int(min_group_size)
     run, source = _with_operating_points(run, progress)
-    manifest, name, default_out = _cases(run, data, labels, split, progress)
+    # under torchrun: rank 0 indexes an external folder; inference is sharded; rank 0 computes and writes
+    manifest, name, default_out = distributed.main_first(lambda: _cases(run, data, labels, split, progress))
     t0 = time.perf_counter()
     preds = run.predict(manifest, batch_size=batch_size, device=device, progress=progress)
     t1 = time.perf_counter()
+    held: dict[str, EvaluationResult] = {}
+
+    def finish() -> Path:
+        held["result"] = _finish(run, preds, manifest, name, data=data, split=split, source=source,
+                                 subgroups=subgroups, intersections=intersections, n_boot=n_boot, ci=ci,
+                                 min_group_size=min_group_size, seed=seed, timing=(t0, t1),
+                                 out=Path(out_dir) if out_dir is not None else default_out)
+        return held["result"].saved_to  # type: ignore[return-value]
+
+    saved = distributed.main_first(finish)
+    return held["result"] if distributed.is_main() else EvaluationResult.load(saved)
+
+
+def _finish(run: Run, preds: pd.DataFrame, manifest: Manifest, name: str, *, data: Any, split: str, source: str,
+            subgroups: Sequence[str], intersections: Sequence[Sequence[str]], n_boot: int, ci: float,
+            min_group_size: int, seed: int, timing: tuple[float, float], out: Path) -> EvaluationResult:
+    """Statistics, checks and files of an evaluation, from its predictions."""
+    t0, t1 = timing
     attrs, inter, notes = _present(preds, subgroups, intersections)
     tables = compute_tables(preds, run.card, attributes=attrs, intersections=inter, n_boot=n_boot, ci=ci,
                             min_group_size=min_group_size, seed=seed)
@@ -119,7 +139,6 @@ def evaluate(
     result = EvaluationResult(**tables, predictions=preds, meta=meta)
     commands = Commands.for_run(run.path, [c for c in preds.columns if preds[c].notna().any()])
     meta["checks"] = [c.to_dict() for c in evaluation_checks(result, commands)]
-    out = Path(out_dir) if out_dir is not None else default_out
     if data is not None:  # the external cases' manifest + quarantine.csv: working files beside the result
         manifest.save(out)
     result.save(out)

@@ -10,7 +10,7 @@ import os
 
 import pandas as pd
 
-from medtransfer import io
+from medtransfer import distributed, io
 from medtransfer.data.manifest import Manifest
 from medtransfer.run_dir import Run, ScanPaths, load_run
 
@@ -36,7 +36,8 @@ def predict(run: Run | str | os.PathLike[str], data: Manifest | ScanPaths, *, ba
     """
     loaded = run if isinstance(run, Run) else load_run(run)
     table = loaded.predict(data, batch_size=batch_size, device=device, progress=progress)
-    if out is not None:
+    if out is not None and distributed.is_main():  # under torchrun every rank has the table; rank 0 writes it
         with io.atomic_path(out) as tmp:
             table.to_csv(tmp, index=False)
+    distributed.barrier()
     return table

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medtransfer import io
+from medtransfer import distributed, io
 from medtransfer.errors import ConfigError, ManifestError, RunDirError
 from medtransfer.explain.faithfulness import deletion_scores
 from medtransfer.explain.overlay import save_overlay
@@ -107,8 +107,10 @@ def explain_run(
             rows = _explain_cases(run, todo, chosen, method, out, progress)
             index = pd.concat([index, rows], ignore_index=True) if len(index) else rows
         index = index.drop_duplicates(["case_id", "class", "method"], keep="last")
-        with io.atomic_path(out / "index.csv") as tmp:
-            index.reindex(columns=INDEX_COLUMNS).to_csv(tmp, index=False)
+        if distributed.is_main():
+            with io.atomic_path(out / "index.csv") as tmp:
+                index.reindex(columns=INDEX_COLUMNS).to_csv(tmp, index=False)
+        distributed.barrier()
     if chosen.empty:
         logger.warning("%s: no %s cases to explain in split '%s' (no TP/FP/FN found)", run.path, method, split)
     return out / "index.csv"
@@ -208,17 +210,23 @@ def _explain_cases(run: Any, todo: pd.DataFrame, chosen: pd.DataFrame, method: s
 
     ds = _dataset(run, run.manifest)
     where = {cid: i for i, cid in enumerate(run.manifest.df["case_id"].astype(str))}
-    sanity = _sanity(run, ds, where, chosen, method, out, progress)
+    # under torchrun: rank 0 runs the sanity check (and writes its table); the maps are shared out in blocks,
+    # each rank writing the files of its own cases, and the index rows gathered in order
+    sanity = distributed.main_first(lambda: _sanity(run, ds, where, chosen, method, out, progress))
+    mine = todo.iloc[slice(*distributed.shard_bounds(len(todo)))]
+    progress = progress and distributed.is_main()
     rows: list[pd.DataFrame] = []
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"Saliency ({method})", total=len(todo), unit="maps", info="")
-        for cls, group in todo.groupby("class", sort=False):
+        task = bar.add_task(f"Saliency ({method})", total=len(mine), unit="maps", info="")
+        for cls, group in mine.groupby("class", sort=False):
             for start in range(0, len(group), CHUNK):
                 chunk = group.iloc[start:start + CHUNK]
                 idx = [where[c] for c in chunk["case_id"]]
                 rows.append(_explain_chunk(run, ds, idx, chunk, str(cls), method, out, sanity))
                 bar.advance(task, len(chunk))
-    return pd.concat(rows, ignore_index=True)
+    blocks = [b for b in distributed.gather_objects(pd.concat(rows, ignore_index=True) if rows else None)
+              if b is not None]
+    return pd.concat(blocks, ignore_index=True) if blocks else pd.DataFrame(columns=INDEX_COLUMNS)
 
 
 def _explain_chunk(run: Any, ds: Any, idx: list[int], chunk: pd.DataFrame, cls: str, method: str, out: Path,

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from medtransfer import io
+from medtransfer import distributed, io
 from medtransfer.data.manifest import Manifest
 from medtransfer.data.spec import InputSpec
 from medtransfer.inference import forward_batches
@@ -85,7 +85,7 @@ def compute_features(
 def cached_features(
     model: torch.nn.Module,
     manifest: Manifest,
-    loader: torch.utils.data.DataLoader,
+    loader_for: Callable[[Manifest], torch.utils.data.DataLoader],
     *,
     spec: InputSpec,
     cache_dir: str | Path | None,
@@ -95,24 +95,33 @@ def cached_features(
     progress: bool = False,
     description: str = "features",
 ) -> torch.Tensor:
-    """Features for ``manifest`` in loader order, from the cache when present, else computed and stored.
+    """Features for ``manifest`` in its order, from the cache when present, else computed and stored.
 
-    ``loader`` must iterate ``manifest`` in order without shuffling and with eval transforms.
+    ``loader_for(m)`` must iterate the cases of ``m`` in order without shuffling and with eval transforms.
+    Under torchrun each rank computes a contiguous block of the cases, the blocks are gathered on every rank,
+    and rank 0 alone writes the cache file (rank 0 also decides whether the cache is there, so every rank
+    takes the same path).
     """
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / "features" / f"{cache_key(model, manifest, spec)}.safetensors"
-        if path.is_file():
+        if distributed.main_first(path.is_file):
+            cached = None
             try:
-                feats = load_file(str(path))["features"]
-                if len(feats) == len(manifest):
-                    logger.info("feature cache hit: %s", path.name)
-                    return feats
+                cached = load_file(str(path))["features"]
+                if len(cached) != len(manifest):
+                    cached = None
             except Exception as exc:  # corrupt cache file: recompute rather than fail the run
                 logger.warning("ignoring unreadable feature cache %s (%s)", path.name, exc)
-    feats = compute_features(model, loader, device=device, amp=amp, channels_last=channels_last,
-                             progress=progress, description=description)
-    if path is not None:
+            # a file that some rank could not use is recomputed by every rank, so that all take the same path
+            if all(distributed.gather_objects(cached is not None)):
+                logger.info("feature cache hit: %s", path.name)
+                return cached  # type: ignore[return-value]
+    part = manifest.rows(*distributed.shard_bounds(len(manifest))) if distributed.active() else manifest
+    feats = compute_features(model, loader_for(part), device=device, amp=amp, channels_last=channels_last,
+                             progress=progress and distributed.is_main(), description=description)
+    feats = distributed.gather_rows(feats)
+    if path is not None and distributed.is_main():
         with io.atomic_path(path) as tmp:
             save_file({"features": feats.contiguous()}, str(tmp))
     return feats

@@ -29,10 +29,11 @@ import pandas as pd
 import torch
 
 from medtransfer import device as dev
+from medtransfer import distributed
 from medtransfer.config import RunConfig
-from medtransfer.data.dataset import ScanDataset, make_loader
+from medtransfer.data.dataset import ScanDataset, make_loader, warm_cache
 from medtransfer.data.manifest import Manifest
-from medtransfer.errors import ManifestError
+from medtransfer.errors import ConfigError, ManifestError
 from medtransfer.models import checkpoint
 from medtransfer.models.outputs import ranking_scores
 from medtransfer.progress import progress_bar
@@ -41,7 +42,6 @@ from medtransfer.training.features import cached_features
 from medtransfer.training.loop import Stepper, predict_batches, recompute_bn_stats, train_epoch
 from medtransfer.training.losses import build_loss
 from medtransfer.training.optim import build_optimizer, build_scheduler, current_lr
-from medtransfer.training.tracking import is_rank_zero
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,9 @@ logger = logging.getLogger(__name__)
 #: unfreezing, while a step on cached features costs well under a millisecond.
 MIN_HEAD_STEPS = 50
 
-HISTORY_COLUMNS = ["epoch", "phase", "lr", "train_loss", "val_loss", "val_auroc", "seconds"]
+#: ``attempt``: 0 for epochs of the first start, k for epochs run after the k-th resume (a crash, a kill, a
+#: restart by torchrun's agent): a resumed run shows it, a run restarted from scratch would not.
+HISTORY_COLUMNS = ["epoch", "phase", "lr", "train_loss", "val_loss", "val_auroc", "seconds", "attempt"]
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,15 @@ class _Trainer:
         self.amp = dev.amp_dtype(self.device, self.tc.amp)
         self.channels_last = self.tc.channels_last
         self.cache_dir = cfg.data.cache_dir or (run_dir / "cache" if run_dir else None)
+        self.world = distributed.world_size() if distributed.active() else 1
+        self.rank_batch = _rank_batch(self.tc.batch_size, self.world, self.tc.accumulate)
+        if self.tc.sync_bn and self.world > 1:
+            if self.device.type == "cuda":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                logger.warning("train.sync_bn is ignored on the CPU (SyncBatchNorm needs CUDA)")
         self.model = dev.prepare_model(model, self.device, channels_last=self.channels_last)
+        self.attempt = 0
         self.loss_fn = build_loss(self.task, self.train_m.targets(), self.n_classes,
                                   class_weights=self.tc.class_weights,
                                   label_smoothing=self.tc.label_smoothing).to(self.device)
@@ -171,18 +181,32 @@ class _Trainer:
                            cache_dir=self.cache_dir)
 
     def _loader(self, ds: ScanDataset, *, shuffle: bool, epoch: int = 0) -> torch.utils.data.DataLoader:
+        """Training loader (``shuffle``: this rank's share of the global batch, DistributedSampler under DDP)
+        or an inference loader (in order, ``batch_size`` a pass)."""
+        if not shuffle:
+            return make_loader(ds, batch_size=self.tc.batch_size, shuffle=False, num_workers=self.tc.num_workers,
+                               seed=self.tc.seed + epoch)
         # A last training batch of one case stops BatchNorm in training mode ("Expected more than 1 value per
         # channel"): drop it (the order is shuffled, so a different case sits out each epoch).
-        drop_last = shuffle and len(ds) > 1 and len(ds) % self.tc.batch_size == 1
-        return make_loader(ds, batch_size=self.tc.batch_size, shuffle=shuffle, num_workers=self.tc.num_workers,
-                           seed=self.tc.seed + epoch, drop_last=drop_last)
+        per_rank = -(-len(ds) // self.world)
+        drop_last = per_rank > 1 and per_rank % self.rank_batch == 1
+        loader = make_loader(ds, batch_size=self.rank_batch, shuffle=True, num_workers=self.tc.num_workers,
+                             seed=self.tc.seed + epoch, drop_last=drop_last, distributed=self.world > 1)
+        if self.world > 1:
+            loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        return loader
+
+    def _val_shard(self) -> Manifest:
+        """This rank's block of the validation cases (all of them in one process); gathered after inference."""
+        return self.val_m.rows(*distributed.shard_bounds(len(self.val_m))) if self.world > 1 else self.val_m
 
     def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached frozen features and targets of the train or val split."""
         if split not in self._feats:
             m = self.train_m if split == "train" else self.val_m
-            loader = self._loader(self._dataset(m, train=False), shuffle=False)
-            f = cached_features(self.model, m, loader, spec=self.spec, cache_dir=self.cache_dir,
+            f = cached_features(self.model, m, lambda part: self._loader(self._dataset(part, train=False),
+                                                                        shuffle=False),
+                                spec=self.spec, cache_dir=self.cache_dir,
                                 device=self.device, amp=self.amp, channels_last=self.channels_last,
                                 progress=self.progress, description=f"features ({split})")
             self._feats[split] = (f, torch.tensor(np.array(m.targets())))
@@ -222,9 +246,14 @@ class _Trainer:
             net = self.model
         opt = build_optimizer(groups, self.tc)
         sched, interval = build_scheduler(opt, self.tc, steps_per_epoch=steps, epochs=phase.end - phase.start)
+        if not phase.frozen and self.world > 1:
+            # every rank trains the whole network on its share of each batch; gradients are averaged
+            net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return Stepper(net, opt, sched, interval, self.loss_fn, self.device, self.amp,
                        dev.make_scaler(self.device, self.amp), self.tc.grad_clip,
-                       self.channels_last and not phase.frozen)
+                       self.channels_last and not phase.frozen,
+                       accumulate=1 if phase.frozen else self.tc.accumulate)
 
     def run_epoch(self, phase: Phase, st: Stepper, epoch: int) -> dict[str, Any]:
         """Train one epoch and validate; returns the history row."""
@@ -237,7 +266,7 @@ class _Trainer:
         else:
             # make_loader seeds the shuffle order and the augmentation from seed + epoch
             batches = self._loader(self._dataset(self.train_m, train=True), shuffle=True, epoch=epoch)
-            val_batches = self._loader(self._dataset(self.val_m, train=False), shuffle=False)
+            val_batches = self._loader(self._dataset(self._val_shard(), train=False), shuffle=False)
             val_net = self.model
         precise = not phase.frozen and self.precise_bn
         # One display per epoch, opened after the feature cache (which has its own) and closed before
@@ -255,32 +284,39 @@ class _Trainer:
                 if not recompute_bn_stats(self.model, _advancing(batches, bar, task_id), device=self.device,
                                           channels_last=st.channels_last):  # no BatchNorm: no pass was made
                     bar.update(task_id, total=len(batches) + len(val_batches))
+                distributed.average_buffers(self.model)  # each rank's statistics came from its share
             pred = predict_batches(val_net, _advancing(val_batches, bar, task_id), task=self.task,
                                    device=self.device, amp=self.amp, channels_last=st.channels_last,
-                                   loss_fn=self.loss_fn)
+                                   loss_fn=self.loss_fn, gather=not phase.frozen)
+            if phase.frozen:
+                distributed.broadcast_module(self.model.head)  # the same head on every rank, bit for bit
             auroc = macro_auroc(pred["targets"], ranking_scores(pred["logits"], self.task), self.task, self.n_classes)
             st.end_epoch(pred.get("loss", float("nan")) if self.tc.plateau_on == "val_loss" else auroc)
             bar.update(task_id, info=f"loss {train_loss:.3f} val_auroc {auroc:.3f}")
+        if not phase.frozen and self.world > 1:  # the epoch's mean training loss over every rank's share
+            train_loss = float(np.mean(distributed.gather_objects(train_loss)))
         return {"epoch": epoch + 1, "phase": phase.name, "lr": lr, "train_loss": train_loss,
                 "val_loss": pred.get("loss", float("nan")), "val_auroc": auroc,
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, "attempt": self.attempt}
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def _ckpt(self, name: str) -> Path | None:
-        # Under DDP only rank 0 writes checkpoints; the other ranks hold identical weights.
-        return self.run_dir / "checkpoints" / name if self.run_dir and is_rank_zero() else None
+    def _ckpt(self, name: str, *, write: bool = False) -> Path | None:
+        # Under DDP only rank 0 writes checkpoints (the other ranks hold identical weights); all ranks read them.
+        if not self.run_dir or (write and not distributed.is_main()):
+            return None
+        return self.run_dir / "checkpoints" / name
 
     def save_last(self, phase: Phase, st: Stepper, epoch: int) -> None:
-        path = self._ckpt("last")
+        path = self._ckpt("last", write=True)
         if path is None:
             return
         extra = {"phase": phase.name, "history": self.history, "best_metric": float(self.best_metric),
-                 "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+                 "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "attempt": self.attempt}
         checkpoint.save_training_state(path, model=self.model, optimizer=st.optimizer, scheduler=st.scheduler,
                                        epoch=epoch + 1, step=0, rng={}, extra=extra)
 
     def save_best(self) -> None:
-        path = self._ckpt("best")
+        path = self._ckpt("best", write=True)
         if path is not None:
             checkpoint.save_weights(self.model, path / "model.safetensors")
 
@@ -295,11 +331,33 @@ class _Trainer:
         self.best_metric = float(extra.get("best_metric", -np.inf))
         self.best_epoch = int(extra.get("best_epoch", 0))
         self.bad_epochs = int(extra.get("bad_epochs", 0))
+        self.attempt = int(extra.get("attempt", 0)) + 1
+        for row in self.history:
+            row.setdefault("attempt", 0)
         logger.info("resuming after epoch %d from %s", state["epoch"], path)
         return int(state["epoch"]), state
 
+    def warm_shared_cache(self) -> None:
+        """Under DDP: fill the decoded-image cache before training, each rank a disjoint block of the cases.
+
+        Otherwise ranks would decode the cases the DistributedSampler gives them in the first epoch, and two
+        ranks could write one cache file (the sampler pads shards with duplicates; every rank would write the
+        cache's spec.json). Rank 0 writes spec.json first; then every file is written by exactly one rank.
+        """
+        if self.world == 1 or self.cache_dir is None:
+            return
+        both = Manifest(pd.concat([self.train_m.df, self.val_m.df], ignore_index=True), list(self.train_m.classes),
+                        self.task, self.train_m.data_dir)
+        if distributed.is_main():
+            self._dataset(both.rows(0, 1), train=False).write_cache_spec()
+        distributed.barrier()
+        warm_cache(self._dataset(both.rows(*distributed.shard_bounds(len(both))), train=False),
+                   progress=self.progress and distributed.is_main())
+        distributed.barrier()
+
     def fit(self, resume: bool) -> FitResult:
         t0 = time.perf_counter()
+        self.warm_shared_cache()
         phases = plan_phases(self.tc.strategy, self.tc.epochs, self.tc.freeze_epochs)
         warning = frozen_only_warning(self.tc.strategy, self.tc.epochs, self.tc.freeze_epochs)
         if warning is not None:
@@ -348,7 +406,7 @@ class _Trainer:
         self.save_last(phase, st, epoch)
         logger.info("epoch %d: train_loss %.4f val_loss %.4f val_auroc %.4f", row["epoch"], row["train_loss"],
                  row["val_loss"], row["val_auroc"])
-        if self.on_epoch is not None:
+        if self.on_epoch is not None and distributed.is_main():
             self.on_epoch(row)
         last_phase = phase.end == self.tc.epochs
         return last_phase and self.bad_epochs >= self.tc.patience
@@ -361,6 +419,19 @@ class _Trainer:
             checkpoint.load_weights(self.model, self._ckpt("best") / "model.safetensors")
         self.model.unfreeze()
         self.model.eval()
+
+
+def _rank_batch(batch_size: int, world: int, accumulate: int) -> int:
+    """Each rank's share of the global batch (``train.batch_size`` / number of processes), checked."""
+    if batch_size % world:
+        lower, upper = batch_size // world * world, -(-batch_size // world) * world
+        raise ConfigError(f"train.batch_size={batch_size} is the global batch and must split evenly over {world} "
+                          f"processes; use {lower or world} or {upper}.")
+    per_rank = batch_size // world
+    if accumulate > per_rank:
+        raise ConfigError(f"train.accumulate={accumulate} is more micro-batches than the {per_rank} images each "
+                          f"process gets per step (batch_size {batch_size} / {world} processes); lower it.")
+    return per_rank
 
 
 def fine_tune(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from medtransfer import faults
+from medtransfer import distributed, faults
 from medtransfer.device import autocast, to_device
 from medtransfer.inference import forward_batches
 from medtransfer.training.losses import logits_to_scores
@@ -29,6 +30,9 @@ class Stepper:
         scaler: GradScaler (active only for float16).
         grad_clip: max global grad norm, or None.
         channels_last: convert 4D image batches on CUDA.
+        accumulate: micro-batches per step: a batch is split into this many parts, each forward/backward on
+            its own (activation memory of one part), gradients summed, then one optimiser step. Under DDP
+            gradients are all-reduced once per step, on the last part (``no_sync`` before).
     """
 
     model: nn.Module
@@ -41,17 +45,28 @@ class Stepper:
     scaler: torch.amp.GradScaler
     grad_clip: float | None = None
     channels_last: bool = False
+    accumulate: int = 1
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One forward/backward/update; returns the batch loss."""
+        """One forward/backward/update (over ``accumulate`` micro-batches); returns the batch's mean loss."""
         faults.point("step")  # crash tests: a SIGKILL just before an optimiser step
         x = to_device(x, self.device, channels_last=self.channels_last)
         y = y.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, self.amp):
-            logits = self.model(x)
-        loss = self.loss_fn(logits, y)
-        self.scaler.scale(loss).backward()
+        parts = max(1, min(self.accumulate, len(x)))
+        bounds = [len(x) * k // parts for k in range(parts + 1)]
+        total = 0.0
+        for k in range(parts):
+            xs, ys = x[bounds[k]:bounds[k + 1]], y[bounds[k]:bounds[k + 1]]
+            last = k == parts - 1
+            no_sync = getattr(self.model, "no_sync", None)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                with autocast(self.device, self.amp):
+                    logits = self.model(xs)
+                # each part's mean loss weighted by its share: the gradients sum to the whole batch's mean loss
+                loss = self.loss_fn(logits, ys) * (len(xs) / len(x))
+                self.scaler.scale(loss).backward()
+            total += float(loss.detach())
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -60,7 +75,7 @@ class Stepper:
         self.scaler.update()
         if self.scheduler is not None and self.interval == "batch":
             self.scheduler.step()
-        return float(loss.detach())
+        return total
 
     def end_epoch(self, metric: float) -> None:
         """Step an epoch-level schedule (ReduceLROnPlateau on the validation metric)."""
@@ -103,14 +118,20 @@ def predict_batches(
     amp: torch.dtype | None = None,
     channels_last: bool = False,
     loss_fn: nn.Module | None = None,
+    gather: bool = False,
 ) -> dict[str, Any]:
     """Validation during training: one pass of :func:`medtransfer.inference.forward_batches`, plus scores and loss.
+
+    ``gather``: ``batches`` are this rank's block of the cases (under DDP); logits and targets of every rank
+    are gathered in rank order first, so every rank computes the same metrics over all cases.
 
     Returns:
         dict with ``scores`` (binary (N,), else (N, K)) as probabilities, ``logits`` (N, K), ``targets``
         (as the dataset gives them) and ``loss`` (mean, when ``loss_fn`` is given and targets are present).
     """
     lg, tg = forward_batches(model, batches, device=device, amp=amp, channels_last=channels_last)
+    if gather and distributed.active():
+        lg, tg = distributed.gather_rows(lg), distributed.gather_rows(tg)
     result: dict[str, Any] = {"logits": lg.numpy(), "scores": logits_to_scores(lg, task).numpy(), "targets": tg.numpy()}
     if loss_fn is not None and len(lg):
         result["loss"] = float(loss_fn.to("cpu")(lg, tg))

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 import yaml
 
-from medtransfer import io
+from medtransfer import distributed, io
 from medtransfer.config import RunConfig, apply_overrides, dump_config, load_config, validate_config
 from medtransfer.data.manifest import Manifest
 from medtransfer.data.spec import InputSpec
@@ -87,20 +87,49 @@ def train(
 
     Returns:
         The finished :class:`Run`.
+
+    Under torchrun (``WORLD_SIZE`` > 1; see docs/guide-scale.md) every process calls this with the same
+    arguments: rank 0 takes the lock, indexes, splits and writes the run directory; the others receive its
+    config and manifest, train their share of each batch (DistributedDataParallel) and write nothing. An
+    explicit ``out`` is required there (each process would pick its own timestamp).
     """
+    if distributed.env_world_size() > 1 and not out:
+        raise ConfigError("under torchrun give the run directory explicitly (--out RUN): every process must "
+                          "write to the same one")
     run_dir = Path(out) if out else default_run_dir()
-    fresh = not run_dir.exists()
-    prepared = False
+    with distributed.process_group(_group_device(config, overrides, run_dir, resume)):
+        fresh = not run_dir.exists() if distributed.is_main() else False
+        distributed.barrier()  # no rank creates run_dir before rank 0 has looked
+        prepared = False
+        main = distributed.is_main()
+        try:
+            with run_lock(run_dir) if main else contextlib.nullcontext():
+                cfg, manifest, resume = distributed.main_first(lambda: _prepare(
+                    run_dir, data, labels, label_columns, config, overrides, resume, progress))
+                prepared = True
+                return _fit_and_save(run_dir, cfg, manifest, resume, progress and main, on_epoch)
+        except MedtransferError as exc:
+            if fresh and not prepared and main:
+                _discard_unstarted(run_dir, exc)
+            raise
+
+
+def _group_device(config: Any, overrides: Sequence[str], run_dir: Path, resume: bool) -> str:
+    """The device training will use, for the process group's backend (NCCL for CUDA, gloo for the CPU)."""
+    if distributed.env_world_size() <= 1:
+        return "cpu"
     try:
-        with run_lock(run_dir):
-            cfg, manifest, resume = _prepare(run_dir, data, labels, label_columns, config, overrides, resume,
-                                             progress)
-            prepared = True
-            return _fit_and_save(run_dir, cfg, manifest, resume, progress, on_epoch)
-    except MedtransferError as exc:
-        if fresh and not prepared:
-            _discard_unstarted(run_dir, exc)
-        raise
+        if isinstance(config, RunConfig):
+            name = apply_overrides(config, overrides).train.device
+        elif resume and (run_dir / "config.yaml").is_file():
+            name = load_config(run_dir / "config.yaml").train.device
+        else:
+            name = load_config(config, list(overrides)).train.device
+    except MedtransferError:
+        name = "auto"  # a bad config is reported by rank 0's preparation, with its message
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def _discard_unstarted(run_dir: Path, exc: MedtransferError) -> None:
@@ -251,11 +280,15 @@ def _fit_and_save(run_dir: Path, cfg: RunConfig, manifest: Manifest, resume: boo
         fit = fine_tune(model, manifest, cfg, run_dir=run_dir, resume=resume, progress=progress, on_epoch=epoch_done)
     finally:
         trackers.close()
-    with io.atomic_path(run_dir / "history.csv") as tmp:
-        fit.history.to_csv(tmp, index=False)
+    main = distributed.is_main()
+    if main:
+        with io.atomic_path(run_dir / "history.csv") as tmp:
+            fit.history.to_csv(tmp, index=False)
     card = _make_card(cfg, manifest, fit, run_dir)
-    card = _calibrate(model, manifest, cfg, card, run_dir, progress, fit.val_logits)
-    save_model(model.cpu(), run_dir, card)
+    card = _calibrate(model, manifest, cfg, card, run_dir, progress, fit.val_logits)  # sharded under DDP
+    if main:
+        save_model(model.cpu(), run_dir, card)
+    distributed.barrier()  # the run directory is complete before any rank reads it back
     return load_run(run_dir)
 
 

@@ -1,0 +1,5 @@
+"""``python -m medtransfer``: the CLI, also what ``torchrun -m medtransfer train ...`` starts in each process."""
+
+from medtransfer.cli import main
+
+main()

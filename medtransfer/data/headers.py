@@ -5,7 +5,11 @@ the 128-byte preamble are read too). Whether pixel data is present, and complete
 file position where pydicom stopped: it rewinds to the start of the (7FE0,0010) element, so reading the
 next element header and comparing its length with the file size costs a few bytes instead of the whole
 image. NIfTI headers come from nibabel (the data array is never loaded) and PNG/JPEG sizes from Pillow's
-lazy ``Image.open``.
+lazy ``Image.open``. :func:`sniff_format` tells the format from a file's first bytes, and
+:func:`read_header` is the whole per-file step of indexing (sniff, then the header of that format).
+
+This module imports no torch or MONAI (nor :mod:`medtransfer.data.loading`, which does): the header reading
+of large folders runs in worker processes (:func:`read_header_chunk`), and each one starts by importing it.
 
 Privacy: PatientID and StudyInstanceUID are pseudonymised here (:func:`~medtransfer.data.privacy.pseudonym`)
 so the raw values never leave this module; names, birth dates and accession numbers are never read.
@@ -14,9 +18,12 @@ pydicom's own warnings are muted *around the read only*, because they can quote 
 
 from __future__ import annotations
 
+import gzip
 import logging
+import os
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,7 +31,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import pandas as pd
 
-from medtransfer.data.dicom import int_tag, obliquity_degrees, stack_problem
+from medtransfer.data.dicom import int_tag, looks_like_raw_dicom, obliquity_degrees, stack_problem
 from medtransfer.data.privacy import pseudonym
 from medtransfer.errors import ScanReadError
 
@@ -53,6 +60,8 @@ _PIXEL_VRS = {b"OB", b"OW", b"UN"}  # the VRs (7FE0,0010) may have in explicit V
 _VOLUME_TOLERANCE = 1e-3  # ImageOrientationPatient cosines that differ by less are "the same"
 _AGE_UNITS = {"Y": 1.0, "M": 12.0, "W": 365.25 / 7, "D": 365.25}
 _SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
+_NIFTI_MAGIC = {348: (344, (b"n+1\0", b"ni1\0")), 540: (4, (b"n+2\0", b"ni2\0"))}
+_HEAD_BYTES = 544
 
 
 class HeaderProblem(ScanReadError):
@@ -68,6 +77,11 @@ class HeaderProblem(ScanReadError):
     def __init__(self, path: str, reason: str, problem: str) -> None:
         super().__init__(path, reason)
         self.problem = problem
+
+    def __reduce__(self) -> tuple[type[HeaderProblem], tuple[str, str, str]]:
+        # pickled by its three arguments (Exception's default would pass only the message): worker processes
+        # that read headers send these back to the indexing process
+        return type(self), (self.path, self.reason, self.problem)
 
 
 @dataclass(frozen=True)
@@ -155,6 +169,122 @@ def age_band(age: float | None, bands: tuple[int, ...]) -> str:
         if age < hi:
             return f"{lo}-{hi - 1}"
     return f"{edges[-1]}+"
+
+
+def read_header(path: Path, rel: str, size: int, *, looks_like_image: bool) -> ScanHeader | None:
+    """The per-file step of indexing: tell the format by content, then read that format's header.
+
+    Args:
+        path: the file.
+        rel: its path relative to the data folder (for quarantine rows).
+        size: its size in bytes (from the folder walk).
+        looks_like_image: whether its name has an image extension; such a file that is empty or not an image
+            is quarantined, any other is simply not a scan.
+
+    Returns:
+        The header, or None for a file that is not a scan (an empty or unknown file without an image extension,
+        a DICOMDIR under another name).
+
+    Raises:
+        HeaderProblem: an image file that cannot be used (empty, not an image despite its name, unreadable,
+            no or truncated pixel data, ...).
+    """
+    if size == 0:
+        if looks_like_image:
+            raise HeaderProblem(rel, "empty file (0 bytes); copy it again from its source", "empty")
+        return None
+    fmt = sniff_format(path)
+    if fmt is None:
+        if looks_like_image:
+            raise HeaderProblem(rel, "the content is not DICOM, NIfTI, PNG or JPEG despite the file name; "
+                                     "re-export it or remove it", "not_image")
+        return None
+    if fmt == "dicom":
+        return read_dicom_header(path, rel, size)
+    if fmt == "nifti":
+        return read_nifti_header(path, rel)
+    return read_image_header(path, rel, fmt)
+
+
+def read_header_chunk(items: Sequence[tuple[str, Path, int, bool]]) -> list[ScanHeader | HeaderProblem | None]:
+    """:func:`read_header` for each ``(rel, path, size, looks_like_image)``, in order, problems returned not raised.
+
+    The task a worker process runs when a large folder is indexed in parallel: a top-level function (picklable
+    under any start method) whose results (frozen dataclasses, :class:`HeaderProblem` with its own pickling)
+    travel back to the indexing process, which applies them in the original order.
+    """
+    out: list[ScanHeader | HeaderProblem | None] = []
+    for rel, path, size, looks_like_image in items:
+        try:
+            out.append(read_header(path, rel, size, looks_like_image=looks_like_image))
+        except HeaderProblem as exc:
+            out.append(exc)
+    return out
+
+
+def sniff_format(path: str | os.PathLike[str]) -> str | None:
+    """Guess a file's format from its content, not its name.
+
+    Returns:
+        ``"dicom"`` ('DICM' at offset 128, or a raw dataset that pydicom parses), ``"nifti"`` (NIfTI-1/2,
+        gzipped or not), ``"png"``, ``"jpeg"``, or ``None`` (not a scan, or unreadable).
+
+    Examples:
+        >>> sniff_format("scans/IM-0001")  # doctest: +SKIP
+        'dicom'
+    """
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return None
+        with open(path, "rb") as fh:
+            head = fh.read(_HEAD_BYTES)
+    except OSError:
+        return None
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if _is_nifti_header(head) or (head[:2] == b"\x1f\x8b" and _is_nifti_header(_gunzip_head(path))):
+        return "nifti"
+    if looks_like_raw_dicom(head) and _parses_as_dicom(path):
+        return "dicom"
+    return None
+
+
+def _is_nifti_header(head: bytes) -> bool:
+    if len(head) < 348:
+        return False
+    for order in ("little", "big"):
+        size = int.from_bytes(head[:4], order)  # type: ignore[arg-type]
+        if size in _NIFTI_MAGIC and len(head) >= size:
+            offset, magics = _NIFTI_MAGIC[size]
+            return head[offset : offset + 4] in magics
+    return False
+
+
+def _gunzip_head(path: Path) -> bytes:
+    try:
+        with gzip.open(path, "rb") as fh:
+            return fh.read(_HEAD_BYTES)
+    except (OSError, EOFError):
+        return b""
+
+
+def _parses_as_dicom(path: Path) -> bool:
+    """A raw dataset (no preamble) counts as DICOM when pydicom parses it and it names a SOP class or image."""
+    import pydicom
+
+    from medtransfer.data.dicom import quiet_pydicom
+
+    try:
+        with quiet_pydicom():  # its messages can quote raw (PHI) values
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+            return any(k in ds for k in ("SOPClassUID", "Modality", "Rows", "StudyInstanceUID"))
+    except Exception:  # anything pydicom cannot parse is simply not DICOM here
+        return False
 
 
 def read_dicom_header(path: Path, rel: str, size: int) -> ScanHeader | None:

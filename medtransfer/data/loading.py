@@ -11,7 +11,6 @@ syntaxes).
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 from collections.abc import Sequence
@@ -26,11 +25,11 @@ from medtransfer.data.dicom import (
     dicom_to_unit,
     int_tag,
     inverts,
-    looks_like_raw_dicom,
     pixel_spacing,
     quiet_pydicom,
     scale_intensity,
 )
+from medtransfer.data.headers import sniff_format as sniff_format  # re-exported: header reading is torch-free
 from medtransfer.data.spec import InputSpec
 from medtransfer.data.volumes import check_voxels, finish_scan, read_nifti_values, why
 from medtransfer.errors import ScanReadError
@@ -41,40 +40,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMATS = ("dicom", "nifti", "png", "jpeg")
-_NIFTI_MAGIC = {348: (344, (b"n+1\0", b"ni1\0")), 540: (4, (b"n+2\0", b"ni2\0"))}
-_HEAD_BYTES = 544
-
-
-def sniff_format(path: str | os.PathLike[str]) -> str | None:
-    """Guess a file's format from its content, not its name.
-
-    Returns:
-        ``"dicom"`` ('DICM' at offset 128, or a raw dataset that pydicom parses), ``"nifti"`` (NIfTI-1/2,
-        gzipped or not), ``"png"``, ``"jpeg"``, or ``None`` (not a scan, or unreadable).
-
-    Examples:
-        >>> sniff_format("scans/IM-0001")  # doctest: +SKIP
-        'dicom'
-    """
-    path = Path(path)
-    try:
-        if not path.is_file():
-            return None
-        with open(path, "rb") as fh:
-            head = fh.read(_HEAD_BYTES)
-    except OSError:
-        return None
-    if head[128:132] == b"DICM":
-        return "dicom"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if _is_nifti_header(head) or (head[:2] == b"\x1f\x8b" and _is_nifti_header(_gunzip_head(path))):
-        return "nifti"
-    if looks_like_raw_dicom(head) and _parses_as_dicom(path):
-        return "dicom"
-    return None
 
 
 def read_scan(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], spec: InputSpec | None = None, *,
@@ -290,36 +255,3 @@ def _picture_values(im: object) -> tuple[np.ndarray, float | None]:
         return np.asarray(im.convert("L"), dtype=np.float32), 255.0  # type: ignore[attr-defined]
     rgb = np.asarray(im.convert("RGB"), dtype=np.float32)  # type: ignore[attr-defined]
     return rgb @ LUMA, 255.0
-
-
-def _is_nifti_header(head: bytes) -> bool:
-    if len(head) < 348:
-        return False
-    for order in ("little", "big"):
-        size = int.from_bytes(head[:4], order)  # type: ignore[arg-type]
-        if size in _NIFTI_MAGIC and len(head) >= size:
-            offset, magics = _NIFTI_MAGIC[size]
-            return head[offset : offset + 4] in magics
-    return False
-
-
-def _gunzip_head(path: Path) -> bytes:
-    try:
-        with gzip.open(path, "rb") as fh:
-            return fh.read(_HEAD_BYTES)
-    except (OSError, EOFError):
-        return b""
-
-
-def _parses_as_dicom(path: Path) -> bool:
-    """A raw dataset (no preamble) counts as DICOM when pydicom parses it and it names a SOP class or image."""
-    import pydicom
-
-    from medtransfer.data.dicom import quiet_pydicom
-
-    try:
-        with quiet_pydicom():  # its messages can quote raw (PHI) values
-            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
-            return any(k in ds for k in ("SOPClassUID", "Modality", "Rows", "StudyInstanceUID"))
-    except Exception:  # anything pydicom cannot parse is simply not DICOM here
-        return False

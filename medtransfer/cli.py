@@ -40,12 +40,18 @@ def _main(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; warnings and results only.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
 ) -> None:
+    from medtransfer import distributed
+
+    rank = distributed.env_rank()
     _STATE["debug"] = debug
-    _STATE["quiet"] = quiet
+    _STATE["quiet"] = quiet or rank > 0  # under torchrun rank 0 alone shows progress and results
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_noted)  # a log line counts as a sign of life for the heartbeat
     fmt = "%(levelname)s %(name)s: %(message)s"
+    if distributed.env_world_size() > 1:
+        fmt = f"[rank {rank}] {fmt}"
+        level = level if rank == 0 else max(level, logging.WARNING)
     handler.setFormatter(logging.Formatter(fmt) if debug else _NoTracebackFormatter(fmt))
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
@@ -70,6 +76,26 @@ def _noted(record: logging.LogRecord) -> bool:
     return True
 
 
+#: Commands whose work is shared out when run under torchrun (``train`` joins the process group itself).
+SHARDED_COMMANDS = ("evaluate", "predict", "explain")
+
+
+def _group_for(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """Under torchrun, the process group for a sharded command (rank 0 writes; see medtransfer.distributed)."""
+    import contextlib
+
+    from medtransfer import distributed
+
+    if fn.__name__ not in SHARDED_COMMANDS or distributed.env_world_size() <= 1:
+        return contextlib.nullcontext()
+    device = str(kwargs.get("device") or "auto")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return distributed.process_group(device)
+
+
 def user_errors(fn: F) -> F:
     """Turn MedtransferError into one stderr line + exit 1 (unless --debug); off a terminal, a heartbeat line
     whenever the command has printed nothing for an interval (see ``progress.heartbeat``)."""
@@ -79,7 +105,7 @@ def user_errors(fn: F) -> F:
         from medtransfer.progress import heartbeat
 
         try:
-            with heartbeat(fn.__name__.replace("_", "-"), enabled=not _STATE["quiet"]):
+            with heartbeat(fn.__name__.replace("_", "-"), enabled=not _STATE["quiet"]), _group_for(fn, kwargs):
                 return fn(*args, **kwargs)
         except MedtransferError as exc:
             if _STATE["debug"]:
@@ -108,9 +134,19 @@ def _print_error(exc: BaseException) -> None:
     err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(text)}", highlight=False, soft_wrap=True)
 
 
+def distributed_rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    from medtransfer import distributed
+
+    return distributed.env_rank()
+
+
 def say(message: str) -> None:
-    """Print one result line on stdout, never wrapped (paths stay copy-pasteable)."""
-    console.print(message, soft_wrap=True, highlight=False, markup=False)
+    """Print one result line on stdout, never wrapped (paths stay copy-pasteable); rank 0 only under torchrun."""
+    from medtransfer import distributed
+
+    if distributed.env_rank() == 0:
+        console.print(message, soft_wrap=True, highlight=False, markup=False)
 
 
 def quiet() -> bool:
@@ -241,8 +277,18 @@ def train(
     dry_run: Annotated[bool, typer.Option(
         help="Only estimate: index, fit the input size and time a few steps here; print the cost, write nothing.")
     ] = False,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", min=1, help="Train with N processes on this machine (DDP under torchrun's agent: one per GPU, "
+        "or CPU processes). --batch-size stays the global batch.")] = 1,
+    max_restarts: Annotated[int, typer.Option(
+        "--max-restarts", min=0, help="With --nproc: restart the process group up to K times when a process "
+        "dies; each restart resumes from the last checkpoint.")] = 0,
 ) -> None:
-    """Fine-tune a pretrained backbone on a scan folder and write a run directory."""
+    """Fine-tune a pretrained backbone on a scan folder and write a run directory.
+
+    On several GPUs: 'medtransfer train --nproc 4 ...' on one machine, or 'torchrun ... -m medtransfer train ...'
+    across machines (docs/guide-scale.md).
+    """
     from medtransfer.config import resolve_config_path
     from medtransfer.training.run import default_run_dir
     from medtransfer.training.run import train as train_run
@@ -274,6 +320,9 @@ def train(
         say("dry run: nothing was trained or written; drop --dry-run to train")
         return
     out = out or default_run_dir()  # chosen here so that an interrupted run can print its resume command
+    if nproc > 1 or max_restarts:
+        _launch_train(nproc, max_restarts, out)
+        return
 
     def show(row: dict) -> None:
         say(f"epoch {row['epoch']:>3} [{row['phase']}]  train_loss {row['train_loss']:.4f}  "
@@ -288,6 +337,42 @@ def train(
         raise typer.Exit(130) from None
     t = run.card.training
     say(f"best epoch {t['best_epoch']} (val AUROC {t['best_val_auroc']:.4f}); run written to {run.path}")
+
+
+def _launch_train(nproc: int, max_restarts: int, out: Path) -> None:
+    """``train --nproc N``: the same command in N processes under torchrun's elastic agent (rank 0 reports)."""
+    from medtransfer import distributed
+    from medtransfer.errors import ConfigError
+
+    if distributed.env_world_size() > 1:
+        raise ConfigError("--nproc/--max-restarts start torchrun's agent; this process already runs under "
+                          "torchrun. Drop them (torchrun's own --nproc-per-node and --max-restarts apply).")
+    args = _without_launch_options(sys.argv[1:])
+    if "--out" not in args and not any(a.startswith("--out=") for a in args):
+        args += ["--out", str(out)]  # every process must write the same run directory
+    say(f"starting {nproc} training process(es) (torchrun agent, max {max_restarts} restart(s)); run: {out}")
+    try:
+        distributed.launch(args, nproc=nproc, max_restarts=max_restarts)
+    except RuntimeError as exc:
+        raise ConfigError(f"distributed training failed: {exc}. Continue it with: medtransfer train --resume "
+                          f"--out {shlex.quote(str(out))} --nproc {nproc}") from None
+
+
+def _without_launch_options(argv: list[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` and ``--max-restarts K`` (the processes it starts must not launch again)."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--nproc", "--max-restarts"):
+            skip = True
+            continue
+        if a.startswith(("--nproc=", "--max-restarts=")):
+            continue
+        out.append(a)
+    return out
 
 
 @app.command()
@@ -306,6 +391,7 @@ def evaluate(
     min_group_size: Annotated[int | None, typer.Option(
         help="Smallest subgroup (patients) that is assessed [default: eval.min_group_size, 10].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Inference batch size.")] = 32,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: the run, or <run>/external/<name>).")
                    ] = None,
 ) -> None:
@@ -314,7 +400,10 @@ def evaluate(
 
     groups = tuple(s.strip() for s in subgroups.split(",") if s.strip()) if subgroups is not None else None
     result = evaluate_run(run_dir, data, labels=labels, split=split, subgroups=groups, n_boot=n_boot, ci=ci,
-                          min_group_size=min_group_size, device=device, out_dir=out, progress=not quiet())
+                          min_group_size=min_group_size, device=device, batch_size=batch_size, out_dir=out,
+                          progress=not quiet())
+    if distributed_rank() > 0:
+        return  # under torchrun rank 0 prints the result
     console.print(_evaluation_table(result))
     for check in result.meta.get("checks", []):
         line = f"{check['status']}: {check['title']}. {check['detail']}"

@@ -55,7 +55,7 @@ class Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         parts = max(1, min(self.accumulate, len(x)))
         bounds = [len(x) * k // parts for k in range(parts + 1)]
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for k in range(parts):
             xs, ys = x[bounds[k]:bounds[k + 1]], y[bounds[k]:bounds[k + 1]]
             last = k == parts - 1
@@ -66,7 +66,7 @@ class Stepper:
                 # each part's mean loss weighted by its share: the gradients sum to the whole batch's mean loss
                 loss = self.loss_fn(logits, ys) * (len(xs) / len(x))
                 self.scaler.scale(loss).backward()
-            total += float(loss.detach())
+            total += loss.detach().float()  # read back once per step, not per micro-batch (a GPU sync)
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -75,7 +75,7 @@ class Stepper:
         self.scaler.update()
         if self.scheduler is not None and self.interval == "batch":
             self.scheduler.step()
-        return total
+        return float(total)
 
     def end_epoch(self, metric: float) -> None:
         """Step an epoch-level schedule (ReduceLROnPlateau on the validation metric)."""

@@ -200,7 +200,8 @@ def run_model(model: torch.nn.Module, manifest: Manifest, spec: InputSpec, *, ou
         start, stop = min(first * batch_size, len(manifest)), min(last * batch_size, len(manifest))
         part = run_model(model, manifest.rows(start, stop), spec, output=output, batch_size=batch_size,
                          device=device, amp=amp, cpu_bf16=cpu_bf16, num_workers=num_workers, cache_dir=cache_dir,
-                         progress=progress and distributed.is_main(), description=description, shard=False)
+                         progress=progress and distributed.is_main(), shard=False,
+                         description=f"{description} (rank 0's share of {distributed.world_size()} processes)")
         return _gathered(part, start, manifest)
     target = device if isinstance(device, torch.device) else dev.resolve_device(device)
     amp_type = dev.amp_dtype(target, amp, cpu_bf16=cpu_bf16)

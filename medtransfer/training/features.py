@@ -118,6 +118,8 @@ def cached_features(
                 logger.info("feature cache hit: %s", path.name)
                 return cached  # type: ignore[return-value]
     part = manifest.rows(*distributed.shard_bounds(len(manifest))) if distributed.active() else manifest
+    if distributed.active():  # rank 0's bar counts its own block
+        description = f"{description}, rank 0's share of {distributed.world_size()} processes"
     feats = compute_features(model, loader_for(part), device=device, amp=amp, channels_last=channels_last,
                              progress=progress and distributed.is_main(), description=description)
     feats = distributed.gather_rows(feats)

@@ -49,8 +49,11 @@ Multi-channel inputs are summed over channels (signed for ``raw``; ``maps`` then
   8 windows either way), at most 8 x 26 = 208 more; so at most 2 + 512 + 208 = 722 forward passes of a
   volume per map. ``slices`` models get the same 3D windows (not whole slices): one method for every volume
   model, and an in-plane location that whole-slice occlusion cannot give (which slices matter is what the
-  attention weights already say, ``SaliencyMaps.attention``). Cost: every occluded copy re-encodes all D
-  slices; prefer ``gradcam`` for large ``slices`` volumes on a CPU.
+  attention weights already say, ``SaliencyMaps.attention``). Cost: for ``slices`` models an occluded copy
+  re-encodes only the slices whose 2D input the window touches (its depth plus one neighbour each side with
+  three-slice context), the other slices' features are reused and the head runs on the spliced stack: the same
+  logit as a full forward pass in eval mode, at about (wd + 2) / D of the cost (13 s for a 32 x 128 x 128 map
+  on 2 CPU cores, against about 70 s re-encoding every slice).
 - ``integrated_gradients`` and ``saliency`` need nothing volume-specific (Captum works on any shape).
 """
 

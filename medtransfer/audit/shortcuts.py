@@ -97,11 +97,54 @@ def audit_shortcuts(run: Any, *, attributes: tuple[str, ...] = ("site", "manufac
 
 
 def _features(model: Any, manifest: Any, run: Any, progress: bool) -> np.ndarray:
+    """The model's features of every case, through the run's feature cache split by split.
+
+    A linear probe's training cached the train and val features of this very backbone (same key: backbone
+    weights, InputSpec, cases), so only the test split is encoded here (a third of the work on the volume
+    demo); any other run computes them all, as before. A case that cannot be decoded sends the whole pass
+    through :func:`~medtransfer.inference.run_model`, which tolerates it.
+    """
+    from medtransfer.errors import ScanReadError
     from medtransfer.inference import run_model
 
+    if "split" in manifest.df.columns and manifest.task != "unlabelled":
+        try:
+            return pooled_features(model, _cached_by_split(model, manifest, run, progress))
+        except ScanReadError as exc:
+            logger.info("feature cache skipped for the audit (%s); one tolerant pass instead", exc)
     out = run_model(model, manifest, run.card.input, output="features", cache_dir=run.cache_dir,
                     num_workers=run.config.train.num_workers, progress=progress, description="features (audit)")
     return pooled_features(model, out.outputs)
+
+
+def _cached_by_split(model: Any, manifest: Any, run: Any, progress: bool) -> np.ndarray:
+    """Features in manifest order, each split from (or into) the feature cache training uses."""
+    import torch
+
+    from medtransfer import device as dev
+    from medtransfer.data.dataset import ScanDataset, make_loader
+    from medtransfer.training.features import cached_features
+
+    device = dev.resolve_device(run.config.train.device)
+    spec, tc = run.card.input, run.config.train
+    net = dev.prepare_model(model, device, channels_last=tc.channels_last)
+
+    def loader_for(m: Any) -> Any:
+        return make_loader(ScanDataset(m, spec, train=False, cache_dir=run.cache_dir), batch_size=tc.batch_size,
+                           shuffle=False, num_workers=tc.num_workers)
+
+    splits = manifest.df["split"].astype(str)
+    out: np.ndarray | None = None
+    for name in dict.fromkeys(splits):
+        part = manifest.split(name)
+        feats = cached_features(net, part, loader_for, spec=spec, cache_dir=run.cache_dir, device=device,
+                                amp=dev.amp_dtype(device, tc.amp), channels_last=tc.channels_last,
+                                progress=progress, description=f"features (audit, {name})").numpy()
+        if out is None:
+            out = np.zeros((len(manifest), *feats.shape[1:]), dtype=np.float32)
+        out[(splits == name).to_numpy()] = feats
+    model.to(torch.device("cpu"))
+    return out if out is not None else np.zeros((0, 1), np.float32)
 
 
 def pooled_features(model: Any, feats: np.ndarray) -> np.ndarray:

@@ -106,7 +106,17 @@ def test_on_demo_data_pretrained_leads_at_small_fractions_and_the_site_is_seen(t
     run = mt.train(data, labels=data / "labels.csv", config="demo",
                    overrides=["input.size=[64, 64]", "train.strategy=linear-probe", "train.epochs=3"],
                    out=tmp_path / "run")
+    cached = run.path / "cache" / "features"
+    before = {f.name for f in cached.glob("*.safetensors")}
+    assert len(before) == 2  # the linear probe cached its train and val features
     sc = mt.audit_shortcuts(run, n_boot=100)
+    after = {f.name for f in cached.glob("*.safetensors")}
+    assert before < after and len(after) == 3  # the audit reused them and encoded only the test split
+    from medtransfer.audit.shortcuts import _features
+    from medtransfer.inference import run_model
+
+    direct = run_model(run.model, run.manifest, run.card.input, output="features").outputs
+    np.testing.assert_allclose(_features(run.model, run.manifest, run, False), direct, atol=1e-5)
     probe = sc.probe.set_index("attribute")
     assert probe.loc["site", "flagged"], probe  # scanners differ in noise, gamma, polarity: features see it
     assert probe.loc["site", "balanced_accuracy"] > 0.8

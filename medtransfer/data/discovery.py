@@ -32,15 +32,17 @@ Rules others rely on:
   ``render_summary``) and logged at INFO, so the CLI does not show them twice.
 * **Privacy.** Warnings and logs carry counts and pseudonymous keys only, never file names; only the ``path``
   and ``files`` columns of ``manifest.csv`` and the ``path`` column of ``quarantine.csv`` name files.
-* **Parallel header reading.** From :data:`PARALLEL_MIN_FILES` files on, headers are read by a pool of worker
-  processes (``workers``; default :func:`index_workers`) in chunks of 64-256 files. Results are applied in the
-  walk's order, so the manifest and ``quarantine.csv`` are byte-identical to one worker's, whatever the worker
-  count or the order chunks finish in. Workers start with ``forkserver`` (``spawn`` where there is none), never
-  ``fork``: a forked child of a multi-threaded process (torch's thread pools in ``train``, progress and log
-  threads) can inherit locks that no thread of its own will ever release. As with any such pool, a script that
-  indexes a large folder needs the ``if __name__ == "__main__":`` guard. A worker process that dies (killed,
-  out of memory) makes its unread chunks fall back to this process, with a warning. Inside a daemonic process
-  (a DataLoader worker), which may not have children, headers are read in-process.
+* **Parallel header reading and pixel check.** From :data:`PARALLEL_MIN_FILES` files on, headers are read by a
+  pool of worker processes (``workers``; default :func:`index_workers`) in chunks of 64-256 files, and so is the
+  pixel check (``data.verify_pixels``: every case decoded once; chunks of whole cases, ~64-256 files each; a
+  worker sends back each case's dimensionality or quarantine reason, never pixels). Results are applied in the
+  walk's (headers) and the rows' (pixels) order, so the manifest and ``quarantine.csv`` are byte-identical to
+  one worker's, whatever the worker count or the order chunks finish in. Workers start with ``forkserver``
+  (``spawn`` where there is none), never ``fork``: a forked child of a multi-threaded process (torch's thread
+  pools in ``train``, progress and log threads) can inherit locks that no thread of its own will ever release.
+  As with any such pool, a script that indexes a large folder needs the ``if __name__ == "__main__":`` guard.
+  A worker process that dies (killed, out of memory) makes its unread chunks fall back to this process, with a
+  warning. Inside a daemonic process (a DataLoader worker), which may not have children, both run in-process.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ import multiprocessing
 import numbers
 import os
 import posixpath
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, fields
@@ -86,10 +88,11 @@ from medtransfer.data.privacy import pseudonym
 from medtransfer.data.splits import assign_splits, resolve_keys, split_warnings
 from medtransfer.data.summary import summary_dict
 from medtransfer.errors import ConfigError, ManifestError, ScanReadError
-from medtransfer.progress import progress_bar, track
+from medtransfer.progress import progress_bar
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
+A = TypeVar("A")
+R = TypeVar("R")
 
 IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg"})
 #: Never opened: text, tables, archives, documents. Everything else is sniffed by content.
@@ -99,13 +102,18 @@ SKIP_SUFFIXES = frozenset(
      ".xls", ".doc", ".docx", ".sh", ".bat", ".pt", ".pth", ".npy", ".npz", ".pkl", ".safetensors"}
 )
 #: Header reading uses worker processes from this many candidate files on (the first pool of a process takes
-#: ~1 s to start, later ones ~0.3 s).
+#: ~1 s to start, later ones ~0.3 s; ~5 s when its fork server also imports the decoder), and so does the pixel
+#: check from this many files to decode.
 PARALLEL_MIN_FILES = 1000
-#: The most worker processes :func:`index_workers` chooses by itself (header reading is mostly file I/O).
+#: The most worker processes :func:`index_workers` chooses by itself (header reading is mostly file I/O; a
+#: pixel-checking worker also holds one decoded case at a time, which for a large volume is hundreds of MB).
 MAX_AUTO_WORKERS = 8
 _CHUNK_MIN, _CHUNK_MAX = 64, 256
+_HEADER_PRELOAD = ("medtransfer.data.headers",)
+#: torch + MONAI, and this module (the pixel workers' task): see _read_headers's then_pixels
+_PIXEL_PRELOAD = ("medtransfer.data.loading", "medtransfer.data.discovery")
 _Candidate = tuple[str, Path, int, bool]  # (rel, path, size, looks_like_image)
-_Outcome = ScanHeader | HeaderProblem | None
+_Case = tuple[Path | list[Path], str]  # (the file, or a series' files; format): one case for the pixel check
 _FORMATS_LOOKED_FOR = ("DICOM (by content: .dcm, .dicom, .ima or no extension), NIfTI (.nii, .nii.gz), PNG and "
                        "JPEG (.png, .jpg, .jpeg)")
 
@@ -120,7 +128,7 @@ class _State:
     quarantine: list[dict[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     existing: set[str] = field(default_factory=set)
-    candidates: list[tuple[str, Path, int, bool]] = field(default_factory=list)
+    candidates: list[_Candidate] = field(default_factory=list)
     ignored: int = 0
     dir_links: int = 0
     loops: int = 0
@@ -169,8 +177,9 @@ def index_scans(
             two classes. False accepts it as an inventory: without labels, or with a single class, the result
             is a Manifest with task ``"unlabelled"`` (no classes, no label column, no split).
         progress: show rich progress bars (the CLI passes True unless ``--quiet``).
-        workers: processes that read headers when the folder has at least :data:`PARALLEL_MIN_FILES` candidate
-            files; 1 reads them here. None: :func:`index_workers`. The result does not depend on it.
+        workers: processes that read headers, and then check pixels, when the folder has at least
+            :data:`PARALLEL_MIN_FILES` candidate files (files to decode); 1 does it here. None:
+            :func:`index_workers`. The result does not depend on it.
 
     Returns:
         The manifest; ``manifest.quarantine`` lists the files left out and why.
@@ -197,10 +206,10 @@ def index_scans(
     table = read_labels_csv(labels, root, label_columns=columns) if labels is not None else None
     try:
         _walk(root, _inside(root, out_dir), state)
-        df = _cases(_read_headers(state, progress, n_workers), state)
+        df = _cases(_read_headers(state, progress, n_workers, then_pixels=cfg.verify_pixels), state)
         df = _attach_labels(df, table, state)
         if cfg.verify_pixels:
-            df = _verify_pixels(df, state, progress, spatial_dims)
+            df = _verify_pixels(df, state, progress, n_workers, spatial_dims)
         elif spatial_dims is not None:
             df = _keep_dims(df, df["frames"].fillna(1).astype(int).gt(1).map({True: 3, False: 2}), state,
                             spatial_dims)
@@ -317,7 +326,8 @@ def _consider(rel: str, path: Path, size: int, state: _State) -> None:
 
 
 def index_workers(workers: int | None = None) -> int:
-    """How many processes read headers: ``workers`` when given, else the CPUs this process may use, at most 8.
+    """How many processes index (read headers, check pixels): ``workers`` when given, else the CPUs this process
+    may use, at most 8.
 
     The CPUs are :func:`medtransfer.cpu.usable_cpus` (affinity mask, cgroup quota, ``MEDTRANSFER_NUM_THREADS``)
     and, under SLURM, no more than ``SLURM_CPUS_PER_TASK``. Beyond 8 processes header reading is bound by the
@@ -332,8 +342,9 @@ def index_workers(workers: int | None = None) -> int:
     """
     if workers is not None:
         if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
-            raise ConfigError(f"workers={workers!r}: the number of processes that read headers must be a whole "
-                              "number of at least 1 (1 reads them in this process); leave it unset to use the CPUs")
+            raise ConfigError(f"workers={workers!r}: the number of processes that read headers and check pixels "
+                              "must be a whole number of at least 1 (1 does it in this process); leave it unset to "
+                              "use the CPUs")
         return int(workers)
     n = usable_cpus()
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
@@ -342,19 +353,29 @@ def index_workers(workers: int | None = None) -> int:
     return max(1, min(n, MAX_AUTO_WORKERS))
 
 
-def _read_headers(state: _State, progress: bool, workers: int) -> list[tuple[str, ScanHeader]]:
+def _read_headers(state: _State, progress: bool, workers: int, *, then_pixels: bool = False
+                  ) -> list[tuple[str, ScanHeader]]:
     """Sniff each candidate's format by content and read its header once; quarantine what cannot be used.
 
     Outcomes are applied in candidate order whether they come from this process or from worker processes, so
     quarantine rows, warnings and the strict-mode error are the same with any number of workers.
+    ``then_pixels``: the pixel check follows, so a fork server started here also imports its decoder (torch,
+    MONAI): the header pool then starts ~4 s later, but each pixel-checking worker starts in 0.1 s instead of
+    ~9 s and shares those modules copy-on-write (~15 MB of its own instead of ~500 MB; docs/decisions.md).
     """
     items = state.candidates
     pool_size = _pool_size(len(items), workers)
+    size = _chunk_size(len(items), pool_size)
+    chunks = [items[i:i + size] for i in range(0, len(items), size)] if pool_size > 1 else [items]
+    preload = (*_HEADER_PRELOAD, *_PIXEL_PRELOAD) if then_pixels else _HEADER_PRELOAD
+    stage = _Stage(f"reading {len(items)} headers with {pool_size} processes (chunks of {size} files)",
+                   "read headers", "header-reading", "files", "read", preload)
     out: list[tuple[str, ScanHeader]] = []
     with progress_bar(progress and bool(items), transient=True) as bar:
         task = bar.add_task("reading headers", total=len(items), unit="files",
                             info=f"{pool_size} processes" if pool_size > 1 else "")
-        outcomes = _outcomes(items, pool_size, lambda n: bar.advance(task, n))
+        outcomes = _in_order(chunks, pool_size, read_header_chunk, lambda chunk: bar.advance(task, len(chunk)),
+                             stage)
         try:
             for (rel, _, _, _), outcome in zip(items, outcomes, strict=True):
                 if isinstance(outcome, HeaderProblem):
@@ -383,40 +404,61 @@ def _chunk_size(n_files: int, workers: int) -> int:
     return max(_CHUNK_MIN, min(_CHUNK_MAX, math.ceil(n_files / (workers * 4))))
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
+@dataclass(frozen=True)
+class _Stage:
+    """How one pooled stage of indexing names itself in logs, and what its fork server preloads."""
+
+    started: str  # the INFO line once the pool runs
+    verb: str  # "read headers": "could not start N processes to <verb>"
+    worker: str  # "header-reading": "a <worker> process died"
+    items: str  # what a chunk holds: "files", "cases"
+    redo: str  # "read": "the <items> ... are <redo> in this process"
+    preload: tuple[str, ...]
+
+
+def _pool_context(preload: tuple[str, ...] = ()) -> multiprocessing.context.BaseContext:
     """``forkserver`` where the platform has it, else ``spawn``; never ``fork`` (see the module docstring).
 
-    The fork server imports the header reader once (``set_forkserver_preload``), so each worker it forks
-    starts warm instead of importing pydicom and pandas (~0.6 s) itself.
+    The fork server imports ``preload`` once (``set_forkserver_preload``), so each worker it forks starts warm
+    instead of importing the modules itself: pydicom and pandas for headers (~0.6 s), torch and MONAI for the
+    pixel check (~4-8 s and ~0.8 GB, then shared copy-on-write). A process has one fork server and its preload
+    is fixed when it starts (by the first pool); a later pool that needs more imports them in each worker.
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["medtransfer.data.headers"])  # not __main__: a user's script must not run there
+    ctx.set_forkserver_preload(list(preload))  # never __main__: a user's script must not run there
     return ctx
 
 
-def _outcomes(items: Sequence[_Candidate], pool_size: int, advance: Callable[[int], object]) -> Iterator[_Outcome]:
-    """One outcome per candidate, in order: read here (``pool_size`` 1) or by a pool of worker processes."""
+def _in_order(chunks: Sequence[Sequence[A]], pool_size: int, work: Callable[[Sequence[A]], list[R]],
+              advance: Callable[[Sequence[A]], object], stage: _Stage,
+              initializer: Callable[[], object] | None = None) -> Iterator[R]:
+    """``work``'s result for every item of every chunk, in order: computed here, one item at a time (``pool_size``
+    1), or by a pool of ``pool_size`` worker processes, one chunk per task. ``advance`` is called per chunk done.
+
+    Order is what makes the outputs independent of the worker count: the caller applies results exactly as
+    the in-process loop would. Closing the generator (strict mode's first error) cancels the chunks not started.
+    """
     if pool_size <= 1:
-        for item in items:
-            yield read_header_chunk([item])[0]
-            advance(1)
+        for chunk in chunks:
+            for item in chunk:
+                yield from work([item])
+                advance([item])
         return
-    size = _chunk_size(len(items), pool_size)
-    chunks = [items[i:i + size] for i in range(0, len(items), size)]
     pool: ProcessPoolExecutor | None = None
     try:
-        pool = ProcessPoolExecutor(max_workers=pool_size, mp_context=_pool_context())
-        futures: list[Future[list[_Outcome]]] = [pool.submit(read_header_chunk, chunk) for chunk in chunks]
+        pool = ProcessPoolExecutor(max_workers=pool_size, mp_context=_pool_context(stage.preload),
+                                   initializer=initializer)
+        futures: list[Future[list[R]]] = [pool.submit(work, chunk) for chunk in chunks]
     except (OSError, NotImplementedError) as exc:  # no semaphores, no processes left, ...
-        logger.warning("could not start %d processes to read headers (%s); reading them in this process",
-                       pool_size, type(exc).__name__)
+        logger.warning("could not start %d processes to %s (%s); the %s are %s in this process", pool_size,
+                       stage.verb, type(exc).__name__, stage.items, stage.redo)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
-        yield from _outcomes(items, 1, advance)
+        yield from _in_order(chunks, 1, work, advance, stage)
         return
-    logger.info("reading %d headers with %d processes (chunks of %d files)", len(items), pool_size, size)
+    logger.info("%s", stage.started)
     broken = False
     try:
         for chunk, future in zip(chunks, futures, strict=True):
@@ -424,12 +466,12 @@ def _outcomes(items: Sequence[_Candidate], pool_size: int, advance: Callable[[in
                 results = future.result()
             except BrokenProcessPool:
                 if not broken:
-                    logger.warning("a header-reading process died (killed, out of memory, or started by a script "
-                                   "without an 'if __name__ == \"__main__\":' guard); the files it had not "
-                                   "reported are read in this process instead")
+                    logger.warning("a %s process died (killed, out of memory, or started by a script without an "
+                                   "'if __name__ == \"__main__\":' guard); the %s it had not reported are %s in "
+                                   "this process instead", stage.worker, stage.items, stage.redo)
                     broken = True
-                results = read_header_chunk(chunk)
-            advance(len(chunk))
+                results = work(chunk)
+            advance(chunk)
             yield from results
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -561,31 +603,109 @@ def _folder_labels(df: pd.DataFrame, state: _State) -> pd.DataFrame:
     return df.assign(label=labels)[labels.notna()].reset_index(drop=True)
 
 
-def _verify_pixels(df: pd.DataFrame, state: _State, progress: bool, spatial_dims: int | None = None
-                   ) -> pd.DataFrame:
-    """Decode every case once (``loading.load_case``) and quarantine those whose pixels are unusable."""
-    from medtransfer.data.loading import load_case
+#: What the pixel check makes of one case: its spatial dimensions (2 or 3), or why it is quarantined as
+#: ``(reason, exception type)``, the type given only for an unexpected decoder failure (it is logged).
+PixelOutcome = int | tuple[str, str | None]
+
+
+def check_pixels_chunk(cases: Sequence[tuple[Path | list[Path], str]]) -> list[PixelOutcome]:
+    """Decode each case ``(file or slice files, format)`` once, in order, and keep only what the index needs.
+
+    The pixel check of indexing (``DataConfig.verify_pixels``) and the task of its worker processes: a
+    top-level function, picklable under any start method. It imports :mod:`medtransfer.data.loading` (torch and
+    MONAI, ~0.8 GB) when it runs, so that importing this module (and reading headers) never does. Each decoded
+    array is dropped at once; what travels back is a small :data:`PixelOutcome` per case, never pixels.
+    """
+    from medtransfer.data.loading import load_case  # torch + MONAI: imported where pixels are decoded only
     from medtransfer.data.spec import InputSpec
 
     spec = InputSpec()
+    out: list[PixelOutcome] = []
+    for targets, fmt in cases:
+        try:
+            ndim = load_case(targets, fmt, spec).ndim
+        except ScanReadError as exc:
+            out.append((exc.reason, None))
+        except Exception as exc:  # noqa: BLE001 - a decoder failing in any way means "quarantine", not "crash"
+            out.append((f"pixel data could not be decoded ({type(exc).__name__})", type(exc).__name__))
+        else:
+            out.append(ndim - 1)
+    return out
+
+
+def init_pixel_worker() -> None:
+    """Start a pixel-checking worker process: one compute thread (the pool is the parallelism: N processes with
+    N threads each would oversubscribe the CPUs) and :mod:`medtransfer.data.loading` imported up front."""
+    import torch
+
+    torch.set_num_threads(1)
+    import medtransfer.data.loading  # noqa: F401
+
+
+def _verify_pixels(df: pd.DataFrame, state: _State, progress: bool, workers: int = 1,
+                   spatial_dims: int | None = None) -> pd.DataFrame:
+    """Decode every case once (``loading.load_case``) and quarantine those whose pixels are unusable.
+
+    From :data:`PARALLEL_MIN_FILES` files to decode on, cases are decoded by ``workers`` processes (the rules of
+    the header step: chunks of ~64-256 files, whole cases, results applied in row order), so which cases are
+    quarantined, and why, does not depend on the worker count. Workers return each case's dimensionality or its
+    quarantine reason, never its pixels.
+    """
+    cases: list[_Case] = [
+        ([state.root / f for f in files.split(";")] if files else state.root / path, fmt)
+        for path, files, fmt in zip(df["path"], df["files"], df["format"], strict=True)
+    ]
+    weights = [_files_in(c) for c in cases]
+    n_files = sum(weights)
+    pool_size = _pool_size(n_files, workers)
+    size = _chunk_size(n_files, pool_size)
+    chunks = _weighted_chunks(cases, weights, size) if pool_size > 1 else [cases]
+    pool_size = min(pool_size, len(chunks))
+    stage = _Stage(f"checking the pixels of {len(cases)} cases ({n_files} files) with {pool_size} processes "
+                   f"(chunks of ~{size} files)", "check pixels", "pixel-checking", "cases", "checked", _PIXEL_PRELOAD)
     keep: list[int] = []
     dims: list[int] = []
-    for i, path, files, fmt in _track(list(zip(range(len(df)), df["path"], df["files"], df["format"], strict=True)),
-                                      "checking pixels", progress):
-        targets: list[Path] | Path = [state.root / f for f in files.split(";")] if files else state.root / path
+    with progress_bar(progress and bool(cases), transient=True) as bar:
+        task = bar.add_task("checking pixels", total=n_files, unit="files",
+                            info=f"{pool_size} processes" if pool_size > 1 else "")
+        outcomes = _in_order(chunks, pool_size, check_pixels_chunk,
+                             lambda chunk: bar.advance(task, sum(map(_files_in, chunk))), stage,
+                             initializer=init_pixel_worker)
         try:
-            array = load_case(targets, fmt, spec)
-        except ScanReadError as exc:
-            state.reject(ScanReadError(path, exc.reason), "pixels")
-            continue
-        except Exception as exc:  # noqa: BLE001 - a decoder failing in any way means "quarantine", not "crash"
-            logger.debug("pixel check failed for case %d: %s", i, type(exc).__name__)
-            state.reject(ScanReadError(path, f"pixel data could not be decoded ({type(exc).__name__})"), "pixels")
-            continue
-        keep.append(i)
-        dims.append(array.ndim - 1)
+            for i, path, outcome in zip(range(len(df)), df["path"], outcomes, strict=True):
+                if isinstance(outcome, int):
+                    keep.append(i)
+                    dims.append(outcome)
+                    continue
+                reason, unexpected = outcome
+                if unexpected:
+                    logger.debug("pixel check failed for case %d: %s", i, unexpected)
+                state.reject(ScanReadError(path, reason), "pixels")
+        finally:
+            outcomes.close()  # strict mode stops at the first problem: cancel the chunks not checked yet
     df = df.iloc[keep].reset_index(drop=True)
     return _keep_dims(df, pd.Series(dims, dtype=int), state, spatial_dims) if spatial_dims else df
+
+
+def _files_in(case: _Case) -> int:
+    """How many files a case has (its weight in chunks and progress)."""
+    return len(case[0]) if isinstance(case[0], list) else 1
+
+
+def _weighted_chunks(items: Sequence[A], weights: Sequence[int], size: int) -> list[list[A]]:
+    """Consecutive items grouped into chunks of about ``size`` in weight (files); a heavier item is a chunk alone."""
+    chunks: list[list[A]] = []
+    current: list[A] = []
+    total = 0
+    for item, w in zip(items, weights, strict=True):
+        if current and total + w > size:
+            chunks.append(current)
+            current, total = [], 0
+        current.append(item)
+        total += w
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _keep_dims(df: pd.DataFrame, dims: pd.Series, state: _State, spatial_dims: int | None) -> pd.DataFrame:
@@ -598,12 +718,6 @@ def _keep_dims(df: pd.DataFrame, dims: pd.Series, state: _State, spatial_dims: i
         state.reject(ScanReadError(path, f"{kind}, but input.size is for {want}; it was left out. Train a "
                                          f"{d}D model (input.size with {d} numbers) to use it"), "dims")
     return df[ok].reset_index(drop=True)
-
-
-def _track(items: Sequence[T], description: str, enabled: bool) -> Iterable[T]:
-    if not enabled or not items:
-        return items
-    return track(items, description, unit="files", transient=True)
 
 
 def _finish(df: pd.DataFrame, table: LabelTable | None, cfg: DataConfig, state: _State) -> Manifest:

@@ -41,6 +41,7 @@ _PUBLIC = {
     "evaluate": "medtransfer.evaluation.evaluate",
     "EvaluationResult": "medtransfer.evaluation.result",
     "predict": "medtransfer.evaluation.predict",
+    "export": "medtransfer.deploy.export",
     "explain": "medtransfer.explain.saliency",
     "explain_run": "medtransfer.explain.run",
     "render_report": "medtransfer.reports.render",
@@ -77,6 +78,7 @@ __all__ = [
     "evaluate",
     "explain",
     "explain_run",
+    "export",
     "fine_tune",
     "generate_sample_data",
     "index_scans",
@@ -103,6 +105,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from medtransfer.data.spec import InputSpec
     from medtransfer.datasets.synthetic import generate_sample_data
     from medtransfer.demo import run_demo
+    from medtransfer.deploy.export import export
     from medtransfer.errors import (
         CheckpointError,
         ConfigError,

@@ -557,6 +557,23 @@ def _audit_table(result: Any) -> str:
 
 @app.command()
 @user_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory written by 'medtransfer train'.")],
+    format: Annotated[str, typer.Option(
+        "--format", "-f", help="Comma-separated: torchscript, onnx, bundle (a MONAI bundle).")
+    ] = "torchscript,onnx,bundle",
+    out: Annotated[Path | None, typer.Option(help="Output folder [default: RUN_DIR/export].")] = None,
+) -> None:
+    """Export a run for other stacks: TorchScript, ONNX and a MONAI bundle, each outputting calibrated
+    probabilities, with a model.json sidecar (classes, operating points, preprocessing)."""
+    from medtransfer.deploy.export import export as export_run
+
+    for fmt, path in export_run(run_dir, format, out=out).items():
+        say(f"{fmt}: wrote {path}")
+
+
+@app.command()
+@user_errors
 def demo(
     out: Annotated[Path | None, typer.Option(
         help="Run directory for the demo [default: runs/demo, or runs/demo-volumes with --volumes].")] = None,

@@ -17,6 +17,7 @@ import torch
 
 from medtransfer import device as dev
 from medtransfer.config import RunConfig, load_config
+from medtransfer.data.dataset import preprocess as preprocess_scan
 from medtransfer.data.manifest import Manifest
 from medtransfer.errors import RunDirError
 from medtransfer.inference import forward_batches, score_cases, score_files
@@ -82,6 +83,39 @@ class Run:
         paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
         return score_files(self.model, self.card, paths, amp=self.config.train.amp, cpu_bf16=self.config.train.cpu_bf16,
                            num_workers=self.config.train.num_workers, **kw)
+
+    def preprocess(self, paths: ScanPaths | Sequence[Sequence[str | os.PathLike[str]]]) -> torch.Tensor:
+        """The exact model input for scan files: the batch :meth:`predict` feeds the model for them.
+
+        The same code path as prediction and evaluation (:func:`medtransfer.data.dataset.preprocess` with the
+        card's ``InputSpec``: decode, orient, resample, window, resize, quantise as the image cache stores it,
+        replicate channels, normalise), so ``run.predict(run.preprocess(files))`` equals ``run.predict(files)``
+        and an exported model (:func:`medtransfer.export`) can be fed and compared on the same tensor.
+
+        Args:
+            paths: one case or a list of cases. A case is a scan file, a DICOM series folder, or (volumes) the
+                list of one series' files; a plain list of paths is a list of cases, one per path.
+
+        Returns:
+            float32 tensor (N, C, *card.input.size) on the CPU: (N, C, H, W) for images, (N, C, D, H, W) for
+            volumes, normalised with the card's mean/std.
+
+        Raises:
+            ScanReadError: a case cannot be read or does not fit the model (the reason says what to do).
+
+        Examples:
+            >>> run = load_run("runs/cxr1")  # doctest: +SKIP
+            >>> x = run.preprocess(["a.dcm", "b.dcm"])  # doctest: +SKIP
+            >>> x.shape  # doctest: +SKIP
+            torch.Size([2, 1, 224, 224])
+            >>> run.predict(x)["p_pneumonia"]  # the same probabilities as run.predict(["a.dcm", "b.dcm"])  # doctest: +SKIP
+        """
+        cases = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        if not cases:
+            raise ValueError("preprocess() needs at least one scan file or series folder")
+        items = [[Path(f) for f in c] if isinstance(c, Sequence) and not isinstance(c, str) else Path(c)
+                 for c in cases]
+        return torch.stack([preprocess_scan(item, self.card.input) for item in items])
 
     def _predict_tensor(self, x: torch.Tensor, *, batch_size: int, device: str) -> pd.DataFrame:
         target = dev.resolve_device(device)

@@ -450,14 +450,23 @@ def predict(
     out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dicom_out: Annotated[Path | None, typer.Option(
+        "--dicom-out", help="Also file the results of DICOM inputs into their studies, one folder per study: "
+        "a Structured Report, heat-map Secondary Captures and a PDF sheet (NOT FOR CLINICAL USE).")] = None,
 ) -> None:
     """Predict new scans: calibrated probabilities and the label at the run's operating point (CSV)."""
     from medtransfer.evaluation.predict import predict as predict_scans
 
-    table = predict_scans(run_dir, paths, batch_size=batch_size, device=device, out=out, progress=not quiet())
+    table = predict_scans(run_dir, paths, batch_size=batch_size, device=device, out=out, progress=not quiet(),
+                          dicom_out=dicom_out)
     failed = int((table["error"] != "").sum())
     note = f" ({failed} could not be read: see the 'error' column)" if failed else ""
     say(f"predicted {len(table) - failed} scan(s){note}; wrote {out}")
+    if dicom_out is not None and "dicom_out" in table:
+        filed = table["dicom_out"] != ""
+        say(f"DICOM outputs (NOT FOR CLINICAL USE) for {int(filed.sum())} case(s) in "
+            f"{table.loc[filed, 'dicom_out'].nunique()} study folder(s) under {dicom_out}"
+            + (f"; {int((~filed).sum())} case(s) without: see the 'dicom_note' column" if (~filed).any() else ""))
 
 
 @app.command()

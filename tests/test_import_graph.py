@@ -27,6 +27,8 @@ LAYERS = {
     "explain": 9, "audit": 9, "reports": 10, "datasets": 11, "demo": 11, "deploy": 11, "cli": 12, "__init__": 13, "__main__": 13,
     # leaves inside a layer: the preprocessing description and task names (pydantic only), used by config
     "data.spec": 0,
+    # predict(dicom_out=...) files DICOM results with deploy.dicom: an entry point above deploy (cli, __init__ use it)
+    "evaluation.predict": 11,
 }
 
 

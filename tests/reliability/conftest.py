@@ -101,9 +101,9 @@ def sha256(path: Path) -> str:
 
 
 def history(run_dir: Path) -> list[dict[str, str]]:
-    """history.csv without the timing column."""
+    """history.csv without the timing and ``attempt`` columns (a resumed run's later epochs have attempt 1)."""
     with open(run_dir / "history.csv", newline="", encoding="utf-8") as fh:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
+        return [{k: v for k, v in row.items() if k not in ("seconds", "attempt")} for row in csv.DictReader(fh)]
 
 
 def evaluation_without_timing(path: Path) -> dict:

@@ -58,6 +58,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_data, tmp_path,
     h_clean = pd.read_csv(clean / "history.csv").drop(columns=["seconds", "attempt"])
     h_resumed = pd.read_csv(crashed / "history.csv").drop(columns=["seconds", "attempt"])
     pd.testing.assert_frame_equal(h_clean, h_resumed)
+    assert list(pd.read_csv(clean / "history.csv")["attempt"]) == [0, 0, 0]
+    assert list(pd.read_csv(crashed / "history.csv")["attempt"]) == [0, 1, 1]  # epoch 2 ran again after the kill
     assert _digest(clean / "model.safetensors") == _digest(crashed / "model.safetensors")
 
 

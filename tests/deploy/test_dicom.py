@@ -12,6 +12,7 @@ import dataclasses
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +352,18 @@ def test_multiclass_sr_reports_the_argmax_class_present_and_no_threshold(run: Ru
         "c0123456789 normal": ("Absent", None), "c0123456789 pneumonia": ("Absent", None),
         "c0123456789 effusion": ("Present", None)}
     assert model.explained(row) == (2, "effusion")
+
+
+def test_sheet_falls_back_to_matplotlib_without_weasyprint(run: Run, new_scans: dict[str, Any], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "weasyprint", None)  # import weasyprint -> ImportError
+    header = pydicom.dcmread(new_scans["files"]["a1"], stop_before_pixels=True)
+    row = pd.Series({"case_id": "c0123456789", "p_pneumonia": 0.8123, "pred_pneumonia": 1, "predicted": "pneumonia"})
+    case = dicom_out._Case("c0123456789", row, [new_scans["files"]["a1"]], [header], volume=False)
+    sheet = dicom_out._sheet(dicom_out._Model.of(run), [case])
+    assert dicom_out._save(sheet, tmp_path / "SHEET.dcm").is_file() and dciodvfy_errors(tmp_path / "SHEET.dcm") == []
+    text = pdf_text(pydicom.dcmread(tmp_path / "SHEET.dcm"), tmp_path)
+    assert "NOT FOR CLINICAL USE" in text and "0.812" in text and "present" in text
 
 
 def test_class_codes_fit_dicom_code_values() -> None:

@@ -176,7 +176,8 @@ def index(
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable scan instead of quarantining it.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override, e.g. data.seed=3.")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help=(
-        "Processes that read headers in folders of 1,000+ files (default: the usable CPUs, at most 8). "
+        "Processes that read headers and check pixels in folders of 1,000+ files (default: the usable CPUs, at "
+        "most 8). "
         "The manifest is the same with any number."))] = None,
 ) -> None:
     """Index a scan folder: labels, demographics, pseudonymous IDs, patient-level split, quarantine.

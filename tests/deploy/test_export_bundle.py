@@ -7,10 +7,12 @@ package that raises ImportError. The venv's site-packages precede the system one
 install's finder is consulted after the path, so ``import medtransfer`` fails there (checked). A clean venv with its
 own torch would take minutes and a network; this one takes a second and shadows medtransfer the same way.
 
-Tolerance: the bundle rebuilds the preprocessing with MONAI transforms and numpy (different operation order than
-medtransfer's own, e.g. torch vs numpy normalisation), so its probabilities differ in the last float32 bits: measured
-at most 1.7e-7 (DICOM), 1.3e-7 (PNG), 6e-8 (NIfTI volumes). The tests allow 1e-5, well inside the issue's 1e-4,
-and require identical decisions.
+Tolerance: the bundle rebuilds the preprocessing with MONAI transforms and numpy (another operation order than
+medtransfer's, e.g. torch vs numpy normalisation), and runs the traced model (all slices of a 2.5D model in one call,
+default memory format) where Run.predict runs the PyTorch model (chunks of slices, channels_last): measured at most
+2e-7 (DICOM images), 1.3e-7 (PNG), 2e-6 (NIfTI volumes, 2.5D model) and 9.5e-6 (DICOM CT series, 2.5D model), with
+heads scaled so that logits spread with standard deviation 3 (steep: float32 noise in the logits shows). The tests
+allow 5e-5, inside the issue's 1e-4, and require identical decisions.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from tests.conftest import skip_or_fail
 from tests.deploy.test_export import make_run, write_cxr_dicoms, write_niftis
 from tests.factories import chest_like, write_png
 
-#: measured ~2e-7 (module docstring); the issue's bound is 1e-4
-BUNDLE_TOLERANCE = 1e-5
+#: measured up to 9.5e-6 (module docstring); the issue's bound is 1e-4
+BUNDLE_TOLERANCE = 5e-5
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +173,18 @@ def test_bundle_layout_follows_the_monai_bundle_specification(tmp_path):
     x = run.preprocess(files)
     with torch.no_grad():
         np.testing.assert_allclose(model(x).numpy(), run.predict(x)[["p_pneumonia"]].to_numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dicom_series_bundle_reads_one_volume_per_series_folder(no_medtransfer_python, tmp_path):
+    """CT series (one folder of slices each, HU via RescaleIntercept) through a lung window and a 2.5D model."""
+    from medtransfer.datasets.synthetic import generate_sample_volumes
+
+    data = generate_sample_volumes(tmp_path / "ct", n=4, size=(12, 32, 32))
+    series = sorted({p.parent for p in (data / "dicom").rglob("*.dcm")})
+    assert len(series) == 4
+    spec = InputSpec(size=(8, 16, 16), windows=("lung",), mean=(0.5,), std=(0.5,))
+    run = make_run(tmp_path / "run", series, volume="slices", spec=spec)
+    bundle = export(run, ("bundle",), out=tmp_path / "export")["bundle"]
+    got = run_bundle(no_medtransfer_python, bundle, data / "dicom", tmp_path / "out")
+    assert compare(run, series, data / "dicom", got) <= BUNDLE_TOLERANCE

@@ -240,3 +240,22 @@ def test_cli_export_writes_the_formats_and_refuses_an_interrupted_run(cxr, tmp_p
     result = CliRunner().invoke(app, ["export", str(tmp_path / "half")])
     assert result.exit_code == 1 and "missing" in result.output
     assert os.listdir(tmp_path / "half") == []
+
+
+def test_onnx_falls_back_to_the_torchscript_exporter_and_says_so(cxr, tmp_path, monkeypatch):
+    from medtransfer.deploy import export as export_module
+
+    real = export_module._onnx_export
+
+    def dynamo_fails(model, example, path, *, dynamo):
+        if dynamo:
+            raise RuntimeError("unsupported operator (simulated)")
+        real(model, example, path, dynamo=dynamo)
+
+    monkeypatch.setattr(export_module, "_onnx_export", dynamo_fails)
+    run, files = cxr
+    paths = export(run, ("onnx",), out=tmp_path / "export")
+    side = json.loads((paths["onnx"].parent / "model.json").read_text())
+    assert side["exporter"].startswith("torchscript (dynamo failed: dynamo exporter: RuntimeError: unsupported")
+    got = exported_probabilities(paths, run.preprocess(files))["onnx"]
+    assert np.abs(got - expected(run, files)).max() <= PARITY

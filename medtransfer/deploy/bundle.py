@@ -93,7 +93,10 @@ def write_bundle(run: Run, traced: torch.jit.ScriptModule, out: str | Path, *, s
     io.write_text(dest / "scripts" / "medtransfer_steps.py", STEPS_SOURCE)
     io.write_text(dest / "docs" / "README.md", readme(run, kind))
     io.write_json(dest / "models" / "model.json", sidecar)
-    with io.atomic_path(dest / "models" / "model.ts") as tmp, open(tmp, "wb") as fh:
+    import warnings
+
+    with io.atomic_path(dest / "models" / "model.ts") as tmp, open(tmp, "wb") as fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.9 marks torch.jit.save deprecated (decisions.md)
         save_net_with_metadata(traced, fh, include_config_vals=False, meta_values=metadata,
                                more_extra_files={"inference.json": json.dumps(config).encode()})
     return dest

@@ -47,6 +47,10 @@ class RunDirError(MedtransferError):
     """A run directory is missing files, or is locked by another process."""
 
 
+class ExportError(MedtransferError):
+    """A run could not be exported, or an exported model does not reproduce the run's probabilities."""
+
+
 class DiskFullError(MedtransferError, OSError):
     """An output could not be written: the disk (or quota, or file-size limit) is full.
 

@@ -42,7 +42,7 @@ from medtransfer import io
 from medtransfer._optional import require
 from medtransfer._version import __version__
 from medtransfer.digest import sha256_file
-from medtransfer.errors import MedtransferError, RunDirError
+from medtransfer.errors import ExportError, RunDirError
 from medtransfer.models.card import ModelCard
 from medtransfer.models.outputs import DEFAULT_THRESHOLD, scored_classes
 from medtransfer.models.weights_io import CARD_FILE, MODEL_FILE
@@ -66,10 +66,6 @@ OUTPUT_MEANING = {
     "multiclass": "calibrated class probabilities, softmax(logits / temperature) over the classes (rows sum to 1)",
     "multilabel": "calibrated probability of each label, sigmoid(logit / temperature) per label (independent)",
 }
-
-
-class ExportError(MedtransferError):
-    """A run could not be exported, or an exported model does not reproduce the run's probabilities."""
 
 
 class CalibratedModel(nn.Module):

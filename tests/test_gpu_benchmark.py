@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import skip_or_fail
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu.py"
 TABLE = "=== summary: medtransfer GPU path ==="
@@ -78,8 +80,9 @@ def test_without_medtransfer_only_the_bare_rows_run() -> None:
 
 
 @pytest.mark.slow  # three interpreters import torch (and the dependency probe monai): ~10 s, 30 s on a busy CPU
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
 def test_gpu_sh_prints_the_environment_and_passes_arguments_on() -> None:
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        skip_or_fail("benchmarks/gpu.sh needs bash and coreutils' timeout")
     proc = _run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--smoke", "--no-train", "--models", "resnet18",
                  "--steps", "1", "--warmup", "0", "--budget-s", "200"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd  # the dev extra installs it (dicom-out): a missing one fails, never skips
 import numpy as np
 import pandas as pd
 import pydicom
@@ -32,8 +33,6 @@ from medtransfer.run_dir import Run
 from tests.conftest import skip_or_fail
 from tests.factories import CANARIES, CANARY_NAME, chest_like, write_dicom, write_nifti, write_png
 from tests.training.conftest import TINY_OVERRIDES, make_tiny_dataset
-
-hd = pytest.importorskip("highdicom")
 
 SIZE = 48
 

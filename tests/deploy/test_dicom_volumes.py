@@ -23,7 +23,6 @@ import medtransfer as mt
 from medtransfer.run_dir import Run
 from tests.deploy.test_dicom import check_filed_into, dciodvfy_errors, evidence_uids, sr_groups, study_files
 
-pytest.importorskip("highdicom")
 pytestmark = pytest.mark.slow
 
 

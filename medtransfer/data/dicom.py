@@ -237,22 +237,24 @@ def _drop_pixels(ds: Dataset) -> None:
 
 
 @contextlib.contextmanager
-def quiet_pydicom() -> Iterator[None]:
-    """Mute pydicom's warnings and log records while medtransfer reads a file; restored afterwards.
+def quiet_pydicom(*also: str) -> Iterator[None]:
+    """Mute pydicom's warnings and log records (and those of the loggers named in ``also``) for the block.
 
     pydicom's validation messages quote raw element values, and in a damaged file (a wrong element length)
     a "value" can run over the neighbouring elements: names, IDs, birth dates. What is wrong with a file is
-    reported by the ScanReadError raised instead. Local to the read, never global.
+    reported by the ScanReadError raised instead. Local to the block, never global; levels are restored after.
     """
-    log = logging.getLogger("pydicom")
-    level = log.level
-    log.setLevel(logging.CRITICAL + 1)
+    logs = [logging.getLogger(name) for name in ("pydicom", *also)]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL + 1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
 
 
 def read_dataset(path: Path) -> Dataset:

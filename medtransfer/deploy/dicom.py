@@ -43,9 +43,8 @@ import io as stdio
 import logging
 import os
 import re
-import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ import torch.nn.functional as F
 from medtransfer import io
 from medtransfer._optional import require
 from medtransfer._version import __version__
+from medtransfer.data.dicom import quiet_pydicom
 from medtransfer.data.headers import sniff_format
 from medtransfer.data.privacy import pseudonym
 from medtransfer.data.spec import InputSpec
@@ -340,21 +340,10 @@ def _save(ds: Any, path: Path) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def _quiet() -> contextlib.AbstractContextManager[None]:
     """Mute pydicom's and highdicom's warnings and log records (they quote header values and UIDs), and
     WeasyPrint's progress records."""
-    logs = [logging.getLogger(name) for name in ("pydicom", "highdicom", "weasyprint", "fontTools")]
-    levels = [log.level for log in logs]
-    for log in logs:
-        log.setLevel(logging.CRITICAL + 1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for log, level in zip(logs, levels, strict=True):
-            log.setLevel(level)
+    return quiet_pydicom("highdicom", "weasyprint", "fontTools")
 
 
 def _common(ds: Any, source: Any, series_description: str, model: _Model) -> None:

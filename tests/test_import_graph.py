@@ -24,7 +24,7 @@ LAYERS = {
     "cpu": 0, "distributed": 0,
     "config": 1, "commands": 1, "format": 0, "predictions": 1, "stats": 1, "checks": 2,
     "data": 3, "models": 4, "device": 4, "inference": 5, "run_dir": 6, "training": 7, "evaluation": 8,
-    "explain": 9, "audit": 9, "reports": 10, "datasets": 11, "demo": 11, "deploy": 11, "cli": 12, "__init__": 13, "__main__": 13,
+    "explain": 9, "audit": 9, "reports": 10, "datasets": 11, "demo": 11, "deploy": 11, "adapt": 9, "cli": 12, "__init__": 13, "__main__": 13,
     # leaves inside a layer: the preprocessing description and task names (pydantic only), used by config
     "data.spec": 0,
     # predict(dicom_out=...) files DICOM results with deploy.dicom: an entry point above deploy (cli, __init__ use it)

@@ -393,14 +393,27 @@ def evaluate(
         help="Smallest subgroup (patients) that is assessed [default: eval.min_group_size, 10].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Inference batch size.")] = 32,
+    site: Annotated[str | None, typer.Option(
+        help="Evaluate the model as site profile NAME adapts it ('medtransfer adapt'); written under "
+        "RUN/sites/NAME/evaluation unless --out is given.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: the run, or <run>/external/<name>).")
                    ] = None,
 ) -> None:
     """Evaluate a run: AUROC with CIs, operating point, calibration, subgroup gaps; writes evaluation.json."""
     from medtransfer.evaluation.evaluate import evaluate as evaluate_run
 
+    target: Any = run_dir
+    if site is not None:
+        from medtransfer.adapt.site import load_site, site_folder
+
+        target = load_site(run_dir, site)
+        if out is None:
+            base = site_folder(target, site) / "evaluation"
+            out = base / "external" / data.expanduser().resolve().name if data is not None else base / (
+                split or target.config.eval.split)
+
     groups = tuple(s.strip() for s in subgroups.split(",") if s.strip()) if subgroups is not None else None
-    result = evaluate_run(run_dir, data, labels=labels, split=split, subgroups=groups, n_boot=n_boot, ci=ci,
+    result = evaluate_run(target, data, labels=labels, split=split, subgroups=groups, n_boot=n_boot, ci=ci,
                           min_group_size=min_group_size, device=device, batch_size=batch_size, out_dir=out,
                           progress=not quiet())
     if distributed_rank() > 0:
@@ -454,11 +467,20 @@ def predict(
     dicom_out: Annotated[Path | None, typer.Option(
         "--dicom-out", help="Also file the results of DICOM inputs into their studies, one folder per study: "
         "a Structured Report, heat-map Secondary Captures and a PDF sheet (NOT FOR CLINICAL USE).")] = None,
+    site: Annotated[str | None, typer.Option(
+        help="Predict with site profile NAME ('medtransfer adapt'): its BatchNorm statistics, prevalence, "
+        "temperature and operating point.")] = None,
 ) -> None:
     """Predict new scans: calibrated probabilities and the label at the run's operating point (CSV)."""
     from medtransfer.evaluation.predict import predict as predict_scans
 
-    table = predict_scans(run_dir, paths, batch_size=batch_size, device=device, out=out, progress=not quiet(),
+    target: Any = run_dir
+    if site is not None:
+        from medtransfer.adapt.site import load_site
+
+        target = load_site(run_dir, site)
+        say(f"using site profile '{site}'")
+    table = predict_scans(target, paths, batch_size=batch_size, device=device, out=out, progress=not quiet(),
                           dicom_out=dicom_out)
     failed = int((table["error"] != "").sum())
     note = f" ({failed} could not be read: see the 'error' column)" if failed else ""
@@ -468,6 +490,29 @@ def predict(
         say(f"DICOM outputs (NOT FOR CLINICAL USE) for {int(filed.sum())} case(s) in "
             f"{table.loc[filed, 'dicom_out'].nunique()} study folder(s) under {dicom_out}"
             + (f"; {int((~filed).sum())} case(s) without: see the 'dicom_note' column" if (~filed).any() else ""))
+
+
+@app.command()
+@user_errors
+def adapt(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by 'medtransfer train'.")],
+    site_data: Annotated[Path, typer.Argument(help="The new site's scan folder (labels optional).")],
+    labels: Annotated[Path | None, typer.Option(
+        help="Labels CSV for some of the site's scans (50-200 are enough): refit temperature and operating point "
+        "on half, judge every option on the other half.")] = None,
+    name: Annotated[str | None, typer.Option(help="Site name for --site (default: the folder's name).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/sites/NAME).")] = None,
+    n_boot: Annotated[int, typer.Option(min=0, help="Bootstrap resamples and permutations.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the split, permutations and bootstrap.")] = 0,
+) -> None:
+    """A new hospital: check its scans for a shift, adapt the model when the evidence says it helps, and write
+    a site profile that predict/evaluate use with --site NAME."""
+    from medtransfer.adapt.site import adapt as adapt_run
+
+    result = adapt_run(run_dir, site_data, labels=labels, name=name, out=out, seed=seed, n_boot=n_boot,
+                       progress=not quiet())
+    for line in result.summary().splitlines():
+        say(line)
 
 
 @app.command()

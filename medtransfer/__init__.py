@@ -52,6 +52,8 @@ _PUBLIC = {
     "audit_shortcuts": "medtransfer.audit.shortcuts",
     "AuditResult": "medtransfer.audit.transfer",
     "ShortcutAudit": "medtransfer.audit.shortcuts",
+    "adapt": "medtransfer.adapt.site",
+    "load_site": "medtransfer.adapt.site",
 }
 
 __all__ = [
@@ -71,6 +73,7 @@ __all__ = [
     "ScanReadError",
     "ShortcutAudit",
     "WeightsUnavailable",
+    "adapt",
     "audit",
     "audit_shortcuts",
     "audit_transfer",
@@ -84,6 +87,7 @@ __all__ = [
     "index_scans",
     "load_config",
     "load_run",
+    "load_site",
     "predict",
     "read_scan",
     "render_report",
@@ -94,6 +98,7 @@ __all__ = [
 assert set(__all__[1:]) == set(_PUBLIC), "keep __all__ and _PUBLIC in step"
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from medtransfer.adapt.site import adapt, load_site
     from medtransfer.audit.run import Audit, audit
     from medtransfer.audit.shortcuts import ShortcutAudit, audit_shortcuts
     from medtransfer.audit.transfer import AuditResult, audit_transfer

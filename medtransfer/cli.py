@@ -539,12 +539,24 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (after 'medtransfer evaluate').")],
     format: Annotated[list[str] | None, typer.Option("--format", "-f", help="html and/or pdf (repeatable); default both.")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for report.html / report.pdf; default RUN_DIR.")] = None,
+    site: Annotated[str | None, typer.Option(
+        help="Describe the model as site profile NAME adapts it, with that site's latest 'evaluate --site' "
+        "(written to RUN/sites/NAME unless --out).")] = None,
 ) -> None:
     """Render the clinician-facing report (HTML + PDF) from a run's saved files; no model is loaded."""
     from medtransfer.reports.render import PdfUnavailable, render_report
 
+    source: Any = run_dir
+    if site is not None and (run_dir / "model_card.json").is_file():
+        from medtransfer.evaluation.result import EvaluationResult
+
+        done = sorted((run_dir / "sites" / site / "evaluation").rglob("evaluation.json"),
+                      key=lambda p: p.stat().st_mtime)
+        if done:
+            source = EvaluationResult.load(done[-1].parent)
+        out = out or run_dir / "sites" / site
     try:
-        outputs = render_report(run_dir, out, formats=format or ("html", "pdf"))
+        outputs = render_report(source, out, formats=format or ("html", "pdf"), site=site)
     except PdfUnavailable as exc:
         say(f"wrote {exc.outputs['html']}")
         err_console.print(f"[yellow]PDF not written:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

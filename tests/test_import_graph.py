@@ -21,7 +21,7 @@ PKG = Path(__file__).resolve().parents[1] / "medtransfer"
 #: Layer of each top-level module or sub-package; an import may only point to the same or a lower layer.
 LAYERS = {
     "_version": 0, "_optional": 0, "errors": 0, "io": 0, "faults": 0, "digest": 0, "progress": 0, "diagnostics": 0,
-    "cpu": 0, "distributed": 0,
+    "cpu": 0, "distributed": 0, "_callable": 0,
     "config": 1, "commands": 1, "format": 0, "predictions": 1, "stats": 1, "checks": 2,
     "data": 3, "models": 4, "device": 4, "inference": 5, "run_dir": 6, "training": 7, "evaluation": 8,
     "explain": 9, "audit": 9, "reports": 10, "datasets": 11, "demo": 11, "deploy": 11, "adapt": 9, "cli": 12, "__init__": 13, "__main__": 13,

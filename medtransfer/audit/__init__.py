@@ -8,7 +8,11 @@
 
 from __future__ import annotations
 
+from medtransfer._callable import make_callable
 from medtransfer.audit.shortcuts import ShortcutAudit, audit_shortcuts
 from medtransfer.audit.transfer import AuditResult, audit_transfer
 
 __all__ = ["AuditResult", "ShortcutAudit", "audit_shortcuts", "audit_transfer"]
+
+# the package shares its name with ``mt.audit``: callable, so ``mt.audit(...)`` works in any import order
+make_callable(__name__, "medtransfer.audit.run:audit")

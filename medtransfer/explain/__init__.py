@@ -13,10 +13,7 @@ Importing this package imports torch (not Captum, which loads on first use).
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import Any
-
+from medtransfer._callable import make_callable
 from medtransfer.explain.faithfulness import deletion_scores
 from medtransfer.explain.overlay import save_overlay
 from medtransfer.explain.regions import body_mask, region_hint
@@ -40,12 +37,6 @@ __all__ = [
 ]
 
 
-class _CallablePackage(types.ModuleType):
-    """``import medtransfer.explain`` sets the attribute ``medtransfer.explain`` to this package, shadowing the
-    public function ``mt.explain``; making the package callable keeps ``mt.explain(run, images)`` working."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> SaliencyMaps:
-        return explain(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallablePackage
+# ``import medtransfer.explain`` sets the attribute ``medtransfer.explain`` to this package, shadowing the public
+# function ``mt.explain``; a callable package keeps ``mt.explain(run, images)`` working (medtransfer._callable).
+make_callable(__name__, "medtransfer.explain.saliency:explain")

@@ -59,6 +59,8 @@ def build_context(files: RunFiles) -> dict[str, Any]:
     ctx["external"] = external_section(files)
     ctx["biggest_gap"] = biggest_gap(result)
     ctx["audit"] = audit_section(files.audit)
+    ctx["sites"] = sites_section(files)
+    ctx["site_profile"] = None  # set by render_report(site=...): the facts page then describes that profile
     ctx["commands"] = checklist.commands_for(files)
     ctx["checks"] = checklist.warnings(files, ctx)
     ctx["checks_open"] = [c for c in ctx["checks"] if c["status"] != "passed"]
@@ -537,3 +539,65 @@ def _ci(r: dict[str, Any], k: str, lo: str, hi: str) -> str:
     if r.get(k) is None:
         return "—"
     return with_ci(r.get(k), r.get(lo), r.get(hi))
+
+
+#: What a site profile cannot fix, said in every "Transfer to <site>" section.
+SITE_LIMITS = ("A site profile recalibrates (temperature, operating point, prevalence) and re-normalises "
+               "(BatchNorm statistics); it cannot teach the model what it does not see at the site. If the site's "
+               "AUROC is clearly lower than at training, or a subgroup fails there, retrain with the site's data "
+               "instead. 'No shift detected' means the scans look like the training data as the model sees them, "
+               "not that the model works at the site: only labels show that.")
+
+_OPTION_NAMES = {"adabn": "BatchNorm statistics re-estimated on the site's scans (AdaBN)",
+                 "prevalence": "probabilities corrected to the site's estimated prevalence (EM)",
+                 "temperature": "temperature refitted on the site's labelled cases",
+                 "threshold": "operating point re-chosen on the site's labelled cases"}
+
+
+def sites_section(files: RunFiles) -> list[dict[str, Any]]:
+    """One entry per site profile under ``<run>/sites/`` for the "Transfer to <site>" sections."""
+    out = []
+    for name, site in files.sites.items():
+        shift, profile, table = site.get("shift") or {}, site.get("profile") or {}, site.get("table")
+        ci = shift.get("domain_auroc_ci") or [None, None]
+        rows = []
+        if table is not None and len(table):
+            for r in table.to_dict("records"):
+                rows.append({"option": r.get("option", ""), "chosen": bool(r.get("chosen")),
+                             "auroc": _ci(r, "auroc", "auroc_lo", "auroc_hi"),
+                             "sensitivity": _ci(r, "sensitivity", "sensitivity_lo", "sensitivity_hi"),
+                             "specificity": _ci(r, "specificity", "specificity_lo", "specificity_hi"),
+                             "ece": _ci(r, "ece", "ece_lo", "ece_hi"),
+                             "n": "—" if r.get("n_holdout") != r.get("n_holdout") or r.get("n_holdout") is None
+                             else str(int(r["n_holdout"]))})
+        out.append({
+            "name": name, "verdict": shift.get("verdict", "no shift check recorded"),
+            "shift": shift.get("shift"), "p_value": _p(shift.get("p_value")),
+            "mmd_p": _p(shift.get("mmd_p_value")),
+            "domain_auroc": (f"{shift['domain_auroc']:.3f} ({ci[0]:.3f}-{ci[1]:.3f})"
+                             if shift.get("domain_auroc") is not None and None not in ci else "-"),
+            "n": shift.get("method", {}).get("n_site"), "n_reference": shift.get("method", {}).get("n_reference"),
+            "unlike": list(shift.get("unlike") or [])[:10],
+            "options": [_OPTION_NAMES.get(o, o) for o in profile.get("options") or []],
+            "notes": list(profile.get("notes") or []), "rows": rows, "created": profile.get("created", ""),
+            "limits": SITE_LIMITS,
+        })
+    return out
+
+
+def site_profile_facts(files: RunFiles, name: str) -> dict[str, Any]:
+    """What the Model Facts page says when the report describes site profile ``name``."""
+    site = files.sites.get(name)
+    if site is None:
+        from medtransfer.errors import RunDirError
+
+        raise RunDirError(f"no site profile '{name}' in {files.run_dir / 'sites'} (profiles: "
+                          f"{', '.join(files.sites) or 'none'}); make one with 'medtransfer adapt'")
+    profile = site["profile"]
+    return {"name": name, "options": [_OPTION_NAMES.get(o, o) for o in profile.get("options") or []],
+            "thresholds": profile.get("thresholds"), "temperature": profile.get("temperature"),
+            "verdict": (site.get("shift") or {}).get("verdict", "")}
+
+
+def _p(v: Any) -> str:
+    return "-" if v is None else f"{float(v):.2g}"

@@ -37,6 +37,8 @@ class RunFiles:
     audit: dict[str, Any] | None = None
     weights_sha256: str | None = None
     external: dict[str, EvaluationResult] = field(default_factory=dict)
+    #: site name -> {"shift": shift.json, "profile": profile.json, "table": adaptation.csv} (``medtransfer adapt``)
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def load_run_files(run_dir: Path, result: EvaluationResult | None = None) -> RunFiles:
@@ -76,6 +78,15 @@ def load_run_files(run_dir: Path, result: EvaluationResult | None = None) -> Run
         loaded = _optional(lambda p=path: EvaluationResult.load(p.parent), path)
         if loaded is not None:
             files.external[path.parent.name] = loaded
+    for folder in sorted(p.parent for p in run_dir.glob("sites/*/profile.json")):
+        site = {"shift": _optional(lambda f=folder: json.loads((f / "shift.json").read_text("utf-8")),
+                                   folder / "shift.json") if (folder / "shift.json").is_file() else None,
+                "profile": _optional(lambda f=folder: json.loads((f / "profile.json").read_text("utf-8")),
+                                     folder / "profile.json"),
+                "table": _optional(lambda f=folder: pd.read_csv(f / "adaptation.csv"), folder / "adaptation.csv")
+                if (folder / "adaptation.csv").is_file() else None}
+        if site["profile"] is not None:
+            files.sites[folder.name] = site
     if (run_dir / "model.safetensors").is_file():
         files.weights_sha256 = sha256_file(run_dir / "model.safetensors")
     return files

@@ -24,7 +24,7 @@ from medtransfer import io
 from medtransfer._optional import require
 from medtransfer.errors import ConfigError, MissingDependency, RunDirError
 from medtransfer.evaluation.result import EvaluationResult
-from medtransfer.reports.context import build_context
+from medtransfer.reports.context import build_context, site_profile_facts
 from medtransfer.reports.files import RunFiles, load_run_files
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ def render_report(
     out_dir: str | os.PathLike[str] | None = None,
     *,
     formats: Sequence[str] = FORMATS,
+    site: str | None = None,
 ) -> dict[str, Path]:
     """Render the clinician-facing report of a run.
 
@@ -63,6 +64,10 @@ def render_report(
             result was saved).
         formats: any of ``"html"``, ``"pdf"``. The HTML is always built; it is written when asked for,
             or when the PDF cannot be made.
+        site: a site profile of the run (``medtransfer adapt``): the Model Facts page says the report describes
+            the model as that profile adapts it (pass that site's evaluation, ``RUN/sites/NAME/evaluation/...``,
+            as ``result_or_run_dir`` for its metrics). Every site profile gets a "Transfer to <site>" section
+            whether or not ``site`` is given.
 
     Returns:
         Format -> path written, e.g. ``{"html": Path("runs/cxr1/report.html"), "pdf": ...}``.
@@ -83,7 +88,10 @@ def render_report(
     out = Path(out_dir) if out_dir is not None else (result.saved_to if result is not None and result.saved_to
                                                      else run_dir)
     files = load_run_files(run_dir, result)
-    html = scrub(render_html(build_context(files)), _private_paths(files))
+    ctx = build_context(files)
+    if site is not None:
+        ctx["site_profile"] = site_profile_facts(files, site)
+    html = scrub(render_html(ctx), _private_paths(files))
     outputs: dict[str, Path] = {}
     if "html" in wanted:
         outputs["html"] = io.write_text(out / "report.html", html)
@@ -114,8 +122,8 @@ def _resolve(arg: EvaluationResult | str | os.PathLike[str]) -> tuple[Path, Eval
         if arg.saved_to is None:
             raise RunDirError("this evaluation was never saved, so its run directory is unknown; save it first "
                               "(result.save(DIR)) or pass the run directory")
-        here = Path(arg.saved_to)
-        for folder in (here, here.parent, here.parent.parent):
+        here = Path(arg.saved_to)  # the run, <run>/external/<name>, or <run>/sites/<site>/evaluation/<...>
+        for folder in (here, *list(here.parents)[:5]):
             if (folder / "model_card.json").is_file():
                 return folder, arg
         return here, arg

@@ -96,3 +96,14 @@ def test_adapt_with_labels_judges_every_option_and_evaluate_site_writes_beside_i
     written = list((folder / "evaluation").rglob("evaluation.json"))
     assert written, list(folder.rglob("*"))
     assert not (run / "external").exists()  # the run's own evaluation folders are untouched
+    # the report: a "Transfer to <site>" section, and with --site the facts page names the profile
+    rep = _cli("report", str(run), "-f", "html", "--site", "labelled")
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    html = (folder / "report.html").read_text(encoding="utf-8")
+    assert "Transfer to labelled" in html and "Verdict:" in html and "What it cannot fix" in html
+    assert "This report describes the model as site profile" in html
+    for option in table["option"]:
+        assert str(option) in html
+    plain = _cli("report", str(run), "-f", "html")
+    assert plain.returncode == 0 and "This report describes" not in (run / "report.html").read_text("utf-8")
+    assert "Transfer to labelled" in (run / "report.html").read_text("utf-8")

@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--n-labels", type=int, default=100)
     ap.add_argument("--kind", default="contrast", choices=("contrast", "noise", "resolution"))
     ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--prevalence", type=float, default=None,
+                    help="also shift the label prevalence: keep this share of pneumonia patients at the site")
     args = ap.parse_args()
     data = Path(args.data)
     if not data.is_dir():
@@ -65,6 +67,14 @@ def main() -> None:
         print(f"trained on {len(run.manifest)} images of {len(train_p)} patients at 64 px "
               f"({time.perf_counter() - t:.0f}s); operating point(s): {run.card.thresholds}", flush=True)
         site_rows = labels[labels["patient_id"].isin(site_p)]
+        if args.prevalence is not None:  # another prevalence: drop pneumonia patients until the share is reached
+            pos = site_rows.loc[site_rows["label"] != "normal", "patient_id"].drop_duplicates()
+            neg = site_rows.loc[site_rows["label"] == "normal", "patient_id"].nunique()
+            n_pos = int(round(args.prevalence / (1 - args.prevalence) * neg))
+            drop = set(pos.sample(frac=1.0, random_state=2).iloc[n_pos:])
+            site_rows = site_rows[~site_rows["patient_id"].isin(drop)]
+            print(f"site prevalence {float((site_rows['label'] != 'normal').mean()):.2f} "
+                  f"(training {float((run.manifest.df['label'] != 'normal').mean()):.2f})")
         chosen_p = pd.Series(sorted(site_p)).sample(frac=1.0, random_state=1)
         keep, n = [], 0
         for p in chosen_p:  # whole patients until --n-labels images

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import medtransfer as mt  # noqa: E402
-from benchmarks.shift import PROBE, degrade  # noqa: E402
+from benchmarks.shift import PROBE, degrade, real_data  # noqa: E402
 
 pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 30)
@@ -53,11 +53,7 @@ def main() -> None:
     ap.add_argument("--prevalence", type=float, default=None,
                     help="also shift the label prevalence: keep this share of pneumonia patients at the site")
     args = ap.parse_args()
-    data = Path(args.data)
-    if not data.is_dir():
-        sys.exit(f"{data} not found: this check needs the shared real chest X-ray subset")
-    labels = pd.read_csv(data / "labels.csv")
-    patients = labels["patient_id"].drop_duplicates().sample(frac=1.0, random_state=0).tolist()
+    data, labels, patients = real_data(args.data)
     train_p, site_p = set(patients[: len(patients) // 2]), set(patients[len(patients) // 2:])
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()

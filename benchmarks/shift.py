@@ -63,6 +63,15 @@ def write_site(data: Path, rows: pd.DataFrame, out: Path, kind: str | None, seed
     return out
 
 
+def real_data(path: str) -> tuple[Path, pd.DataFrame, list[str]]:
+    """The shared chest X-ray subset: its folder, labels and patients in a seeded order (exits when absent)."""
+    data = Path(path)
+    if not data.is_dir():
+        sys.exit(f"{data} not found: this check needs the shared real chest X-ray subset")
+    labels = pd.read_csv(data / "labels.csv")
+    return data, labels, labels["patient_id"].drop_duplicates().sample(frac=1.0, random_state=0).tolist()
+
+
 def show(name: str, r: ShiftReport, seconds: float) -> None:
     lo, hi = r.domain_auroc_ci
     print(f"{name:>18}: shift={str(r.shift):5} p={r.p_value:.3g}  MMD p={r.mmd_p_value:.3g}  domain AUROC "
@@ -76,11 +85,7 @@ def main() -> None:
     ap.add_argument("--n-site", type=int, default=100, help="cases per site")
     ap.add_argument("--n-perm", type=int, default=1000)
     args = ap.parse_args()
-    data = Path(args.data)
-    if not data.is_dir():
-        sys.exit(f"{data} not found: this check needs the shared real chest X-ray subset")
-    labels = pd.read_csv(data / "labels.csv")
-    patients = labels["patient_id"].drop_duplicates().sample(frac=1.0, random_state=0).tolist()
+    data, labels, patients = real_data(args.data)
     half = len(patients) // 2
     train_p, held_p = set(patients[:half]), patients[half:]
     control_p, shift_p = set(held_p[: len(held_p) // 2]), set(held_p[len(held_p) // 2:])

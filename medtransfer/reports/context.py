@@ -580,7 +580,7 @@ def sites_section(files: RunFiles) -> list[dict[str, Any]]:
             "unlike": list(shift.get("unlike") or [])[:10],
             "options": [_OPTION_NAMES.get(o, o) for o in profile.get("options") or []],
             "notes": list(profile.get("notes") or []), "rows": rows, "created": profile.get("created", ""),
-            "limits": SITE_LIMITS,
+            "limits": SITE_LIMITS, "figure": figures.shift_figure(shift),
         })
     return out
 

@@ -223,6 +223,53 @@ def learning_curve_figure(curve: pd.DataFrame) -> Figure | None:
                   "Mean over seeds; shaded: mean 95% bootstrap CI of the cells.")
 
 
+def shift_figure(shift: dict | None) -> Figure | None:
+    """A site against the training data: intensity histograms (first channel) and positive rates per class.
+
+    From ``shift.json`` (``medtransfer adapt``): ``input.intensity[0]`` (``edges``, ``hist_reference``,
+    ``hist_site``) and ``output.classes`` (positive rates with CIs at the operating point). None without either.
+    """
+    if not shift:
+        return None
+    intensity = (shift.get("input") or {}).get("intensity") or []
+    classes = (shift.get("output") or {}).get("classes") or []
+    hist = intensity[0] if intensity and {"edges", "hist_reference", "hist_site"} <= set(intensity[0]) else None
+    if hist is None and not classes:
+        return None
+    fig, axes = _new(7.2, 2.8, ncols=2 if hist is not None and classes else 1)
+    alts = []
+    ax_i = 0
+    if hist is not None:
+        ax = axes[ax_i]
+        ax_i += 1
+        edges = np.asarray(hist["edges"], float)
+        for key, colour, label in (("hist_reference", BLUE, "training (reference)"), ("hist_site", VERMILLION, "site")):
+            ax.stairs(np.asarray(hist[key], float), edges, color=colour, label=label, linewidth=1.4)
+        ax.set(xlabel="model input intensity", ylabel="density", title="Intensities")
+        ax.legend(frameon=False, fontsize=8)
+        alts.append("intensity histograms of the training reference and the site")
+    if classes:
+        ax = axes[ax_i]
+        names = [str(c["class"]) for c in classes]
+        y = np.arange(len(names))
+        for off, side, colour, label in ((-0.12, "reference", BLUE, "training (reference)"),
+                                         (0.12, "site", VERMILLION, "site")):
+            rate = np.array([float(c.get(f"positive_rate_{side}", np.nan)) for c in classes])
+            lo = np.array([float(c.get(f"positive_rate_{side}_lo", np.nan)) for c in classes])
+            hi = np.array([float(c.get(f"positive_rate_{side}_hi", np.nan)) for c in classes])
+            ax.errorbar(rate, y + off, xerr=[np.clip(rate - lo, 0, None), np.clip(hi - rate, 0, None)], fmt="o",
+                        ms=4, color=colour, label=label, capsize=2)
+            alts.append(f"{side} predicted positive: " + ", ".join(f"{n} {r:.0%}" for n, r in zip(names, rate,
+                                                                                                  strict=True)))
+        ax.set_yticks(y, names)
+        ax.set_ylim(len(names) + 0.3, -0.5)  # room for the legend below the last class
+        ax.set_xlim(-0.02, 1.02)
+        ax.set(xlabel="predicted positive at the operating point", title="Decisions")
+        ax.legend(frameon=False, fontsize=8, loc="lower center", ncols=2)
+    return Figure(to_data_uri(fig), "Site against training data: " + "; ".join(alts) + ".",
+                  "Left: what the model is given; right: share predicted positive with 95% CIs.")
+
+
 def time_to_target_figure(cells: pd.DataFrame, target: float | None) -> Figure | None:
     """Mean wall seconds to reach the target validation AUROC with all training data, per strategy."""
     if cells is None or cells.empty or "seconds_to_target" not in cells or target is None:

@@ -102,6 +102,7 @@ def test_adapt_with_labels_judges_every_option_and_evaluate_site_writes_beside_i
     html = (folder / "report.html").read_text(encoding="utf-8")
     assert "Transfer to labelled" in html and "Verdict:" in html and "What it cannot fix" in html
     assert "This report describes the model as site profile" in html
+    assert 'alt="Site against training data: intensity histograms' in html  # the shift figure
     for option in table["option"]:
         assert str(option) in html
     plain = _cli("report", str(run), "-f", "html")

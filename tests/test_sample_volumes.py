@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import nibabel as nib  # a dependency (MONAI NIfTI reading): a missing one fails
 import numpy as np
 import pandas as pd
 import pydicom
@@ -24,8 +25,7 @@ from medtransfer.datasets.synthetic import (
 )
 from medtransfer.datasets.synthetic.volumes import plan_volume_cases
 from medtransfer.errors import ConfigError, MedtransferError
-
-nib = pytest.importorskip("nibabel")
+from tests.conftest import skip_or_fail
 
 SMALL = {"n": 24, "size": (16, 32, 32), "seed": 3}
 COLUMNS = ["path", "label", "patient_id", "study_id", "sex", "age", "site"]
@@ -131,7 +131,8 @@ def test_dicom_headers_are_complete_and_consistent(dataset: Path) -> None:
 def test_dciodvfy_finds_no_errors(dataset: Path) -> None:
     tool = shutil.which("dciodvfy") or ("/usr/bin/dciodvfy" if Path("/usr/bin/dciodvfy").is_file() else None)
     if tool is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed; it validates the CT Image IOD")
+        skip_or_fail("dciodvfy (dicom3tools) is not installed; it validates the CT Image IOD "
+                     "(Debian/Ubuntu: apt-get install dicom3tools)")
     labels = pd.read_csv(dataset / "labels.csv")
     for site in CT_SITES:  # one slice per site: signed and unsigned storage, one and two window presets
         rel = labels.path[labels.site == site].iloc[0]
@@ -157,7 +158,8 @@ def test_nifti_affine_and_voxels_agree_with_the_dicom_geometry(dataset: Path) ->
 def test_dcm2niix_writes_the_same_geometry_and_voxels(dataset: Path, tmp_path: Path) -> None:
     tool = shutil.which("dcm2niix") or ("/usr/bin/dcm2niix" if Path("/usr/bin/dcm2niix").is_file() else None)
     if tool is None:
-        pytest.skip("dcm2niix is not installed; it is the reference DICOM-to-NIfTI converter")
+        skip_or_fail("dcm2niix is not installed; it is the reference DICOM-to-NIfTI converter "
+                     "(Debian/Ubuntu: apt-get install dcm2niix)")
     truth = sample_volume_truth(dataset)
     for site in CT_SITES:
         row = truth[truth.site == site].iloc[0]

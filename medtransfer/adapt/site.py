@@ -26,10 +26,9 @@ from typing import Any
 import pandas as pd
 
 from medtransfer import io
-from medtransfer.config import DataConfig
-from medtransfer.data.discovery import index_scans
 from medtransfer.data.manifest import Manifest
 from medtransfer.errors import ConfigError, ManifestError, RunDirError
+from medtransfer.evaluation.evaluate import index_external
 from medtransfer.run_dir import Run, load_run
 
 logger = logging.getLogger(__name__)
@@ -142,18 +141,6 @@ def load_site(run_or_path: Run | str | os.PathLike[str], site: str | os.PathLike
 
 
 def _index_site(run: Run, folder: Path, labels: Any, progress: bool) -> Manifest:
-    """The site's cases: labelled (the card's classes) when a labels CSV or class folders say so, else not."""
-    card = run.card
-    cfg = DataConfig(val_fraction=0, test_fraction=0, age_bands=run.config.data.age_bands)
-    m = index_scans(folder, labels=labels, label_columns=card.classes if card.task == "multilabel" else None,
-                    config=cfg, spatial_dims=card.input.spatial_dims, require_labels=False, progress=progress)
-    if m.task == "unlabelled":
-        return m
-    if card.task != "multilabel":
-        unknown = sorted(set(m.df["label"].dropna().astype(str)) - set(card.classes))
-        if unknown:
-            raise ManifestError(f"{folder.name}: labels {unknown} are not classes of this model ({card.classes}); "
-                                "rename them, or adapt without labels.")
-    df = m.df.assign(split="site")
-    kept = [w for w in m.warnings if not w.startswith("split '")]
-    return Manifest(df, list(card.classes), card.task, m.data_dir, kept, m.quarantine)
+    """The site's cases (split ``site``): labelled with the card's classes when a labels CSV or class folders
+    say so, else an unlabelled inventory."""
+    return index_external(run, folder, labels, progress, split="site", require_labels=False)

@@ -178,18 +178,33 @@ def _external(run: Run, folder: Path, labels: Any, progress: bool) -> tuple[Mani
     if card.task == "multilabel" and labels is None:
         raise ManifestError(f"{folder.name}: this model is multi-label; pass --labels CSV with a 'path' column "
                             f"and 0/1/blank columns {card.classes}.")
+    manifest = index_external(run, folder, labels, progress)
+    return manifest, manifest.data_dir.name, run.path / "external" / manifest.data_dir.name
+
+
+def index_external(run: Run, folder: Path, labels: Any, progress: bool, *, split: str = "external",
+                   require_labels: bool = True) -> Manifest:
+    """A folder from outside the run, indexed as the run's data is, with the card's classes and one ``split``.
+
+    Every case belongs to ``split`` (splits of the run mean nothing there); labels outside the card's classes
+    are refused. ``require_labels=False`` accepts a folder without labels (an unlabelled inventory, returned as
+    indexed), as ``medtransfer adapt`` does.
+    """
+    card = run.card
     cfg = DataConfig(val_fraction=0, test_fraction=0, age_bands=run.config.data.age_bands)
     m = index_scans(folder, labels=labels, label_columns=card.classes if card.task == "multilabel" else None,
-                    config=cfg, spatial_dims=card.input.spatial_dims, progress=progress)
+                    config=cfg, spatial_dims=card.input.spatial_dims, require_labels=require_labels,
+                    progress=progress)
+    if m.task == "unlabelled":
+        return m
     if card.task != "multilabel":
         unknown = sorted(set(m.df["label"].dropna().astype(str)) - set(card.classes))
         if unknown:
             raise ManifestError(f"{folder.name}: labels {unknown} are not classes of this model "
                                 f"({card.classes}); rename them or evaluate only the known classes.")
-    df = m.df.assign(split="external")
+    df = m.df.assign(split=split)
     kept = [w for w in m.warnings if not w.startswith("split '")]  # splits mean nothing for external data
-    manifest = Manifest(df, list(card.classes), card.task, m.data_dir, kept, m.quarantine)
-    return manifest, m.data_dir.name, run.path / "external" / m.data_dir.name
+    return Manifest(df, list(card.classes), card.task, m.data_dir, kept, m.quarantine)
 
 
 def _present(preds: pd.DataFrame, subgroups: Sequence[str], intersections: Sequence[Sequence[str]]

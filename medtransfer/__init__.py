@@ -133,6 +133,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
 
 
 def __getattr__(name: str) -> Any:
+    if name == "datasets":  # the public-dataset sub-package: mt.datasets.prepare, mt.datasets.list_datasets
+        return importlib.import_module("medtransfer.datasets")
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'medtransfer' has no attribute '{name}'")

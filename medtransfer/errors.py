@@ -35,6 +35,13 @@ class ManifestError(MedtransferError, ValueError):
     """The scan folder or labels CSV cannot form a valid manifest (missing rows, leakage, no cases)."""
 
 
+class DatasetLayoutError(ManifestError):
+    """A public dataset's folder does not hold the files its adapter reads (``medtransfer datasets prepare``).
+
+    The message names the expected file(s), the folder searched and where the dataset is distributed.
+    """
+
+
 class WeightsUnavailable(MedtransferError):
     """Pretrained weights are not available locally and cannot be downloaded."""
 

@@ -658,6 +658,89 @@ def demo(
     console.print(result.summary(), highlight=False, soft_wrap=True)
 
 
+datasets_app = typer.Typer(help="Public chest X-ray datasets: list them; turn one's official files into a labels "
+                            "CSV that index/train use.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.command("list")
+@user_errors
+def datasets_list() -> None:
+    """The public datasets 'datasets prepare' reads: name, licence and the files it expects under ROOT."""
+    from rich import box
+    from rich.table import Table
+
+    from medtransfer.datasets import list_datasets
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, title="public datasets (medtransfer datasets prepare NAME "
+                  "ROOT)", title_justify="left")
+    for col in ("name", "title", "licence", "expected under ROOT"):
+        table.add_column(col, overflow="fold")
+    for info in list_datasets():
+        table.add_row(info.name, escape(info.title), escape(info.licence),
+                      escape("\n".join(info.expected) + f"\nget it: {info.url}"))
+    console.print(table)
+
+
+@datasets_app.command("prepare")
+@user_errors
+def datasets_prepare(
+    name: Annotated[str, typer.Argument(help="Dataset: nih, chexpert, mimic, rsna, kermany, vindr, padchest, covid.")],
+    root: Annotated[Path, typer.Argument(help="The dataset's folder as downloaded and extracted.")],
+    out: Annotated[Path | None, typer.Option(help="Labels CSV to write [default: ./NAME_labels.csv]; the summary "
+                                                  "goes beside it (NAME_labels.summary.json).")] = None,
+    findings: Annotated[str, typer.Option(help="native (the dataset's finding names) or harmonised (the 18 "
+                                               "torchxrayvision names; never-labelled ones blank).")] = "native",
+    uncertain: Annotated[str, typer.Option(help="CheXpert/MIMIC -1: ignore (blank, masked), ones, zeros.")
+                         ] = "ignore",
+    views: Annotated[str | None, typer.Option(help="Keep only these views, comma-separated: PA,AP (or FRONTAL, "
+                                                   "LATERAL).")] = None,
+    allow_missing: Annotated[bool, typer.Option("--allow-missing", help=(
+        "Leave out listed images missing on disk (counted in the summary) instead of failing."))] = False,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.99, help=(
+        "Share of patients carved from an official train split into val where the dataset has none."))] = 0.1,
+    seed: Annotated[int, typer.Option(help="Salts that carve (deterministic per patient).")] = 0,
+) -> None:
+    """Read a public dataset's official files and write a labels CSV (path, findings, patient, study, sex, age,
+    view, split) plus a summary; prints the 'medtransfer train' command that uses it."""
+    import warnings
+
+    from medtransfer.datasets import prepare
+
+    view_list = [v.strip() for v in views.split(",") if v.strip()] if views else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # printed below from the summary, one line each
+        result = prepare(name, root, out=out, findings=findings, uncertain=uncertain, views=view_list,
+                         allow_missing=allow_missing, val_fraction=val_fraction, seed=seed)
+    console.print(_datasets_table(result.summary))
+    for note in result.summary.get("warnings", []):
+        err_console.print(f"warning: {note}", highlight=False, soft_wrap=True, markup=False)
+    say(f"wrote {result.csv_path} and {result.summary_path}")
+    say(f"train: {result.train_command}")
+
+
+def _datasets_table(summary: dict[str, Any]) -> Any:
+    """Per finding and split: positives / negatives / unknown; the title gives rows, patients, studies."""
+    from rich import box
+    from rich.table import Table
+
+    splits = summary["splits"] or {"all": summary["all"]}
+    missing = summary["missing_files"]["count"]
+    views = ", ".join(f"{k} {v}" for k, v in summary["views"].items())
+    title = (f"{summary['title']}: {summary['rows']} images, {summary['patients']} patients, {summary['studies']} "
+             f"studies; " + ", ".join(f"{s} {c['rows']} ({c['patients']} patients)" for s, c in splits.items()))
+    table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  caption=escape(f"views: {views}; missing files left out: {missing}; cells: positive/negative/"
+                                 "unknown"), caption_justify="left")
+    table.add_column("finding")
+    for split in splits:
+        table.add_column(split, justify="right", no_wrap=True)
+    for finding in summary["finding_columns"]:
+        cells = [splits[s]["findings"][finding] for s in splits]
+        table.add_row(escape(finding), *(f"{c['positive']}/{c['negative']}/{c['unknown']}" for c in cells))
+    return table
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -91,6 +91,42 @@ def prepare_adapter(info: DatasetInfo, read: Callable[[Path, PrepareOptions], pd
     if not root.is_dir():
         raise DatasetLayoutError(f"{root}: not a folder. Pass the folder where {info.title} was extracted "
                                  f"(it holds {', '.join(info.expected)}); get the dataset from {info.url}.")
+    csv_path = Path(out).expanduser() if out is not None else Path(f"{info.name}_labels.csv")
+    if csv_path.is_dir():
+        csv_path = csv_path / f"{info.name}_labels.csv"
+    with warnings.catch_warnings(record=True) as caught:  # kept in the summary, then passed on
+        warnings.simplefilter("always")
+        table, columns, missing, duplicates, moved = _rows(info, read, root, options, findings, allow_missing)
+    notes = list(dict.fromkeys(str(w.message) for w in caught if _ours(w.filename)))
+    for w in caught:
+        if not _ours(w.filename):  # another library's warning: passed on as it was
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    summary_path = csv_path.with_name(f"{csv_path.stem}.summary.json")
+    label_columns = None if info.single_label else _trainable(table, columns)
+    command = _train_command(info, root, csv_path, label_columns)
+    summary = _summary(info, root, csv_path, table, columns, options, findings, allow_missing, missing, duplicates,
+                       moved, label_columns, command)
+    summary["warnings"] = notes
+    io.write_text(csv_path, _csv_text(table, columns))
+    io.write_json(summary_path, summary)
+    logger.info("wrote %s (%d rows) and %s", csv_path, len(table), summary_path)
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=3)
+    return PreparedDataset(info.name, csv_path, summary_path, summary, table, label_columns, command)
+
+
+# ----------------------------------------------------------------------------------------------- the rows
+
+
+def _ours(filename: str) -> bool:
+    """Whether a warning was raised in this package (an adapter or the checks here): it goes in the summary."""
+    return "/datasets/public/" in str(filename).replace("\\", "/")
+
+
+def _rows(info: DatasetInfo, read: Callable[[Path, PrepareOptions], pd.DataFrame], root: Path,
+          options: PrepareOptions, findings: str, allow_missing: bool
+          ) -> tuple[pd.DataFrame, list[str], list[str], int, int]:
+    """(the table to write, its finding columns, missing files, duplicates dropped, patients moved)."""
     try:
         df = read(root, options)
     except DatasetLayoutError as exc:
@@ -99,31 +135,15 @@ def prepare_adapter(info: DatasetInfo, read: Callable[[Path, PrepareOptions], pd
     df, duplicates = _normalise(df, info)
     df = select_views(df, options.views)
     if df.empty:
-        raise DatasetLayoutError(f"{root}: no {info.title} image is left after the view filter {list(view_codes or [])}"
-                                 f". Views present are listed by `medtransfer datasets prepare` without --views.")
+        raise DatasetLayoutError(f"{root}: no {info.title} image is left after the view filter "
+                                 f"{list(options.views or [])}. Run without --views to see the views present.")
     df, missing = _drop_missing(df, root, info, allow_missing)
     df, moved = _one_split_per_patient(df)
     if info.single_label and "label" not in df.columns:
         df = _single_label(df, info)
     table = _harmonised(df, info) if findings == "harmonised" else df
     columns = list(VOCABULARY) if findings == "harmonised" else list(info.findings)
-    table = _ordered(table, columns)
-
-    csv_path = Path(out).expanduser() if out is not None else Path(f"{info.name}_labels.csv")
-    if csv_path.is_dir():
-        csv_path = csv_path / f"{info.name}_labels.csv"
-    summary_path = csv_path.with_name(f"{csv_path.stem}.summary.json")
-    label_columns = None if info.single_label else _trainable(table, columns)
-    command = _train_command(info, root, csv_path, label_columns)
-    summary = _summary(info, root, csv_path, table, columns, options, findings, allow_missing, missing, duplicates,
-                       moved, label_columns, command)
-    io.write_text(csv_path, _csv_text(table, columns))
-    io.write_json(summary_path, summary)
-    logger.info("wrote %s (%d rows) and %s", csv_path, len(table), summary_path)
-    return PreparedDataset(info.name, csv_path, summary_path, summary, table, label_columns, command)
-
-
-# ----------------------------------------------------------------------------------------------- the rows
+    return _ordered(table, columns), columns, missing, duplicates, moved
 
 
 def _normalise(df: pd.DataFrame, info: DatasetInfo) -> tuple[pd.DataFrame, int]:
@@ -155,7 +175,7 @@ def _normalise(df: pd.DataFrame, info: DatasetInfo) -> tuple[pd.DataFrame, int]:
     dup = df["path"].duplicated()
     if dup.any():
         warnings.warn(f"{info.title}: {int(dup.sum())} image(s) listed twice in the dataset's files; the first "
-                      "listing of each is kept.", stacklevel=3)
+                      "listing of each is kept.", stacklevel=2)
         df = df.loc[~dup].reset_index(drop=True)
     return df, int(dup.sum())
 
@@ -179,7 +199,7 @@ def _drop_missing(df: pd.DataFrame, root: Path, info: DatasetInfo, allow: bool) 
         raise DatasetLayoutError(f"{root}: none of the {total} images that {info.title}'s files list is on disk "
                                  f"(e.g. {examples}). Is ROOT the dataset's top folder?")
     warnings.warn(f"{info.title}: {n} listed image(s) are not on disk and were left out (e.g. {examples}).",
-                  stacklevel=3)
+                  stacklevel=2)
     return df.loc[~gone].reset_index(drop=True), missing
 
 
@@ -203,7 +223,7 @@ def _one_split_per_patient(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     df = df.copy()
     df.loc[rows, "split"] = df.loc[rows, "patient_id"].map(target)
     warnings.warn(f"{len(crossing)} patient(s) appear in more than one of the dataset's splits; each was moved "
-                  "wholly to the most held-out one (test, then val), so no patient crosses splits.", stacklevel=3)
+                  "wholly to the most held-out one (test, then val), so no patient crosses splits.", stacklevel=2)
     return df, len(crossing)
 
 
@@ -214,7 +234,7 @@ def _single_label(df: pd.DataFrame, info: DatasetInfo) -> pd.DataFrame:
     unknown = values.isna()
     if unknown.any():
         warnings.warn(f"{info.title}: {int(unknown.sum())} image(s) without a {finding} label were left out.",
-                      stacklevel=3)
+                      stacklevel=2)
         df = df.loc[~unknown].reset_index(drop=True)
         values = df[finding]
     df = df.copy()

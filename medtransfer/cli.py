@@ -504,13 +504,16 @@ def adapt(
     out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/sites/NAME).")] = None,
     n_boot: Annotated[int, typer.Option(min=0, help="Bootstrap resamples and permutations.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the split, permutations and bootstrap.")] = 0,
+    head: Annotated[bool, typer.Option("--head/--no-head", help=(
+        "With --labels, also try fine-tuning the classification head on the labelled half (kept only if the "
+        "holdout shows it better)."))] = True,
 ) -> None:
     """A new hospital: check its scans for a shift, adapt the model when the evidence says it helps, and write
     a site profile that predict/evaluate use with --site NAME."""
     from medtransfer.adapt.site import adapt as adapt_run
 
     result = adapt_run(run_dir, site_data, labels=labels, name=name, out=out, seed=seed, n_boot=n_boot,
-                       progress=not quiet())
+                       head=head, progress=not quiet())
     for line in result.summary().splitlines():
         say(line)
 

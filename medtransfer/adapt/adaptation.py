@@ -18,7 +18,10 @@ is fitted on the adapt part only (images and labels) and judged on the holdout: 
 specificity at the option's operating point, and ECE, with patient-bootstrap CIs, and the paired bootstrap
 change in ECE and AUROC against the unadapted model. ``temperature+threshold`` refits both with training's own
 rule (:func:`medtransfer.training.calibrate.calibrate`: the cross-fitted temperature decision and the run's
-``eval.threshold`` rule). An option is kept only if the CI says it is better (the CI of its ECE change lies
+``eval.threshold`` rule). ``head`` fine-tunes the classification head on the adapt part's frozen features
+(:func:`tune_head`: L2-SP, i.e. a penalty pulling the weights towards the trained ones, its strength chosen by
+patient-grouped cross-validation; temperature and operating point are then refitted on the cross-fitted
+out-of-fold logits, so they are never fitted on logits of cases the head has seen). An option is kept only if the CI says it is better (the CI of its ECE change lies
 below 0, or it meets the operating-point target the unadapted model misses) and not worse (its AUROC change
 CI reaches 0; its sensitivity/specificity CI reaches the target); among those the lowest holdout ECE wins.
 Otherwise the run stays as it is, and the notes say why.
@@ -40,6 +43,7 @@ from scipy.stats import rankdata
 from torch import nn
 
 from medtransfer import device as dev
+from medtransfer.adapt.head import head_fit_problem, tune_head
 from medtransfer.adapt.profile import SiteProfile, batchnorm_stats, card_sha256, prior_offsets
 from medtransfer.data.dataset import ScanDataset, make_loader
 from medtransfer.data.manifest import Manifest
@@ -260,6 +264,7 @@ class _Fit:
     offsets: np.ndarray | None = None
     prior: PriorEstimate | None = None
     note: str = ""
+    head: dict[str, torch.Tensor] | None = None
 
     def probabilities(self, logits: np.ndarray, card: ModelCard) -> np.ndarray:
         z = np.asarray(logits, dtype=np.float64)
@@ -413,7 +418,7 @@ def _logits(model: nn.Module, run: Run, site: Manifest, progress: bool, what: st
 
 def adapt_site(run: Run, site: Manifest, *, labels_available: bool, seed: int = 0, n_boot: int = 1000,
                adapt_fraction: float = 0.5, progress: bool = False, shift_detected: bool | None = None,
-               name: str = "site") -> tuple[SiteProfile, pd.DataFrame]:
+               name: str = "site", head: bool = True) -> tuple[SiteProfile, pd.DataFrame]:
     """Adapt ``run`` to the site whose cases are ``site``; the profile and its before/after table.
 
     Args:
@@ -427,6 +432,7 @@ def adapt_site(run: Run, site: Manifest, *, labels_available: bool, seed: int = 
         progress: progress display.
         shift_detected: the shift check's verdict: False skips AdaBN (noted); None (not checked) allows it.
         name: the site's name, recorded in the profile.
+        head: with labels, also try fine-tuning the head on the adapt part (``head+temperature+threshold``).
 
     Returns:
         ``(profile, table)``: the table has one row per option (``unadapted`` first) and a ``chosen`` column
@@ -469,7 +475,7 @@ def adapt_site(run: Run, site: Manifest, *, labels_available: bool, seed: int = 
     base = _Fit("unadapted", [], False, card.temperature, thresholds_of(card))
     if labels_available:
         return _with_labels(run, site, base, use_adabn, train_prior, notes, seed=seed, n_boot=n_boot,
-                            fraction=adapt_fraction, progress=progress, name=name)
+                            fraction=adapt_fraction, progress=progress, name=name, head=head)
     return _without_labels(run, site, base, use_adabn, train_prior, notes, seed=seed, n_boot=n_boot,
                            progress=progress, name=name)
 
@@ -483,7 +489,7 @@ def _profile(run: Run, name: str, fit: _Fit, model: nn.Module | None, table: pd.
         thresholds=dict(fit.thresholds), prior=fit.prior.estimate if fit.prior is not None else None,
         training_prior=train_prior,
         logit_bias=[float((fit.temperature or 1.0) * d) for d in offsets] if offsets is not None else None,
-        bn_stats=batchnorm_stats(model) if fit.adabn and model is not None else None,
+        bn_stats=batchnorm_stats(model) if fit.adabn and model is not None else None, head=fit.head,
         evidence={**evidence, "table": _records(table)}, notes=notes)
 
 
@@ -551,35 +557,37 @@ def _without_labels(run: Run, site: Manifest, base: _Fit, use_adabn: bool, train
 
 
 def _with_labels(run: Run, site: Manifest, base: _Fit, use_adabn: bool, train_prior: dict[str, float] | None,
-                 notes: list[str], *, seed: int, n_boot: int, fraction: float, progress: bool, name: str
-                 ) -> tuple[SiteProfile, pd.DataFrame]:
+                 notes: list[str], *, seed: int, n_boot: int, fraction: float, progress: bool, name: str,
+                 head: bool = True) -> tuple[SiteProfile, pd.DataFrame]:
     card, cfg = run.card, run.config
     adapt_mask, hold_mask = _patient_split(site, card, fraction, seed)
     adapt_m = Manifest(site.df[adapt_mask].copy(), list(site.classes), site.task, site.data_dir)
     keys = site.df["patient_key"].astype(str).to_numpy()
     y = _labels_of(site, card)
-    logits0, ok0 = _logits(run.model, run, site, progress, "site predictions")
-    models: dict[bool, tuple[np.ndarray, np.ndarray]] = {False: (logits0, ok0)}
+    passes: dict[bool, tuple[nn.Module, np.ndarray, np.ndarray, np.ndarray]] = {}
+    feats0, logits0, ok0 = _site_pass(run.model, run, site, progress, "site predictions")
+    passes[False] = (run.model, feats0, logits0, ok0)
     model_a = None
     if use_adabn:
         model_a, used = adabn(run, adapt_m, progress=progress)
         if used:
-            models[True] = _logits(model_a, run, site, progress, "site predictions (AdaBN)")
+            passes[True] = (model_a, *_site_pass(model_a, run, site, progress, "site predictions (AdaBN)"))
         else:
             notes.append("adabn: not evaluated: no scan of the adapt part could be decoded")
     evidence: dict[str, Any] = {"labelled": True, "n_cases": int(len(site)), "seed": seed,
                                 "adapt": {"cases": int(adapt_mask.sum()), "patients": int(len(set(keys[adapt_mask])))},
                                 "holdout": {"cases": int(hold_mask.sum()), "patients": int(len(set(keys[hold_mask])))},
                                 "threshold_rule": {"method": cfg.eval.threshold, "target": cfg.eval.target}}
+    # every option: its fit and the (logits, ok) it is judged on
     fits: list[_Fit] = [base]
-    logits_of: list[bool] = [False]
-    for with_bn in sorted(models):
-        lg, ok = models[with_bn]
+    judged: list[tuple[np.ndarray, np.ndarray]] = [(logits0, ok0)]
+    for with_bn in sorted(passes):
+        model_v, feats, lg, ok = passes[with_bn]
         fit_rows = adapt_mask & ok
         prefix = ["adabn"] if with_bn else []
         if with_bn:
             fits.append(_Fit("adabn", prefix, True, card.temperature, dict(base.thresholds)))
-            logits_of.append(True)
+            judged.append((lg, ok))
         if train_prior is not None:
             p = base.probabilities(lg[fit_rows], card)
             est = prior_with_ci(p, keys[fit_rows], card, train_prior, n_boot=min(n_boot, 200), seed=seed)
@@ -587,16 +595,20 @@ def _with_labels(run: Run, site: Manifest, base: _Fit, use_adabn: bool, train_pr
             fits.append(_Fit("+".join(parts), parts, with_bn, card.temperature,
                              _shift_thresholds(base.thresholds, est.offsets, card), est.offsets, est,
                              note="EM prior " + ", ".join(f"{c} {v:.3f}" for c, v in est.estimate.items())))
-            logits_of.append(with_bn)
+            judged.append((lg, ok))
         parts = [*prefix, "temperature", "threshold"]
         fit_m = Manifest(site.df[fit_rows].copy(), list(site.classes), site.task, site.data_dir)
         refit = calibrate(run.model, fit_m, card, cfg, logits=lg[fit_rows])
         fits.append(_Fit("+".join(parts), parts, with_bn, refit.temperature, thresholds_of(refit),
                          note=str(refit.calibration.get("reason", ""))))
-        logits_of.append(with_bn)
-    hold_ok = [hold_mask & models[b][1] for b in logits_of]
-    common = np.logical_and.reduce(hold_ok)  # every option is judged on the same holdout cases
-    probs = [f.probabilities(models[b][0][common], card) for f, b in zip(fits, logits_of, strict=True)]
+        judged.append((lg, ok))
+        if head:
+            tuned = _head_option(model_v, feats, y, keys, fit_rows, ok, fit_m, run, prefix, with_bn, notes, seed)
+            if tuned is not None:
+                fits.append(tuned[0])
+                judged.append(tuned[1])
+    common = np.logical_and.reduce([hold_mask & ok for _, ok in judged])  # every option on the same holdout cases
+    probs = [f.probabilities(lg[common], card) for f, (lg, _) in zip(fits, judged, strict=True)]
     table = _holdout_table(fits, probs, y[common], keys[common], card, n_boot=n_boot, seed=seed)
     chosen, why = _choose(table, cfg.eval.threshold, cfg.eval.target)
     table["chosen"] = np.arange(len(table)) == chosen
@@ -609,3 +621,43 @@ def _with_labels(run: Run, site: Manifest, base: _Fit, use_adabn: bool, train_pr
     evidence["selection"] = {"chosen": fits[chosen].name, "rule": "ECE change CI below 0 (or the operating-point "
                              "target met where unadapted misses it), AUROC change CI reaching 0, target within the CI"}
     return _profile(run, name, fits[chosen], model_a, table, notes, train_prior, evidence), table
+
+
+def _head_option(model: nn.Module, feats: np.ndarray, y: np.ndarray, keys: np.ndarray, fit_rows: np.ndarray,
+                 ok: np.ndarray, fit_m: Manifest, run: Run, prefix: list[str], with_bn: bool, notes: list[str],
+                 seed: int) -> tuple[_Fit, tuple[np.ndarray, np.ndarray]] | None:
+    """The ``head+temperature+threshold`` option: the head refitted on the adapt part (:mod:`.head`), its
+    temperature and operating point fitted on the cross-fitted out-of-fold logits; None (noted) when the adapt
+    part cannot support a fit."""
+    label = "+".join([*prefix, "head"])
+    problem = head_fit_problem(y[fit_rows], keys[fit_rows])
+    if problem:
+        notes.append(f"{label}: not tried: {problem}")
+        return None
+    fitted = tune_head(model.head, feats[fit_rows], y[fit_rows], keys[fit_rows], run.card.task, seed=seed)
+    refit = calibrate(run.model, fit_m, run.card, run.config, logits=fitted.oof_logits)
+    with torch.no_grad():
+        x = torch.as_tensor(np.ascontiguousarray(feats), dtype=torch.float32)
+        logits = fitted.head(x).double().numpy().reshape(len(feats), -1)
+    parts = [*prefix, "head", "temperature", "threshold"]
+    fit = _Fit("+".join(parts), parts, with_bn, refit.temperature, thresholds_of(refit),
+               note=f"L2-SP strength {fitted.strength:g} ({fitted.folds}-fold CV); "
+                    f"{refit.calibration.get('reason', '')}".strip(),
+               head={k: v.detach().cpu().clone() for k, v in fitted.head.state_dict().items()})
+    return fit, (logits, ok)
+
+
+def _site_pass(model: nn.Module, run: Run, site: Manifest, progress: bool, what: str
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over the site: frozen features (what the head consumes), logits (the head on them), decoded mask."""
+    tc = run.config.train
+    out = run_model(model, site, run.card.input, output="features", batch_size=tc.batch_size, device=tc.device,
+                    amp=tc.amp, cpu_bf16=tc.cpu_bf16, num_workers=tc.num_workers, cache_dir=run.cache_dir,
+                    progress=progress, description=what)
+    feats = np.asarray(out.outputs, dtype=np.float32)
+    head = model.head
+    with torch.no_grad():
+        head.eval()
+        dev_ = next(head.parameters()).device
+        logits = head(torch.from_numpy(np.ascontiguousarray(feats)).to(dev_)).double().cpu().numpy()
+    return feats, logits.reshape(len(site), -1), out.ok

@@ -9,9 +9,12 @@ whose model and card carry the site's adaptation, so ``Run.predict``, evaluation
   probability logits is ``z + T * d`` on the raw logit, so ``logit_bias = T * d`` is what is added. ``d`` is
   Bayes' rule for a new prior: per class ``logit(prior) - logit(training prior)`` (binary, multi-label) or
   ``log(prior / training prior)`` (multi-class, up to a constant that softmax ignores);
+- a head fine-tuned on the site's labelled cases replaces the head's weights;
 - the card gets the profile's temperature and operating points.
 
-Files: ``profile.json`` (everything but tensors) and ``bn_stats.safetensors`` (BatchNorm buffers, if any);
+Files: ``profile.json`` (everything but tensors), ``bn_stats.safetensors`` (BatchNorm buffers, if any) and
+``head.safetensors`` (the fine-tuned head's state dict, if any; such a profile is version 2, which older
+medtransfer refuses instead of silently ignoring the head);
 never a pickle. A profile records the sha256 of the run's ``model_card.json`` and is refused by another run.
 """
 
@@ -41,8 +44,10 @@ logger = logging.getLogger(__name__)
 
 PROFILE_FILE = "profile.json"
 BN_FILE = "bn_stats.safetensors"
+HEAD_FILE = "head.safetensors"
 PROFILE_FORMAT = "medtransfer-site-profile"
-PROFILE_VERSION = 1
+#: 2 when the profile carries a fine-tuned head (older readers must refuse it), else 1.
+PROFILE_VERSION = 2
 #: Priors are kept away from 0 and 1 so their log-odds stay finite.
 PRIOR_EPS = 1e-6
 
@@ -114,8 +119,8 @@ class SiteProfile:
         name: the site's name (``RUN/sites/<name>``).
         run_card_sha256: sha256 of the run's ``model_card.json``; another run refuses the profile.
         created: ISO 8601 timestamp.
-        options: what is applied, among ``adabn``, ``prevalence``, ``temperature``, ``threshold`` (empty: the
-            run as it is).
+        options: what is applied, among ``adabn``, ``prevalence``, ``head``, ``temperature``, ``threshold``
+            (empty: the run as it is).
         temperature: the temperature predictions use with this profile (None: none, T = 1).
         thresholds: the operating point per scored class (None: the card's).
         prior: the site's estimated prevalence per class (None: not estimated).
@@ -123,6 +128,7 @@ class SiteProfile:
         logit_bias: added to the final layer's bias, one per output (already multiplied by the temperature;
             None: no prevalence correction).
         bn_stats: BatchNorm ``running_mean``/``running_var`` by state-dict name (AdaBN; None: the run's).
+        head: the fine-tuned head's state dict (None: the run's head).
         evidence: the before/after table (records) and the figures behind each decision, as JSON.
         notes: what was applied or skipped, and why (never silent).
     """
@@ -137,6 +143,7 @@ class SiteProfile:
     training_prior: dict[str, float] | None = None
     logit_bias: list[float] | None = None
     bn_stats: dict[str, torch.Tensor] | None = None
+    head: dict[str, torch.Tensor] | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -148,15 +155,17 @@ class SiteProfile:
         """
         d = Path(folder)
         d.mkdir(parents=True, exist_ok=True)
-        record = {k: v for k, v in dataclasses.asdict(self).items() if k != "bn_stats"}
-        record.update({"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "bn_stats_file": None})
-        if self.bn_stats:
-            state = {k: v.detach().cpu().contiguous().clone() for k, v in self.bn_stats.items()}
-            with io.atomic_path(d / BN_FILE) as tmp:
-                save_file(state, str(tmp), metadata={"format": "pt"})
-            record["bn_stats_file"] = {"name": BN_FILE, "sha256": sha256_file(d / BN_FILE, memoise=False)}
-        elif (d / BN_FILE).exists():
-            (d / BN_FILE).unlink()
+        record = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("bn_stats", "head")}
+        record.update({"format": PROFILE_FORMAT, "version": 2 if self.head else 1})
+        for key, file_name, tensors in (("bn_stats_file", BN_FILE, self.bn_stats), ("head_file", HEAD_FILE, self.head)):
+            record[key] = None
+            if tensors:
+                state = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+                with io.atomic_path(d / file_name) as tmp:
+                    save_file(state, str(tmp), metadata={"format": "pt"})
+                record[key] = {"name": file_name, "sha256": sha256_file(d / file_name, memoise=False)}
+            elif (d / file_name).exists():
+                (d / file_name).unlink()
         io.write_json(d / PROFILE_FILE, record)
         return d
 
@@ -188,17 +197,19 @@ class SiteProfile:
                 f"{path}: site profile '{raw.get('name')}' was made for another run (model card sha256 "
                 f"{str(raw.get('run_card_sha256'))[:12]}…), not for {run.path} (model card sha256 {mine[:12]}…). "
                 "Adapt this run to the site again: medtransfer adapt RUN SITE_DATA.")
-        bn = None
-        entry = raw.get("bn_stats_file")
-        if entry:
-            tensors = d / str(entry["name"])
-            if not tensors.is_file() or sha256_file(tensors, memoise=False) != entry["sha256"]:
-                raise CheckpointError(f"{tensors}: missing or not the file profile.json names (sha256 differs); "
-                                      "make the profile again with 'medtransfer adapt'.")
-            bn = load_safetensors_file(tensors)
+        loaded: dict[str, dict[str, torch.Tensor] | None] = {}
+        for key, field_name in (("bn_stats_file", "bn_stats"), ("head_file", "head")):
+            entry = raw.get(key)
+            loaded[field_name] = None
+            if entry:
+                tensors = d / str(entry["name"])
+                if not tensors.is_file() or sha256_file(tensors, memoise=False) != entry["sha256"]:
+                    raise CheckpointError(f"{tensors}: missing or not the file profile.json names (sha256 differs); "
+                                          "make the profile again with 'medtransfer adapt'.")
+                loaded[field_name] = load_safetensors_file(tensors)
         names = {f.name for f in dataclasses.fields(cls)}
-        kept = {k: v for k, v in raw.items() if k in names and k != "bn_stats"}
-        return cls(**kept, bn_stats=bn)
+        kept = {k: v for k, v in raw.items() if k in names and k not in loaded}
+        return cls(**kept, **loaded)
 
     def apply(self, run: Run) -> Run:
         """A new Run adapted to this site; ``run`` (its model and card) is left untouched.
@@ -216,6 +227,12 @@ class SiteProfile:
             with torch.no_grad():
                 for k, v in self.bn_stats.items():
                     buffers[k].copy_(v.to(buffers[k].device, buffers[k].dtype))
+        if self.head:
+            try:
+                model.head.load_state_dict(self.head, strict=True)
+            except (RuntimeError, AttributeError) as exc:
+                raise CheckpointError(f"site profile '{self.name}': its fine-tuned head does not fit this run's "
+                                      f"model ({exc}); make the profile again with 'medtransfer adapt'.") from exc
         if self.logit_bias is not None:
             linear = final_linear(model)
             if linear.bias.numel() != len(self.logit_bias):

@@ -75,7 +75,7 @@ def site_folder(run: Run, name: str) -> Path:
 
 def adapt(run_or_path: Run | str | os.PathLike[str], site_data: str | os.PathLike[str], *,
           labels: str | os.PathLike[str] | None = None, name: str | None = None,
-          out: str | os.PathLike[str] | None = None, seed: int = 0, n_boot: int = 1000,
+          out: str | os.PathLike[str] | None = None, seed: int = 0, n_boot: int = 1000, head: bool = True,
           progress: bool = False) -> AdaptResult:
     """Check a new site's scans for a shift, adapt the run to it, and write the site profile.
 
@@ -87,6 +87,8 @@ def adapt(run_or_path: Run | str | os.PathLike[str], site_data: str | os.PathLik
         name: the site's name (default: the folder's name); ``--site NAME`` finds the profile by it.
         out: where to write (default ``RUN/sites/<name>``).
         seed, n_boot: the split of the labelled cases, permutations and bootstrap resamples.
+        head: with labels, also try fine-tuning the classification head on the adapt part (kept only when
+            the holdout shows it better, like every option).
         progress: progress bars on stderr.
 
     Returns:
@@ -113,7 +115,7 @@ def adapt(run_or_path: Run | str | os.PathLike[str], site_data: str | os.PathLik
     logger.info("site %s: %d case(s)%s", site_name, len(site), " with labels" if site.has_labels else "")
     shift = check_shift(run, site, n_perm=max(200, n_boot), seed=seed, progress=progress)
     profile, table = adapt_site(run, site, labels_available=site.has_labels, seed=seed, n_boot=n_boot,
-                                progress=progress, shift_detected=bool(shift.shift), name=site_name)
+                                progress=progress, shift_detected=bool(shift.shift), name=site_name, head=head)
     site.save(folder)
     io.write_json(folder / "shift.json", shift.to_json())
     with io.atomic_path(folder / "adaptation.csv") as tmp:

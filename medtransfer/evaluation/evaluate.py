@@ -136,6 +136,9 @@ def _finish(run: Run, preds: pd.DataFrame, manifest: Manifest, name: str, *, dat
                                               "min_group_size": min_group_size, "subgroups": attrs,
                                               "intersections": [list(i) for i in inter]})
     meta["timing"] = {"inference_s": round(t1 - t0, 3), "statistics_s": round(time.perf_counter() - t1, 3)}
+    meta["not_evaluable"] = not_evaluable(preds[preds["error"] == ""], run.card)
+    meta["warnings"] += [f"class '{c}' is not evaluable on these cases: {why}; its metrics are blank."
+                         for c, why in meta["not_evaluable"].items()]
     result = EvaluationResult(**tables, predictions=preds, meta=meta)
     commands = Commands.for_run(run.path, [c for c in preds.columns if preds[c].notna().any()])
     meta["checks"] = [c.to_dict() for c in evaluation_checks(result, commands)]
@@ -192,11 +195,14 @@ def index_external(run: Run, folder: Path, labels: Any, progress: bool, *, split
     """
     card = run.card
     cfg = DataConfig(val_fraction=0, test_fraction=0, age_bands=run.config.data.age_bands)
-    m = index_scans(folder, labels=labels, label_columns=card.classes if card.task == "multilabel" else None,
-                    config=cfg, spatial_dims=card.input.spatial_dims, require_labels=require_labels,
-                    progress=progress)
+    columns, unscored = _external_label_columns(card, folder, labels)
+    m = index_scans(folder, labels=labels, label_columns=columns, config=cfg, spatial_dims=card.input.spatial_dims,
+                    require_labels=require_labels, progress=progress)
     if m.task == "unlabelled":
         return m
+    if unscored is not None:  # classes this data has no positive for: kept (0/blank), reported not evaluable
+        for c, values in unscored.items():
+            m.df[c] = m.df["path"].map(values).astype(float)
     if card.task != "multilabel":
         unknown = sorted(set(m.df["label"].dropna().astype(str)) - set(card.classes))
         if unknown:
@@ -205,6 +211,42 @@ def index_external(run: Run, folder: Path, labels: Any, progress: bool, *, split
     df = m.df.assign(split=split)
     kept = [w for w in m.warnings if not w.startswith("split '")]  # splits mean nothing for external data
     return Manifest(df, list(card.classes), card.task, m.data_dir, kept, m.quarantine)
+
+
+def _external_label_columns(card: ModelCard, folder: Path, labels: Any
+                            ) -> tuple[list[str] | None, dict[str, pd.Series] | None]:
+    """(label columns to index, {class: 0/1/NaN by path} for the model's classes without a positive there).
+
+    A multi-label model evaluated on another dataset (a public dataset's harmonised CSV) meets classes that
+    data never labels (every cell blank) or never finds: indexing would refuse them, yet the other classes can
+    be evaluated; those are kept and reported "not evaluable" (:func:`not_evaluable`), never scored 0.5.
+    """
+    if card.task != "multilabel" or labels is None:
+        return (list(card.classes) if card.task == "multilabel" else None), None
+    from medtransfer.data.labels import read_labels_csv
+
+    table = read_labels_csv(labels, folder, label_columns=list(card.classes))
+    positive = [c for c in card.classes if (table.df[c] == 1).any()]
+    if not positive:
+        raise ManifestError(f"{table.name}: no class of this model ({card.classes}) has a positive (1) case; "
+                            "nothing can be evaluated. Check the label columns.")
+    by_path = table.df.set_index("path")
+    return positive, {c: by_path[c] for c in card.classes if c not in positive}
+
+
+def not_evaluable(preds: pd.DataFrame, card: ModelCard) -> dict[str, str]:
+    """Classes whose AUROC cannot be computed on these cases, with the reason (no known label, no positive or no
+    negative case)."""
+    out = {}
+    for c in scored_classes(card):
+        known = preds[f"true_{c}"].dropna() if f"true_{c}" in preds.columns else pd.Series(dtype=float)
+        if known.empty:
+            out[c] = "no labelled case (the data does not label it)"
+        elif not (known == 1).any():
+            out[c] = "no positive case"
+        elif not (known == 0).any():
+            out[c] = "no negative case"
+    return out
 
 
 def _present(preds: pd.DataFrame, subgroups: Sequence[str], intersections: Sequence[Sequence[str]]

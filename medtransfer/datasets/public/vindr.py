@@ -54,7 +54,7 @@ FINDINGS = (
 INFO = DatasetInfo(
     name="vindr",
     title="VinDr-CXR",
-    licence="PhysioNet Restricted Health Data License 1.5.0 (credentialed access, data use agreement)",
+    licence="PhysioNet Credentialed Health Data License 1.5.0 (credentialed access, data use agreement)",
     url="https://physionet.org/content/vindr-cxr/1.0.0/",
     expected=("annotations/image_labels_train.csv", "annotations/image_labels_test.csv (optional)",
               "train/<image_id>.dicom", "test/<image_id>.dicom"),

@@ -8,7 +8,9 @@ CI says it helps. Printed: the shift verdict, the options table (holdout AUROC, 
 operating point and ECE with 95% CIs), the chosen profile; then the whole site evaluated with and without it.
 
 Usage: python benchmarks/adapt.py [--data ../shared/data/kermany-cxr-600] [--n-labels 100] [--kind contrast]
-A few minutes on two CPU cores.
+       [--seeds 0,1,2,3,4]   (several draws of the labelled patients and of the adapt/holdout split; a summary
+                              line per seed and, at the end, how often each option was kept)
+A few minutes per seed on two CPU cores.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--prevalence", type=float, default=None,
                     help="also shift the label prevalence: keep this share of pneumonia patients at the site")
+    ap.add_argument("--sensitivity", type=float, default=None,
+                    help="train with an operating point at this validation sensitivity (eval.threshold=sensitivity); "
+                         "adapt then keeps an option only if its holdout sensitivity CI reaches it")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds: draws of the labelled patients and splits")
     args = ap.parse_args()
     data, labels, patients = real_data(args.data)
     train_p, site_p = set(patients[: len(patients) // 2]), set(patients[len(patients) // 2:])
@@ -59,7 +65,8 @@ def main() -> None:
         t = time.perf_counter()
         csv = Path(tmp) / "train_labels.csv"
         labels[labels["patient_id"].isin(train_p)].to_csv(csv, index=False)
-        run = mt.load_run(mt.train(data, labels=csv, overrides=PROBE, out=Path(tmp) / "run").path)
+        rule = [] if args.sensitivity is None else ["eval.threshold=sensitivity", f"eval.target={args.sensitivity}"]
+        run = mt.load_run(mt.train(data, labels=csv, overrides=[*PROBE, *rule], out=Path(tmp) / "run").path)
         print(f"trained on {len(run.manifest)} images of {len(train_p)} patients at 64 px "
               f"({time.perf_counter() - t:.0f}s); operating point(s): {run.card.thresholds}", flush=True)
         site_rows = labels[labels["patient_id"].isin(site_p)]
@@ -71,38 +78,65 @@ def main() -> None:
             site_rows = site_rows[~site_rows["patient_id"].isin(drop)]
             print(f"site prevalence {float((site_rows['label'] != 'normal').mean()):.2f} "
                   f"(training {float((run.manifest.df['label'] != 'normal').mean()):.2f})")
-        chosen_p = pd.Series(sorted(site_p)).sample(frac=1.0, random_state=1)
-        keep, n = [], 0
-        for p in chosen_p:  # whole patients until --n-labels images
-            k = int((site_rows["patient_id"] == p).sum())
-            if n + k > args.n_labels:
-                continue
-            keep.append(p)
-            n += k
-        labelled = site_rows[site_rows["patient_id"].isin(keep)]
-        folder = write_labelled_site(data, labelled, Path(tmp) / "site", args.kind, 0)
-        everything = write_labelled_site(data, site_rows[~site_rows["patient_id"].isin(keep)],
-                                         Path(tmp) / "site-rest", args.kind, 1)
-        t = time.perf_counter()
-        result = mt.adapt(run, folder, name="site", n_boot=args.n_boot)
-        print(f"\nadapt with {len(labelled)} labelled images ({len(keep)} patients), {args.kind} shift "
-              f"({time.perf_counter() - t:.0f}s):")
-        print(result.summary())
-        cols = [c for c in result.table.columns if not c.startswith("note")]
-        print(result.table[cols].to_string(index=False))
-        # the rest of the site, never seen by adapt: unadapted vs the chosen profile
-        before = mt.evaluate(run, everything, n_boot=args.n_boot, subgroups=(), out_dir=Path(tmp) / "ev-before")
-        after = mt.evaluate(mt.load_site(run, result.folder), everything, n_boot=args.n_boot, subgroups=(),
-                            out_dir=Path(tmp) / "ev-after")
-        for name, ev in (("unadapted", before), ("site profile", after)):
-            r = ev.overall.iloc[0]
-            cal = ev.calibration
-            ece = cal["ece"][0] if isinstance(cal, dict) else float(cal.iloc[0]["ece"])
-            print(f"rest of the site ({len(ev.predictions)} images), {name:>12}: AUROC {r['auroc']:.3f} "
-                  f"({r['auroc_lo']:.3f}-{r['auroc_hi']:.3f}), sensitivity {r['sensitivity']:.3f} "
-                  f"({r['sensitivity_lo']:.3f}-{r['sensitivity_hi']:.3f}), specificity {r['specificity']:.3f} "
-                  f"({r['specificity_lo']:.3f}-{r['specificity_hi']:.3f}), ECE {ece:.3f}")
+        summary = []
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            summary.append(one_seed(args, run, data, site_rows, site_p, Path(tmp) / f"seed{seed}", seed))
+        print("\nsummary over seeds (holdout = the labelled cases adapt did not fit on; rest = the site's other "
+              "images, never seen by adapt):")
+        table = pd.DataFrame(summary)
+        print(table.to_string(index=False))
+        print("\noptions kept:", table["chosen"].value_counts().to_dict())
+        for col in ("rest_ece_change", "rest_auroc_change", "rest_sens_change"):
+            print(f"{col}: mean {table[col].mean():+.4f}, min {table[col].min():+.4f}, max {table[col].max():+.4f}")
 
+
+def one_seed(args: argparse.Namespace, run: mt.Run, data: Path, site_rows: pd.DataFrame, site_p: set,
+             tmp: Path, seed: int) -> dict:
+    """One draw of ``--n-labels`` labelled site images (whole patients), adapted and checked on the rest."""
+    chosen_p = pd.Series(sorted(site_p)).sample(frac=1.0, random_state=1 + seed)
+    keep, n = [], 0
+    for p in chosen_p:  # whole patients until --n-labels images
+        k = int((site_rows["patient_id"] == p).sum())
+        if n + k > args.n_labels:
+            continue
+        keep.append(p)
+        n += k
+    labelled = site_rows[site_rows["patient_id"].isin(keep)]
+    folder = write_labelled_site(data, labelled, tmp / "site", args.kind, seed)
+    everything = write_labelled_site(data, site_rows[~site_rows["patient_id"].isin(keep)], tmp / "site-rest",
+                                     args.kind, 1000 + seed)
+    t = time.perf_counter()
+    result = mt.adapt(run, folder, name="site", n_boot=args.n_boot, seed=seed)
+    print(f"\n[seed {seed}] adapt with {len(labelled)} labelled images ({len(keep)} patients), {args.kind} shift "
+          f"({time.perf_counter() - t:.0f}s):")
+    print(result.summary())
+    cols = [c for c in result.table.columns if not c.startswith("note") and c != "thresholds"]
+    print(result.table[cols].to_string(index=False))
+    # the rest of the site, never seen by adapt: unadapted vs the chosen profile
+    before = mt.evaluate(run, everything, n_boot=args.n_boot, subgroups=(), out_dir=tmp / "ev-before")
+    after = mt.evaluate(mt.load_site(run, result.folder), everything, n_boot=args.n_boot, subgroups=(),
+                        out_dir=tmp / "ev-after")
+    figures = {}
+    for name, ev in (("unadapted", before), ("site profile", after)):
+        r = ev.overall.iloc[0]
+        cal = ev.calibration
+        ece = cal["ece"][0] if isinstance(cal, dict) else float(cal.iloc[0]["ece"])
+        figures[name] = (float(r["auroc"]), float(r["sensitivity"]), ece)
+        print(f"rest of the site ({len(ev.predictions)} images), {name:>12}: AUROC {r['auroc']:.3f} "
+              f"({r['auroc_lo']:.3f}-{r['auroc_hi']:.3f}), sensitivity {r['sensitivity']:.3f} "
+              f"({r['sensitivity_lo']:.3f}-{r['sensitivity_hi']:.3f}), specificity {r['specificity']:.3f} "
+              f"({r['specificity_lo']:.3f}-{r['specificity_hi']:.3f}), ECE {ece:.3f}")
+    tab = result.table.set_index("option")
+    chosen = str(tab.index[tab["chosen"]][0])
+    row = {"seed": seed, "labelled": len(labelled), "shift_p": result.shift.p_value, "chosen": chosen,
+           "holdout_ece_unadapted": tab.loc["unadapted", "ece"], "holdout_ece_chosen": tab.loc[chosen, "ece"]}
+    for opt in ("temperature+threshold", "head+temperature+threshold", "prevalence"):
+        if opt in tab.index:
+            row[f"{opt}_ece_change_ci"] = f"{tab.loc[opt, 'ece_change_lo']:+.3f}..{tab.loc[opt, 'ece_change_hi']:+.3f}"
+    (a0, s0, e0), (a1, s1, e1) = figures["unadapted"], figures["site profile"]
+    row.update({"rest_ece_change": e1 - e0, "rest_auroc_change": a1 - a0, "rest_sens_change": s1 - s0,
+                "rest_sens_chosen": s1})
+    return row
 
 if __name__ == "__main__":
     main()

@@ -54,6 +54,7 @@ _PUBLIC = {
     "ShortcutAudit": "medtransfer.audit.shortcuts",
     "adapt": "medtransfer.adapt.site",
     "load_site": "medtransfer.adapt.site",
+    "pretrain": "medtransfer.pretrain.run",
 }
 
 __all__ = [
@@ -89,6 +90,7 @@ __all__ = [
     "load_run",
     "load_site",
     "predict",
+    "pretrain",
     "read_scan",
     "render_report",
     "run_demo",
@@ -126,6 +128,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from medtransfer.explain.saliency import explain
     from medtransfer.models.card import ModelCard
     from medtransfer.models.classifier import build_model
+    from medtransfer.pretrain.run import pretrain
     from medtransfer.reports.render import render_report
     from medtransfer.run_dir import load_run
     from medtransfer.training.fine_tune import fine_tune

@@ -254,6 +254,43 @@ def sample_data(
 
 @app.command()
 @user_errors
+def pretrain(
+    data: Annotated[Path | None, typer.Argument(help="Folder of scans, labels not needed (omit with --resume).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Pretraining folder (default runs/pretrain-<timestamp>).")] = None,
+    images: Annotated[Path | None, typer.Option(help=(
+        "CSV listing the images to use ('path' relative to DATA); rows whose 'split' is test are left out."))] = None,
+    method: Annotated[str | None, typer.Option(help="simclr (default), byol or dino.")] = None,
+    config: Annotated[str | None, typer.Option(help="YAML config or preset (model, input, train sections).")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone to pretrain (see 'medtransfer backbones').")] = None,
+    weights: Annotated[str | None, typer.Option(help="Starting weights: imagenet (default), none, or a file.")
+                       ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Pretraining epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step (two views each).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Square input size in pixels.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted pretraining in --out.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Config override, e.g. pretrain.lr=3e-4.")] = None,
+) -> None:
+    """Self-supervised pretraining on your own unlabelled scans; then 'train --weights OUT' fine-tunes from it."""
+    from medtransfer.pretrain.run import pretrain as pretrain_run
+
+    flags = {"pretrain.method": method, "model.backbone": backbone, "model.weights": weights,
+             "pretrain.epochs": epochs, "pretrain.batch_size": batch_size, "train.device": device,
+             "input.size": f"[{image_size}, {image_size}]" if image_size else None}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_ or [])
+    if resume and out is None:
+        raise typer.BadParameter("--resume needs --out DIR (the interrupted pretraining)")
+    result = pretrain_run(data, out=out, labels=images, config=config, overrides=overrides, resume=resume,
+                          progress=not quiet())
+    last = result.history["loss"].iloc[-1] if len(result.history) else float("nan")
+    say(f"pretrained {result.backbone} with {result.method} on {result.images} images ({result.epochs} epochs, "
+        f"final loss {last:.4f}): {result.path}")
+    say(f"fine-tune from it: medtransfer train DATA --labels LABELS.csv --backbone {result.backbone} "
+        f"--weights {result.path}")
+
+
+@app.command()
+@user_errors
 def train(
     data: Annotated[Path | None, typer.Argument(help="Scan folder (omit with --resume).")] = None,
     labels: Annotated[Path | None, typer.Option(help="Labels CSV ('path' relative to DATA).")] = None,
@@ -262,7 +299,8 @@ def train(
         str | None, typer.Option(help="YAML config, or a preset name: quickstart, chexnet, linear-probe.")
     ] = None,
     backbone: Annotated[str | None, typer.Option(help="Backbone name (see 'medtransfer backbones').")] = None,
-    weights: Annotated[str | None, typer.Option(help="imagenet (default), none (scratch), or a file path.")] = None,
+    weights: Annotated[str | None, typer.Option(help=(
+        "imagenet (default), none (scratch), a weights file, or a 'medtransfer pretrain' folder."))] = None,
     weights_file: Annotated[Path | None, typer.Option(help="Local pretrained weights file (air-gapped sites).")] = None,
     strategy: Annotated[str | None, typer.Option(help="linear-probe, fine-tune or gradual.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
@@ -585,6 +623,9 @@ def audit(
     epochs: Annotated[int, typer.Option(help="Epoch budget of every cell.")] = 6,
     shortcuts: Annotated[bool, typer.Option(help="Also run the shortcut / domain-shift audit.")] = True,
     transfer: Annotated[bool, typer.Option(help="Run the transfer (pretrained vs scratch) audit.")] = True,
+    source: Annotated[list[str] | None, typer.Option(help=(
+        "Another starting point to compare, NAME=SPEC (repeatable): a 'medtransfer pretrain' folder "
+        "(ssl=runs/pt), a weights file, or a backbone (convnext=timm:convnext_tiny)."))] = None,
 ) -> None:
     """Does pretraining help on this data, and is the model learning the hospital? Resumable."""
     from medtransfer.audit.run import DEFAULT_FRACTIONS, DEFAULT_STRATEGIES
@@ -593,7 +634,7 @@ def audit(
     result = audit_run(data, labels=labels, config=config, out=out, run=run,
                        strategies=strategy or DEFAULT_STRATEGIES, fractions=fraction or DEFAULT_FRACTIONS,
                        seeds=seeds, budget_epochs=epochs, transfer=transfer, shortcuts=shortcuts,
-                       progress=not quiet())
+                       progress=not quiet(), sources=_named_sources(source or []))
     if result.transfer is not None:
         console.print(_audit_table(result.transfer), highlight=False)
         for w in result.transfer.warnings:
@@ -608,6 +649,17 @@ def audit(
         for w in result.shortcuts.warnings:
             err_console.print(f"warning: {w}", highlight=False, soft_wrap=True)
         say(f"wrote {result.out / 'shortcuts.json'}; re-render the report to include the audit")
+
+
+def _named_sources(given: list[str]) -> dict[str, str]:
+    """``NAME=SPEC`` options as a dict; a malformed one is a usage error naming the form."""
+    out: dict[str, str] = {}
+    for item in given:
+        name, sep, spec = item.partition("=")
+        if not sep or not name.strip() or not spec.strip():
+            raise typer.BadParameter(f"--source {item!r}: expected NAME=SPEC, e.g. ssl=runs/pretrain1")
+        out[name.strip()] = spec.strip()
+    return out
 
 
 def _audit_table(result: Any) -> str:

@@ -289,6 +289,45 @@ class ReportConfig(_Frozen):
         "Intended use statement (Model Facts label and the data section)."))
 
 
+class PretrainConfig(_Frozen):
+    """Self-supervised pretraining on unlabelled scans (``medtransfer pretrain``); unused by ``train``.
+
+    The backbone, its starting weights (``model.weights``, ImageNet by default), the input size and the
+    device/AMP settings come from the ``model``, ``input`` and ``train`` sections, as for training.
+    """
+
+    method: Literal["simclr", "byol", "dino"] = Field(default="simclr", description=(
+        "`simclr`: contrastive (NT-Xent over the other images of the batch); `byol`: a predictor matches a "
+        "momentum teacher, no negatives; `dino`: self-distillation with a centred, sharpened teacher. SimCLR is "
+        "the default by measurement on CPU-sized data (docs/guide-train.md)."))
+    epochs: int = Field(default=20, ge=1, description="Passes over the unlabelled images.")
+    batch_size: int = Field(default=64, ge=2, description=(
+        "Images per step (two views each). Contrastive methods see batch_size - 1 negatives per image."))
+    lr: float = Field(default=1e-4, gt=0, description=(
+        "Backbone learning rate (AdamW, warmup then cosine); the projection heads use 10x. Small, since the "
+        "backbone starts from pretrained weights and should move, not restart."))
+    weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay.")
+    warmup_epochs: float = Field(default=1.0, ge=0, description="Linear LR warmup.")
+    temperature: float = Field(default=0.1, gt=0, description="SimCLR's NT-Xent temperature.")
+    projection_dim: int = Field(default=128, ge=8, description="Output size of the projection head.")
+    momentum: float = Field(default=0.99, gt=0, lt=1, description=(
+        "BYOL/DINO: the teacher's starting EMA momentum (rises to 1 on a cosine schedule)."))
+    crop_scale: tuple[float, float] = Field(default=(0.6, 1.0), description=(
+        "Random-resized-crop area range. Mild on purpose: a crop of 8% (ImageNet SSL's default) of a chest "
+        "X-ray is often a patch of rib with no finding in it."))
+    rotation: float = Field(default=10.0, ge=0, le=45, description="Random rotation range in degrees (+/-).")
+    flip: bool = Field(default=False, description=(
+        "Random horizontal flips. Off by default: left and right are not interchangeable in a radiograph "
+        "(heart, stomach bubble, markers)."))
+    intensity: float = Field(default=0.2, ge=0, le=1, description=(
+        "Random contrast and brightness change (scale 1 +/- intensity, shift +/- intensity/2 SD). Grey "
+        "images: no colour jitter."))
+    blur: float = Field(default=0.5, ge=0, le=1, description="Probability of a Gaussian blur.")
+    noise: float = Field(default=0.05, ge=0, le=1, description="Gaussian noise SD (normalised units).")
+    max_images: int | None = Field(default=None, ge=2, description=(
+        "Use at most this many images (a seeded sample of patients); None = all."))
+
+
 class RunConfig(_Frozen):
     """Everything a run needs; saved as ``config.yaml`` in the run directory."""
 
@@ -298,6 +337,7 @@ class RunConfig(_Frozen):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     report: ReportConfig = ReportConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
 
 # medtransfer/configs is a symlink to the repository's configs/, so wheels ship the presets too.

@@ -29,6 +29,8 @@ LAYERS = {
     "data.spec": 0,
     # predict(dicom_out=...) files DICOM results with deploy.dicom: an entry point above deploy (cli, __init__ use it)
     "evaluation.predict": 11,
+    # self-supervised pretraining trains (above training); its weights-source reader is a leaf training reads
+    "pretrain": 8, "pretrain.source": 0,
 }
 
 

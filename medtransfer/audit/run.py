@@ -58,6 +58,7 @@ def audit(
     transfer: bool = True,
     shortcuts: bool = True,
     progress: bool = False,
+    sources: dict[str, str] | None = None,
 ) -> Audit:
     """Does pretraining help on this data (transfer audit), and is the model learning the hospital (shortcuts)?
 
@@ -72,6 +73,9 @@ def audit(
             :func:`~medtransfer.audit.transfer.audit_transfer`).
         transfer, shortcuts: which audits to run.
         progress: progress display.
+        sources: other starting points to compare with the run's own weights, ``{name: spec}``: a
+            ``medtransfer pretrain`` folder, a weights file, or a backbone (``timm:<name>``); see
+            :func:`~medtransfer.audit.transfer.audit_transfer`.
 
     Returns:
         :class:`Audit`. Both audits resume from finished cells when run again with the same settings.
@@ -96,7 +100,7 @@ def audit(
             cases = source
         result.transfer = audit_transfer(cases, labels=labels, config=cfg, strategies=tuple(strategies),
                                          fractions=tuple(fractions), seeds=seeds, budget_epochs=budget_epochs,
-                                         out=target, progress=progress)
+                                         out=target, progress=progress, sources=sources)
     if shortcuts:
         if run_dir is None:
             result.skipped.append("shortcut audit skipped: it needs a trained run (pass run=RUN_DIR, or a run "

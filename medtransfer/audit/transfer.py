@@ -6,7 +6,13 @@ best-validation weights, and is scored on the unchanged test split (AUROC with a
 Validation and test splits are those of the manifest, so every cell is judged on the same patients.
 
 Strategies: ``scratch`` (random init, all layers: the baseline), and the pretrained ``linear-probe``,
-``gradual`` and ``fine-tune``. From the cells the audit derives:
+``gradual`` and ``fine-tune``. **Sources**: besides the run's own pretrained weights (``model.weights``, ImageNet
+by default), ``sources`` names other starting points, each trained with every pretrained strategy: a
+``medtransfer pretrain`` folder (ImageNet -> self-supervised on the hospital's scans), a weights file, or another
+backbone (``timm:<name>`` or a table name, with its ImageNet weights). Such cells are labelled
+``<strategy>@<source>`` (``linear-probe@ssl``) and appear in the curve and the summary like any strategy, so
+"ImageNet vs ImageNet -> SSL vs scratch" is read off one table at the same label fractions. From the cells the
+audit derives:
 
 - **learning curve**: mean test AUROC per strategy and fraction (seed spread and mean CI shown);
 - **data-efficiency gain**: the smallest fraction at which a pretrained strategy's curve (linear in
@@ -92,6 +98,7 @@ def audit_transfer(
     n_boot: int = 300,
     out: str | Path = "runs/audit",
     progress: bool = False,
+    sources: dict[str, str] | None = None,
 ) -> AuditResult:
     """Train every (strategy x fraction x seed) cell under the same epoch budget and compare.
 
@@ -110,6 +117,8 @@ def audit_transfer(
         n_boot: bootstrap resamples for the test-AUROC CI of each cell.
         out: audit folder (cells, cache, ``transfer.json``); re-running continues from finished cells.
         progress: progress bar with ETA over cells.
+        sources: other starting points, ``{name: spec}`` (module docstring): a ``medtransfer pretrain`` folder,
+            a weights file, or a backbone name (``timm:<name>`` or one of ``medtransfer backbones``).
 
     Returns:
         :class:`AuditResult` (also written to ``<out>/transfer.json``).
@@ -132,9 +141,10 @@ def audit_transfer(
     if budget_epochs < 1 or seeds < 1:
         raise ConfigError("budget_epochs and seeds must be >= 1")
     out_dir = Path(out)
-    cfg = config if config is not None and not isinstance(config, (str, Path)) else load_config(
+    raw = config if config is not None and not isinstance(config, (str, Path)) else load_config(
         config or "quickstart", list(overrides))
-    cfg = cfg.model_copy(update={"input": resolve_input_spec(cfg)})
+    cfg = raw.model_copy(update={"input": resolve_input_spec(raw)})
+    source_cfgs = {name: source_config(raw, cfg, name, spec) for name, spec in (sources or {}).items()}
     if isinstance(manifest_or_data, Manifest):
         manifest = manifest_or_data
     else:
@@ -147,10 +157,12 @@ def audit_transfer(
     settings = {"cell_version": CELL_VERSION, "strategies": list(strategies), "fractions": fractions, "seeds": seeds,
                 "budget_epochs": budget_epochs, "n_boot": n_boot, "backbone": cfg.model.backbone,
                 "weights": cfg.model.weights, "input": cfg.input.key(), "manifest": manifest.digest(),
-                "train": cfg.train.model_dump(mode="json")}
+                "train": cfg.train.model_dump(mode="json"),
+                "sources": {n: _source_fingerprint(c) for n, c in source_cfgs.items()}}
     key = sha256_json(settings, 16)
     cells_dir = out_dir / "cells"
-    todo = [(s, f, seed) for seed in range(seeds) for f in fractions for s in strategies]
+    labelled = list(strategies) + [f"{s}@{n}" for n in source_cfgs for s in strategies if s != "scratch"]
+    todo = [(s, f, seed) for seed in range(seeds) for f in fractions for s in labelled]
     rows, histories, warnings = [], {}, []
     with progress_bar(progress) as bar:
         task = bar.add_task("transfer audit", total=len(todo), info="")
@@ -161,7 +173,10 @@ def audit_transfer(
             if cell is None:
                 bar.update(task, info=name)
                 try:
-                    cell = _run_cell(manifest, cfg, strategy, frac, seed, budget_epochs, n_boot, out_dir)
+                    base, _, src = strategy.partition("@")
+                    cell = _run_cell(manifest, source_cfgs[src] if src else cfg, base, frac, seed, budget_epochs,
+                                     n_boot, out_dir)
+                    cell["strategy"] = strategy
                 except Exception as exc:  # one failed cell must not lose the others
                     logger.warning("audit cell %s failed: %s", name, exc)
                     warnings.append(f"cell {name} failed: {type(exc).__name__}: {exc}")
@@ -178,6 +193,41 @@ def audit_transfer(
     result.summary["settings"] = {k: v for k, v in settings.items() if k != "train"}
     result.save(out_dir / "transfer.json")
     return result
+
+
+def source_config(raw: Any, cfg: Any, name: str, spec: str) -> Any:
+    """The resolved config of source ``name``: ``cfg`` with other weights, or ``raw`` with another backbone.
+
+    Raises:
+        ConfigError: a bad source name, or a spec that is neither a backbone, a weights file nor a folder.
+    """
+    from medtransfer.models.backbones import get_backbone
+    from medtransfer.pretrain.source import resolve_weights
+    from medtransfer.training.run import resolve_input_spec
+
+    if not name or "@" in name or "/" in name or name == "scratch":
+        raise ConfigError(f"source name {name!r}: use a short word such as 'ssl' or 'convnext'")
+    text = str(spec)
+    if text.startswith("timm:") or not (Path(text).expanduser().exists() or text in ("imagenet", "none")):
+        try:
+            get_backbone(text)
+        except ConfigError as exc:
+            raise ConfigError(f"source {name}={text}: neither an existing weights file or pretraining folder nor a "
+                              f"backbone ({exc})") from exc
+        other = raw.model_copy(update={"model": raw.model.model_copy(update={"backbone": text, "weights": "imagenet"})})
+        return other.model_copy(update={"input": resolve_input_spec(other)})
+    resolve_weights(text, cfg.model.backbone)  # a pretraining folder for another backbone fails here, with the fix
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": text})})
+
+
+def _source_fingerprint(cfg: Any) -> dict[str, Any]:
+    """What a source's cells depend on: backbone, weights (a file's or pretraining's sha256), input."""
+    from medtransfer.digest import sha256_file
+    from medtransfer.pretrain.source import resolve_weights
+
+    path, info = resolve_weights(cfg.model.weights, cfg.model.backbone)
+    digest = info["sha256"] if info else (sha256_file(Path(path)) if Path(path).is_file() else None)
+    return {"backbone": cfg.model.backbone, "weights": cfg.model.weights, "sha256": digest, "input": cfg.input.key()}
 
 
 def cell_name(strategy: str, fraction: float, seed: int) -> str:

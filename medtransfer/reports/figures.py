@@ -205,12 +205,17 @@ def learning_curve_figure(curve: pd.DataFrame) -> Figure | None:
         return None
     fig, (ax,) = _new(6.0, 3.2)
     alts = []
+    # other starting points ("linear-probe@ssl"): the strategy's colour, a line style and marker per source
+    sources = sorted({str(s).partition("@")[2] for s in curve["strategy"]} - {""})
+    styles = {src: (ls, mk) for src, ls, mk in zip(sources, [":", "-.", (0, (5, 1, 1, 1)), (0, (1, 1))] * 4,
+                                                     ["s", "^", "D", "v"] * 4, strict=False)}
     for strategy, rows in curve.groupby("strategy", sort=False):
         rows = rows.sort_values("fraction")
-        colour = STRATEGY_COLOURS.get(str(strategy), VERMILLION)
+        base, _, source = str(strategy).partition("@")
+        colour = STRATEGY_COLOURS.get(base, VERMILLION)
         x = rows["fraction"].to_numpy(float) * 100
-        ax.plot(x, rows["test_auroc"], marker="o", ms=4, color=colour, label=str(strategy),
-                linestyle="--" if strategy == "scratch" else "-")
+        linestyle, marker = styles.get(source, ("--" if strategy == "scratch" else "-", "o"))
+        ax.plot(x, rows["test_auroc"], marker=marker, ms=4, color=colour, label=str(strategy), linestyle=linestyle)
         ax.fill_between(x, rows["test_lo"].to_numpy(float), rows["test_hi"].to_numpy(float), color=colour,
                         alpha=0.15, linewidth=0)
         alts.append(f"{strategy}: " + ", ".join(f"{f:g}% {a:.2f}" for f, a in zip(x, rows["test_auroc"], strict=True)))

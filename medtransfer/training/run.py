@@ -301,10 +301,12 @@ def build_run_model(cfg: RunConfig, classes: Sequence[str], task: str, *, weight
         weights: override ``model.weights`` (``"none"`` when a checkpoint will restore every weight).
     """
     from medtransfer.models.classifier import build_model
+    from medtransfer.pretrain.source import resolve_weights
 
     volume = cfg.model.volume if cfg.input.spatial_dims == 3 else None
+    chosen, _ = resolve_weights(cfg.model.weights if weights is None else weights, cfg.model.backbone)
     return build_model(cfg.model.backbone, classes, task=task, in_channels=cfg.input.channels,
-                       weights=cfg.model.weights if weights is None else weights, dropout=cfg.model.dropout,
+                       weights=chosen, dropout=cfg.model.dropout,
                        volume=volume, slice_context=cfg.model.slice_context)
 
 
@@ -331,7 +333,6 @@ def _read_size_choice(run_dir: Path) -> dict[str, Any] | None:
 
 def _make_card(cfg: RunConfig, manifest: Manifest, fit: Any, run_dir: Path) -> ModelCard:
     from medtransfer.diagnostics import versions
-    from medtransfer.models.backbones import weights_fingerprint
 
     df = manifest.df
     counts = {s: {c: int(v) for c, v in _class_counts(manifest.split(s)).items()} for s in ("train", "val", "test")}
@@ -344,7 +345,7 @@ def _make_card(cfg: RunConfig, manifest: Manifest, fit: Any, run_dir: Path) -> M
         name=cfg.report.title,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         backbone=cfg.model.backbone,
-        weights=weights_fingerprint(cfg.model.backbone, cfg.model.weights),
+        weights=_weights_record(cfg),
         strategy=cfg.train.strategy,
         task=manifest.task,
         classes=list(manifest.classes),
@@ -375,6 +376,20 @@ def _make_card(cfg: RunConfig, manifest: Manifest, fit: Any, run_dir: Path) -> M
         },
         versions={**versions(), "platform": platform.platform()},
     )
+
+
+def _weights_record(cfg: RunConfig) -> dict[str, Any]:
+    """The initial weights' fingerprint for the card; a pretraining folder adds what pretrained it."""
+    from medtransfer.models.backbones import weights_fingerprint
+    from medtransfer.pretrain.source import resolve_weights
+
+    path, pretrained = resolve_weights(cfg.model.weights, cfg.model.backbone)
+    record = weights_fingerprint(cfg.model.backbone, path)
+    if pretrained is not None:
+        record.update(weights=cfg.model.weights, source=f"self-supervised pretraining ({pretrained['method']}, "
+                      f"{pretrained['images']} images, {pretrained['epochs']} epochs, from "
+                      f"{pretrained['initial_weights']})", pretraining=pretrained)
+    return record
 
 
 def _class_counts(m: Manifest) -> dict[str, int]:

@@ -236,6 +236,7 @@ def _fit(folder: Path, cfg: RunConfig, manifest: Manifest, resumed: bool, progre
     dev.set_determinism(cfg.data.seed, tc.deterministic)
     weights, _ = resolve_weights(cfg.model.weights, cfg.model.backbone)
     encoder = build_model(cfg.model.backbone, ["a", "b"], in_channels=cfg.input.channels, weights=weights)
+    encoder.head = nn.Identity()  # only encoder.features is used; an unused head would stall DDP's gradient sync
     method = build_method(pc.method, encoder, encoder.spec.feature_dim, pc, distributed=world > 1)
     method = dev.prepare_model(method, device, channels_last=device.type == "cuda")
     head_ids = {id(p) for p in method.head_parameters()}

@@ -18,7 +18,8 @@ is fitted on the adapt part only (images and labels) and judged on the holdout: 
 specificity at the option's operating point, and ECE, with patient-bootstrap CIs, and the paired bootstrap
 change in ECE and AUROC against the unadapted model. ``temperature+threshold`` refits both with training's own
 rule (:func:`medtransfer.training.calibrate.calibrate`: the cross-fitted temperature decision and the run's
-``eval.threshold`` rule). ``head`` fine-tunes the classification head on the adapt part's frozen features
+``eval.threshold`` rule; a sensitivity or specificity target with the finite-sample rank rule, since 25-100 cases
+would otherwise place the cut where new cases fall short of the target). ``head`` fine-tunes the classification head on the adapt part's frozen features
 (:func:`tune_head`: L2-SP, i.e. a penalty pulling the weights towards the trained ones, its strength chosen by
 patient-grouped cross-validation; temperature and operating point are then refitted on the cross-fitted
 out-of-fold logits, so they are never fitted on logits of cases the head has seen). An option is kept only if the CI says it is better (the CI of its ECE change lies
@@ -598,7 +599,7 @@ def _with_labels(run: Run, site: Manifest, base: _Fit, use_adabn: bool, train_pr
             judged.append((lg, ok))
         parts = [*prefix, "temperature", "threshold"]
         fit_m = Manifest(site.df[fit_rows].copy(), list(site.classes), site.task, site.data_dir)
-        refit = calibrate(run.model, fit_m, card, cfg, logits=lg[fit_rows])
+        refit = calibrate(run.model, fit_m, card, cfg, logits=lg[fit_rows], finite_sample=True)
         fits.append(_Fit("+".join(parts), parts, with_bn, refit.temperature, thresholds_of(refit),
                          note=str(refit.calibration.get("reason", ""))))
         judged.append((lg, ok))
@@ -635,7 +636,7 @@ def _head_option(model: nn.Module, feats: np.ndarray, y: np.ndarray, keys: np.nd
         notes.append(f"{label}: not tried: {problem}")
         return None
     fitted = tune_head(model.head, feats[fit_rows], y[fit_rows], keys[fit_rows], run.card.task, seed=seed)
-    refit = calibrate(run.model, fit_m, run.card, run.config, logits=fitted.oof_logits)
+    refit = calibrate(run.model, fit_m, run.card, run.config, logits=fitted.oof_logits, finite_sample=True)
     with torch.no_grad():
         x = torch.as_tensor(np.ascontiguousarray(feats), dtype=torch.float32)
         logits = fitted.head(x).double().numpy().reshape(len(feats), -1)

@@ -48,7 +48,7 @@ def one_vs_rest(targets: np.ndarray, task: str, n_classes: int) -> np.ndarray:
 
 def calibrate(model: torch.nn.Module, manifest_val: Manifest, card: ModelCard, cfg: RunConfig, *,
               cache_dir: str | Path | None = None, progress: bool = False,
-              logits: np.ndarray | None = None) -> ModelCard:
+              logits: np.ndarray | None = None, finite_sample: bool = False) -> ModelCard:
     """Decide the temperature and choose operating points on the validation split; returns an updated card.
 
     Args:
@@ -60,6 +60,8 @@ def calibrate(model: torch.nn.Module, manifest_val: Manifest, card: ModelCard, c
         progress: progress display.
         logits: the validation logits when training already has them (a linear probe's head on its cached
             frozen features, in manifest order); None runs the model over the validation images.
+        finite_sample: sensitivity/specificity targets with the finite-sample rank rule
+            (:func:`~medtransfer.stats.thresholds.choose_threshold`); site adaptation uses it.
 
     Returns:
         A copy of ``card`` with ``temperature`` (None when not applied), ``calibration`` (the decision and its
@@ -93,7 +95,8 @@ def calibrate(model: torch.nn.Module, manifest_val: Manifest, card: ModelCard, c
                            c, "no cases" if yc.size == 0 else "only one outcome")
             chosen[c] = 0.5
             continue
-        thr = float(choose_threshold(yc, pc, method=cfg.eval.threshold, target=cfg.eval.target))
+        thr = float(choose_threshold(yc, pc, method=cfg.eval.threshold, target=cfg.eval.target,
+                                     finite_sample=finite_sample))
         chosen[c] = thr if np.isfinite(thr) else 0.5
     logger.info("calibrated on %d validation cases: temperature %s (%s), thresholds %s", int(ok.sum()),
                 f"{decision['temperature']:.3f}" if decision["applied"] else "not applied", decision["reason"], chosen)

@@ -82,3 +82,28 @@ def test_bad_method_or_target():
         choose_threshold(np.array([0, 1]), np.array([0.2, 0.8]), method="f1")
     with pytest.raises(ConfigError, match="target"):
         choose_threshold(np.array([0, 1]), np.array([0.2, 0.8]), method="sensitivity")
+
+
+def test_finite_sample_rule_keeps_the_target_on_new_cases():
+    """Plain rule: 20 positives, target 0.9 -> 2 misses allowed, new-case sensitivity 18/21 = 0.857 < 0.9.
+    Finite-sample rule: the 2nd-lowest positive -> 1 miss, 19/21 = 0.905; checked by simulation too."""
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(20), np.zeros(30)]
+    p = np.r_[np.linspace(0.30, 0.95, 20), np.linspace(0.05, 0.6, 30)]
+    plain = choose_threshold(y, p, method="sensitivity", target=0.9)
+    fs = choose_threshold(y, p, method="sensitivity", target=0.9, finite_sample=True)
+    pos = np.sort(p[:20])
+    assert pos[2] > plain > pos[1] and pos[1] > fs > pos[0]  # cut below the 3rd vs the 2nd lowest positive
+    spec_plain = choose_threshold(y, p, method="specificity", target=0.9)
+    spec_fs = choose_threshold(y, p, method="specificity", target=0.9, finite_sample=True)
+    # 30 negatives: plain allows 3 false positives (27/30 = 0.9), the rank rule 2 (j = floor(0.1 * 31) = 3)
+    assert (p[20:] < spec_plain).sum() == 27 and (p[20:] < spec_fs).sum() == 28
+    # coverage on new cases over many draws of 20 positives
+    hits_plain, hits_fs = [], []
+    for _ in range(400):
+        sy = np.r_[np.ones(20), np.zeros(20)]
+        sp = np.r_[rng.uniform(0.2, 1.0, 20), rng.uniform(0.0, 0.8, 20)]
+        new = rng.uniform(0.2, 1.0, 200)
+        hits_plain.append((new >= choose_threshold(sy, sp, method="sensitivity", target=0.9)).mean())
+        hits_fs.append((new >= choose_threshold(sy, sp, method="sensitivity", target=0.9, finite_sample=True)).mean())
+    assert np.mean(hits_plain) < 0.88 and np.mean(hits_fs) >= 0.895

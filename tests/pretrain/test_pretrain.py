@@ -158,3 +158,9 @@ def test_the_transfer_audit_compares_imagenet_ssl_and_scratch(data: Path, simclr
     with pytest.raises(ConfigError, match="neither an existing weights file"):
         audit_transfer(manifest, config=cfg, strategies=("linear-probe",), fractions=(1.0,), seeds=1,
                        budget_epochs=1, out=tmp_path / "a2", sources={"bad": "no/such/thing"})
+
+
+def test_audit_cli_source_must_be_name_equals_spec(data: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["audit", str(data), "--out", str(tmp_path / "a"), "--source", "runs/pt",
+                                      "--no-shortcuts"])
+    assert result.exit_code == 2 and "expected NAME=SPEC" in result.output

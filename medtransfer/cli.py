@@ -202,21 +202,37 @@ def index(
 
 @app.command()
 @user_errors
-def backbones() -> None:
+def backbones(
+    pattern: Annotated[str | None, typer.Argument(
+        help="With --timm: the timm models to list, a pattern as timm.list_models takes ('convnext*', "
+             "'vit_small*dino*') [default: all].")] = None,
+    timm: Annotated[bool, typer.Option(
+        "--timm", help="Also list timm's pretrained models (matching PATTERN), each with whether its weights are "
+                       "cached for offline use; name one as --backbone timm:<name>.")] = False,
+) -> None:
     """List the available backbones and whether their pretrained weights are available locally."""
     from rich.table import Table
 
     from medtransfer.models.backbones import list_backbones
 
-    table = Table(title="backbones (pretrained on ImageNet-1k)")
+    rows = list_backbones(timm=(pattern or "*") if timm or pattern else None, cached_timm=True)
+    table = Table(title="backbones (pretrained on ImageNet-1k; timm: as its tag says)")
     for col in ("name", "px", "pretrained weights", "offline"):
         table.add_column(col, no_wrap=True)
-    for row in list_backbones():
+    for row in rows:
         weights = str(row["weights"]).replace("_Weights.", " ")
-        table.add_row(row["name"], str(row["input_size"]), weights, "yes" if row["available"] else "no")
+        px = "" if row["input_size"] is None else str(row["input_size"])
+        table.add_row(escape(row["name"]), px, escape(weights), "yes" if row["available"] else "no")
     console.print(table)
     say("weights not available offline: copy torchvision's file into $TORCH_HOME/hub/checkpoints/, or use "
         "--weights-file PATH; efficientnet_lite0 ships its weights.")
+    if timm or pattern:
+        n = sum(1 for r in rows if str(r["name"]).startswith("timm:"))
+        say(f"{n} pretrained timm model(s) match '{pattern or '*'}'. timm weights come from the Hugging Face hub "
+            "cache ($HF_HUB_CACHE): fetch one on a connected machine with 'hf download timm/<name>'.")
+    else:
+        say("any timm model works too: --backbone timm:<name> (e.g. timm:convnext_tiny, "
+            "timm:vit_small_patch16_224.dino); 'medtransfer backbones --timm [PATTERN]' lists them.")
 
 
 @app.command("sample-data")

@@ -6,7 +6,8 @@ the Grad-CAM paper), and returns maps at input resolution, scaled per image to [
 - ``gradcam``: Grad-CAM (Selvaraju et al. 2017) on ``model.cam_layer()``; positive evidence only (the
   paper's ReLU). Captum's ``LayerGradCam(relu_attributions=False)`` is its default, so we take the signed
   coarse map, keep it as ``raw`` (upsampled), and apply the ReLU ourselves *before* the bilinear upsampling,
-  as the paper does. ViT tokens are reshaped to a map with ``model.cam_reshape()``.
+  as the paper does. ViT tokens (class and register tokens dropped) and channels-last maps (Swin) are
+  reshaped to a map with ``model.cam_reshape()``, activations and gradients alike, then weighted the same way.
 - ``integrated_gradients``: Integrated Gradients (Sundararajan et al. 2017), ``n_steps`` (default 32) Gauss-
   Legendre steps evaluated ``internal_batch_size`` at a time so memory stays bounded; optional SmoothGrad
   (NoiseTunnel) with noise std = 15% of the batch's value range (Smilkov et al.). Maps: |attribution|.
@@ -287,18 +288,20 @@ def _gradcam(model: nn.Module, x: torch.Tensor, target: list[int]) -> torch.Tens
     reshape = model.cam_reshape() if hasattr(model, "cam_reshape") else None  # type: ignore[operator]
     if reshape is None:
         return LayerGradCam(model, layer).attribute(x, target=target).detach()
-    # Token layers (ViT): a tap module sees the tokens as a map (N, C, h, w) and Captum attributes to it.
-    tap = nn.Identity()
-
-    def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
-        fmap = tap(reshape(out))
-        return torch.cat([out[:, :1], fmap.flatten(2).transpose(1, 2)], dim=1)
-
-    handle = layer.register_forward_hook(hook)
+    # Token layers (ViT: any number of class/register tokens) and channels-last maps: the layer's output and its
+    # gradient are both mapped to (N, C, h, w) by cam_reshape() (a re-indexing, so gradients map exactly as
+    # activations); then Captum's LayerGradCam formula: channel weights = mean gradient over (h, w).
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
     try:
-        return LayerGradCam(model, tap).attribute(x, target=target).detach()
+        with torch.enable_grad():
+            logits = model(x.detach().clone().requires_grad_(True))
+            selected = logits.gather(1, torch.as_tensor(target, device=logits.device)[:, None]).sum()
+            (grad,) = torch.autograd.grad(selected, seen[-1])
     finally:
         handle.remove()
+    act, grad = reshape(seen[-1].detach()), reshape(grad)
+    return (grad.mean(dim=(2, 3), keepdim=True) * act).sum(dim=1, keepdim=True).detach()
 
 
 def _gradcam_volume(model: nn.Module, x: torch.Tensor, target: list[int]) -> torch.Tensor:

@@ -10,6 +10,10 @@ torchvision weights are read from torch's hub cache (``$TORCH_HOME/hub/checkpoin
 short timeout; when neither works, :class:`~medtransfer.errors.WeightsUnavailable` names the exact file to
 copy there. EfficientNet-Lite0 ships its ImageNet weights in a pip package, so it works fully offline.
 
+Besides the table, any timm model is a backbone, ``timm:<name>`` (``timm:convnext_tiny``,
+``timm:vit_small_patch16_224.dino``): its spec is made from timm's metadata at run time and its weights come from
+the Hugging Face hub cache, with the same offline rules (:mod:`medtransfer.models.timm_backbones`).
+
 This module imports torch lazily, so the table (and :class:`~medtransfer.models.card.ModelCard`, which
 validates backbone names against it) is usable without torch.
 """
@@ -30,6 +34,8 @@ from medtransfer import io
 from medtransfer.data.spec import IMAGENET_MEAN, IMAGENET_STD
 from medtransfer.digest import sha256_file
 from medtransfer.errors import CheckpointError, ConfigError, WeightsUnavailable
+from medtransfer.models import timm_backbones
+from medtransfer.models.timm_backbones import is_timm
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -51,10 +57,11 @@ class BackboneSpec:
     """Everything medtransfer needs to know about one architecture.
 
     Attributes:
-        name: the table key (``--backbone``).
+        name: the table key (``--backbone``), or ``timm:<name>`` for a timm model.
         builder: ``"module:function"`` that returns the randomly initialised ImageNet model (1000 classes).
-        weights: torchvision weights enum name (``"DenseNet121_Weights.IMAGENET1K_V1"``), ``"bundled"``, or
-            ``"none"`` (:data:`NO_PRETRAINED`: no pretrained weights exist; ``weights="imagenet"`` is refused).
+        weights: torchvision weights enum name (``"DenseNet121_Weights.IMAGENET1K_V1"``), ``"bundled"``,
+            ``"hf-hub:<repo>"`` (a timm tag's weights), or ``"none"`` (:data:`NO_PRETRAINED`: no pretrained
+            weights exist; ``weights="imagenet"`` is refused).
         head: dotted path of the original classification head; replaced by ``nn.Identity``.
         first_conv: dotted path of the first convolution (adapted for grey-scale input).
         cam_layer: dotted path of the layer Grad-CAM attributes to.
@@ -68,13 +75,15 @@ class BackboneSpec:
             features are then ``feature_act`` + global average pooling. ``None``: the model's own forward
             with its head replaced by ``nn.Identity`` already returns pooled features (N, F).
         feature_act: activation applied (never in place) to the feature map before pooling.
-        cam_reshape: ``"vit_tokens"`` when the CAM layer outputs tokens (N, 1 + h*w, C) that must drop the
-            class token and become a map (N, C, h, w); ``None`` for convolutional maps.
+        cam_reshape: ``"vit_tokens"`` when the CAM layer outputs tokens (N, P + h*w, C) that must drop the
+            ``num_prefix_tokens`` P (class, distillation and register tokens) and become a map (N, C, h, w);
+            ``"nhwc"`` for a channels-last map (N, h, w, C) (Swin); ``None`` for convolutional maps.
         fixed_input_size: the architecture accepts only ``input_size`` (ViT's position embeddings).
         spatial_dims: 2 for ImageNet backbones (images; volumes through ``model.volume`` slices or acs),
             3 for networks that take volumes natively (``model.volume: native``; no pretrained weights).
         acs: whether ACS conversion (``model.volume: acs``) can turn it into a 3D network: False where the
             forward pass itself is 2D-only (ViT's patch tokens, ConvNeXt's channels-last LayerNorm).
+        num_prefix_tokens: ``vit_tokens`` only: tokens before the patch tokens (1: the class token).
     """
 
     name: str
@@ -91,10 +100,11 @@ class BackboneSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     feature_map: str | None = None
     feature_act: Literal["relu"] | None = None
-    cam_reshape: Literal["vit_tokens"] | None = None
+    cam_reshape: Literal["vit_tokens", "nhwc"] | None = None
     fixed_input_size: bool = False
     spatial_dims: Literal[2, 3] = 2
     acs: bool = True
+    num_prefix_tokens: int = 1
 
     def input_stats(self, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Normalisation (mean, std) for ``channels`` input channels.
@@ -194,21 +204,24 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 
 def get_backbone(name: str) -> BackboneSpec:
-    """The spec of backbone ``name``.
+    """The spec of backbone ``name``: a table entry, or ``timm:<name>`` made from timm's metadata.
 
     Raises:
-        ConfigError: unknown name, with the closest valid name.
+        ConfigError: unknown name, with the closest valid name (an unknown timm model or tag likewise).
+        MissingDependency: a ``timm:`` name without timm installed.
 
     Examples:
         >>> get_backbone("resnet18").feature_dim
         512
     """
+    if is_timm(name):
+        return BackboneSpec(**timm_backbones.spec_fields(name))
     spec = BACKBONES.get(name)
     if spec is None:
         close = difflib.get_close_matches(str(name), list(BACKBONES), n=1, cutoff=0.5)
         hint = f" — did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown backbone '{name}'{hint} Valid backbones: {', '.join(BACKBONES)} "
-                          "(see 'medtransfer backbones').")
+        raise ConfigError(f"unknown backbone '{name}'{hint} Valid backbones: {', '.join(BACKBONES)}, or any timm "
+                          "model as timm:<name> (see 'medtransfer backbones').")
     return spec
 
 
@@ -254,9 +267,9 @@ def load_backbone(name: str, weights: str = "imagenet") -> torch.nn.Module:
     """Build backbone ``name`` (with its original 1000-class head) and load its weights.
 
     Args:
-        name: a key of :data:`BACKBONES`.
-        weights: ``"imagenet"`` (the spec's pretrained weights), ``"none"`` (random init: training from
-            scratch, chosen knowingly), or a path to a local ``.safetensors``/``.pth``/``.pt`` weights file
+        name: a key of :data:`BACKBONES`, or ``timm:<name>``.
+        weights: ``"imagenet"`` (the spec's pretrained weights; a timm tag's from the hub cache), ``"none"``
+            (random init: training from scratch, chosen knowingly), or a path to a local ``.safetensors``/``.pth``/``.pt`` weights file
             whose keys match the architecture (head keys may be absent or differ).
 
     Raises:
@@ -269,6 +282,8 @@ def load_backbone(name: str, weights: str = "imagenet") -> torch.nn.Module:
         >>> model = load_backbone("efficientnet_lite0")  # bundled, works offline  # doctest: +SKIP
     """
     spec = get_backbone(name)
+    if is_timm(name):
+        return _load_timm(spec, weights)
     if weights == "imagenet" and spec.weights == NO_PRETRAINED:
         raise ConfigError(_no_imagenet_message(spec))
     model = _instantiate(spec)
@@ -287,6 +302,26 @@ def load_backbone(name: str, weights: str = "imagenet") -> torch.nn.Module:
 
     load_state_dict_checked(model, _remap_legacy_keys(state), source=source, ignore_prefix=spec.head)
     logger.info("%s: loaded weights from %s", name, source)
+    return model
+
+
+def _load_timm(spec: BackboneSpec, weights: str) -> torch.nn.Module:
+    """A timm backbone: built by timm (random init), then its tag's weights from the hub cache or a local file."""
+    model = timm_backbones.create_model(spec.name)
+    if weights == "none":
+        logger.info("%s: random initialisation (weights='none')", spec.name)
+        return model
+    if weights == "imagenet":
+        path, _src = timm_backbones.fetch_weights(spec.name, offline=_offline(), offline_reason=f"{OFFLINE_ENV} is set",
+                                                  timeout=DOWNLOAD_TIMEOUT_S)
+        source = f"{spec.source} ({path})"
+    else:
+        path, source = Path(weights).expanduser(), f"weights file {weights}"
+    state = timm_backbones.filter_state_dict(model, read_weights_file(path))
+    from medtransfer.models.weights_io import load_state_dict_checked
+
+    load_state_dict_checked(model, state, source=source, ignore_prefix=spec.head)
+    logger.info("%s: loaded weights from %s", spec.name, source)
     return model
 
 
@@ -421,6 +456,8 @@ def _unavailable_message(spec: BackboneSpec, path: Path, url: str, reason: str) 
 
 def weights_available(name: str) -> bool:
     """Whether ``name``'s pretrained weights are on this machine (no network access is attempted)."""
+    if is_timm(name):
+        return timm_backbones.weights_available(name)
     spec = get_backbone(name)
     if spec.weights == NO_PRETRAINED:
         return False
@@ -432,10 +469,25 @@ def weights_available(name: str) -> bool:
     return expected_weights_path(spec)[0].is_file()
 
 
-def list_backbones() -> list[dict[str, Any]]:
-    """One row per backbone: name, input_size, weights, available (offline), source."""
-    return [{"name": s.name, "input_size": s.input_size, "weights": s.weights,
+def list_backbones(timm: str | None = None, *, cached_timm: bool = False) -> list[dict[str, Any]]:
+    """One row per backbone: name, input_size, weights, available (offline), source.
+
+    Args:
+        timm: a pattern (``"convnext*"``, ``"*"``): after the table, every pretrained timm model matching it
+            (``timm.list_models(pattern, pretrained=True)``), each with whether its weights are cached.
+        cached_timm: without ``timm``: after the table, the timm models whose weights are in the Hugging Face hub
+            cache, read from the cache folder without importing timm (the listing stays fast; their input size is
+            None).
+    """
+    rows = [{"name": s.name, "input_size": s.input_size, "weights": s.weights,
              "available": weights_available(s.name), "source": s.source} for s in BACKBONES.values()]
+    if timm is not None:
+        return rows + [{**r, "source": "timm"} for r in timm_backbones.list_timm(timm)]
+    if not cached_timm:
+        return rows
+    return rows + [{"name": n, "input_size": None, "weights": f"hf-hub:timm/{timm_backbones.timm_name(n)}",
+                    "available": True, "source": "timm (Hugging Face hub cache)"}
+                   for n in timm_backbones.cached_timm_models()]
 
 
 def weights_fingerprint(name: str, weights: str) -> dict[str, Any]:
@@ -443,12 +495,18 @@ def weights_fingerprint(name: str, weights: str) -> dict[str, Any]:
 
     Returns:
         ``{"weights": <the argument>, "source": str, "file": name or None, "sha256": hex or None}``;
-        the sha256 is filled whenever the file is on this machine (local file, bundled, hub cache).
+        the sha256 is filled whenever the file is on this machine (local file, bundled, hub cache). A timm
+        backbone adds ``timm_model`` (with its pretrained tag), ``pretrained_tag``, ``hf_hub_id`` and
+        ``timm_version``.
     """
     spec = get_backbone(name)
     path: Path | None
+    extra: dict[str, Any] = timm_backbones.fingerprint(name, weights) if is_timm(name) else {}
     if weights == "none":
         source, path = "random initialisation (trained from scratch)", None
+    elif weights == "imagenet" and is_timm(name):
+        src = timm_backbones.pretrained_source(name)
+        source, path = spec.source, timm_backbones.cached_weights(src) if src else None
     elif weights == "imagenet":
         if spec.weights == NO_PRETRAINED:
             raise ConfigError(_no_imagenet_message(spec))
@@ -457,7 +515,7 @@ def weights_fingerprint(name: str, weights: str) -> dict[str, Any]:
     else:
         source, path = "local weights file", Path(weights).expanduser()
     digest = sha256_file(path) if path is not None and path.is_file() else None
-    return {"weights": weights, "source": source, "file": path.name if path else None, "sha256": digest}
+    return {"weights": weights, "source": source, "file": path.name if path else None, "sha256": digest, **extra}
 
 
 def _verify_sha256(path: Path, expected: str) -> None:

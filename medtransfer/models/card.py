@@ -23,6 +23,7 @@ from medtransfer import io
 from medtransfer.data.spec import InputSpec, Task
 from medtransfer.errors import CheckpointError
 from medtransfer.models.backbones import BACKBONES
+from medtransfer.models.timm_backbones import is_timm, valid_timm_name
 
 #: Bump when a field changes meaning; older cards are still read, newer ones are refused.
 CARD_SCHEMA_VERSION = 1
@@ -39,8 +40,9 @@ class ModelCard(BaseModel):
         schema_version: card format version.
         name: a human-readable model name (the report title).
         created: ISO 8601 timestamp.
-        backbone: a name from ``medtransfer backbones``.
-        weights: the initial weights' fingerprint (``weights_fingerprint``: weights, source, file, sha256).
+        backbone: a name from ``medtransfer backbones``, or ``timm:<name>`` (a timm model).
+        weights: the initial weights' fingerprint (``weights_fingerprint``: weights, source, file, sha256; for a
+            timm backbone also the timm model with its pretrained tag, the hub repo and timm's version).
         strategy: ``linear-probe``, ``fine-tune`` or ``gradual``.
         task: ``binary`` (one output scoring ``classes[1]``), ``multiclass`` or ``multilabel``.
         classes: class names, in output order.
@@ -85,6 +87,10 @@ class ModelCard(BaseModel):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, v: str) -> str:
+        if is_timm(v):  # checked against timm when the model is rebuilt; the card is read without timm
+            if not valid_timm_name(v):
+                raise ValueError(f"'{v}' is not a timm backbone name; expected timm:<architecture>[.<tag>]")
+            return v
         if v not in BACKBONES:
             close = difflib.get_close_matches(v, list(BACKBONES), n=1, cutoff=0.5)
             hint = f" — did you mean '{close[0]}'?" if close else ""
@@ -121,7 +127,8 @@ class ModelCard(BaseModel):
                              "W) records its kind (slices, acs or native), an image model none")
         if (self.slice_context is None) != (self.volume != "slices"):
             raise ValueError(f"slice_context={self.slice_context} with volume={self.volume}: only a slices model has one")
-        if self.volume is not None and (self.volume == "native") != (BACKBONES[self.backbone].spatial_dims == 3):
+        three_d = not is_timm(self.backbone) and BACKBONES[self.backbone].spatial_dims == 3  # timm models are 2D
+        if self.volume is not None and (self.volume == "native") != three_d:
             raise ValueError(f"volume={self.volume} does not fit backbone {self.backbone} (native needs a 3D network, "
                              "slices and acs a 2D one)")
         unknown = set(self.thresholds) - set(self.classes)

@@ -35,6 +35,7 @@ from medtransfer.digest import sha256_file
 from medtransfer.errors import CheckpointError
 from medtransfer.models.card import ModelCard
 from medtransfer.models.classifier import Classifier, build_model
+from medtransfer.models.timm_backbones import version_warning
 from medtransfer.models.weights_io import (
     CARD_FILE,
     MODEL_FILE,
@@ -114,6 +115,8 @@ def load_model(run_dir: str | os.PathLike[str], *, device: str | torch.device = 
             if f.suffix.lower() in PICKLE_SUFFIXES:
                 refuse_pickle(f)
         raise CheckpointError(f"{weights}: not found; the run did not finish saving. Re-run training.")
+    if (warning := version_warning(card.weights, card.backbone)) is not None:
+        logger.warning(warning)
     model = build_model(card.backbone, card.classes, task=card.task, in_channels=card.input.channels,
                         weights="none", volume=card.volume, slice_context=card.slice_context or 3)
     load_weights(model, weights)

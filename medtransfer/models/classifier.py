@@ -118,6 +118,7 @@ class Classifier(nn.Module):
         self.head = head if head is not None else nn.Sequential(
             nn.Dropout(dropout), nn.Linear(spec.feature_dim, self.num_outputs))
         self.bn_frozen = False  # set by fine-tuning (train.bn); see train()
+        self._input_hw: tuple[int, int] | None = None  # token models: the last input's (H, W), for cam_reshape
         self._check_stages()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,6 +132,8 @@ class Classifier(nn.Module):
             float tensor (N, spec.feature_dim).
         """
         if self.spec.feature_map is None:
+            if self.spec.cam_reshape == "vit_tokens":
+                self._input_hw = (int(x.shape[-2]), int(x.shape[-1]))
             return self.backbone(x).flatten(1)
         fmap = get_path(self.backbone, self.spec.feature_map)(x)  # (N, C, h, w) or (N, C, d, h, w)
         if self.spec.feature_act == "relu":
@@ -143,15 +146,30 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
     def cam_layer(self) -> nn.Module:
-        """The module Grad-CAM attributes to (``spec.cam_layer``); see :meth:`cam_reshape`."""
+        """The module Grad-CAM attributes to (``spec.cam_layer``); see :meth:`cam_reshape`.
+
+        Raises:
+            ValueError: the backbone has no Grad-CAM layer (a timm model whose feature layout is not a map or
+                ViT tokens); the other attribution methods still work.
+        """
+        if not self.spec.cam_layer:
+            raise ValueError(f"{self.spec.name} has no Grad-CAM layer (its features are neither a feature map nor "
+                             "ViT tokens); use method='integrated_gradients' or 'occlusion'")
         return get_path(self.backbone, self.spec.cam_layer)  # type: ignore[return-value]
 
     def cam_reshape(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """A function turning the CAM layer's output into a map (N, C, h, w), or None if it already is one.
 
-        ``acs``/``native``: None, the CAM layer's output is already a 3D map (N, C, d, h, w).
+        ViT tokens (N, P + h*w, C) lose their ``spec.num_prefix_tokens`` P and are laid on the patch grid (the
+        last input's aspect decides h and w); channels-last maps (N, h, w, C) are permuted. ``acs``/``native``:
+        None, the CAM layer's output is already a 3D map (N, C, d, h, w).
         """
-        return vit_tokens_to_map if self.spec.cam_reshape == "vit_tokens" else None
+        return self._to_map if self.spec.cam_reshape is not None else None
+
+    def _to_map(self, t: torch.Tensor) -> torch.Tensor:
+        if self.spec.cam_reshape == "nhwc":
+            return t.permute(0, 3, 1, 2)
+        return vit_tokens_to_map(t, prefix=self.spec.num_prefix_tokens, hw=self._input_hw)
 
     def stages(self) -> list[nn.Module]:
         """Backbone stages from input to output (``spec.stages``), then the head."""
@@ -305,19 +323,38 @@ class SliceClassifier(Classifier):
         chunk of slices, in slice order; concatenate its outputs before reshaping.
         """
         def to_volume(t: torch.Tensor) -> torch.Tensor:
-            fmap = vit_tokens_to_map(t) if self.spec.cam_reshape == "vit_tokens" else t
+            fmap = self._to_map(t) if self.spec.cam_reshape is not None else t
             return slices_to_volume_map(fmap, self._depth)
 
         return to_volume
 
 
-def vit_tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
-    """ViT tokens (N, 1 + h*w, C) → map (N, C, h, w), dropping the class token (h = w)."""
+def vit_tokens_to_map(tokens: torch.Tensor, *, prefix: int = 1, hw: tuple[int, int] | None = None) -> torch.Tensor:
+    """ViT tokens (N, prefix + h*w, C) → map (N, C, h, w), dropping the prefix (class and register) tokens.
+
+    Args:
+        tokens: the CAM layer's output.
+        prefix: tokens before the patch tokens (1: the class token; timm's ``num_prefix_tokens``).
+        hw: the input's (H, W): h and w are the factorisation of the patch count closest to its aspect. None:
+            a square grid.
+
+    Raises:
+        ValueError: no grid fits the patch count.
+    """
     n, t, c = tokens.shape
-    side = int(round((t - 1) ** 0.5))
-    if side * side != t - 1:
-        raise ValueError(f"expected 1 + h*w tokens with h = w, got {t}")
-    return tokens[:, 1:, :].reshape(n, side, side, c).permute(0, 3, 1, 2)
+    h, w = _token_grid(t - prefix, hw)
+    return tokens[:, prefix:, :].reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _token_grid(m: int, hw: tuple[int, int] | None) -> tuple[int, int]:
+    side = int(round(max(m, 0) ** 0.5))
+    if m > 0 and side * side == m and (hw is None or hw[0] == hw[1]):
+        return side, side
+    if m <= 0 or hw is None:
+        raise ValueError(f"expected prefix + h*w tokens with h = w, got {m} patch tokens")
+    aspect = hw[0] / hw[1]
+    pairs = [(h, m // h) for h in range(1, m + 1) if m % h == 0]
+    return min(pairs, key=lambda p: abs(p[0] / p[1] - aspect))
 
 
 def adapt_input_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:

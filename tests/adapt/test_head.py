@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import medtransfer as mt
-from medtransfer.io import read_json
 from medtransfer.adapt.adaptation import _auroc, adapt_site
 from medtransfer.adapt.head import head_fit_problem, tune_head
 from medtransfer.adapt.profile import HEAD_FILE, SiteProfile
 from medtransfer.errors import CheckpointError
+from medtransfer.io import read_json
 from medtransfer.run_dir import Run
 from tests.adapt.test_adaptation import PROBE, make_site, tiny_run
 from tests.factories import chest_like, write_dicom
@@ -94,8 +94,8 @@ def test_the_head_option_is_judged_on_the_holdout_and_its_profile_reproduces_it(
     assert len(row) == 1 and np.isfinite(row[["auroc", "auroc_lo", "ece", "ece_change_lo"]].to_numpy()).all()
     assert "L2-SP strength" in row.iloc[0]["note"]
     # the head option as a profile: saved, loaded (v2, head.safetensors), applied = the option's logits
-    from medtransfer.adapt.adaptation import _profile
     from medtransfer.adapt.adaptation import _Fit as Fit  # noqa: N814
+    from medtransfer.adapt.adaptation import _profile
     head_state = {k: v + 0.01 for k, v in run.model.head.state_dict().items()}
     fit = Fit("head+temperature+threshold", ["head", "temperature", "threshold"], False, 1.5,
               dict(run.card.thresholds), head=head_state)

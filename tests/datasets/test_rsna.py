@@ -54,8 +54,13 @@ def test_a_listed_image_missing_on_disk_fails_without_allow_missing(rsna_root: P
 
 
 def test_view_filter_and_harmonised_columns(rsna_root: Path, tmp_path: Path) -> None:
-    # the missing image has no header, so no view: the PA filter leaves it out before the missing-file check
-    result = prepare("rsna", rsna_root, out=tmp_path / "pa.csv", views=["PA"], findings="harmonised")
+    # the missing image has no header, so no view: it is still reported missing, not dropped by the PA filter
+    with pytest.raises(DatasetLayoutError, match=r"not on disk .*0a1b2c3d-5555"):
+        prepare("rsna", rsna_root, out=tmp_path / "pa.csv", views=["PA"], findings="harmonised")
+    with pytest.warns(UserWarning, match="not on disk"):
+        result = prepare("rsna", rsna_root, out=tmp_path / "pa.csv", views=["PA"], findings="harmonised",
+                         allow_missing=True)
+    assert result.summary["missing_files"]["count"] == 1
     df = _csv(result.csv_path)
     assert set(df["view"]) == {"PA"} and len(df) == 3
     assert list(df.columns[2:2 + len(VOCABULARY)]) == list(VOCABULARY)

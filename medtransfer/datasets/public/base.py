@@ -276,15 +276,23 @@ def view_code(value: Any) -> str:
     return _VIEW_ALIASES.get(text, text)
 
 
-def select_views(df: pd.DataFrame, views: Iterable[str] | None) -> pd.DataFrame:
-    """The rows whose ``view`` is one of ``views`` (``FRONTAL``/``LATERAL`` expand to their groups)."""
+def select_views(df: pd.DataFrame, views: Iterable[str] | None, *, keep_unknown: bool = False) -> pd.DataFrame:
+    """The rows whose ``view`` is one of ``views`` (``FRONTAL``/``LATERAL`` expand to their groups).
+
+    ``keep_unknown`` also keeps rows whose view is blank: adapters that read the view from the image's own header
+    (RSNA, VinDr) pass it, so that a listed image missing on disk (hence of unknown view) reaches the
+    missing-file check and is reported rather than silently filtered out; ``prepare`` filters again after it.
+    """
     if not views:
         return df
     wanted: set[str] = set()
     for v in views:
         code = view_code(v)
         wanted |= FRONTAL_VIEWS if code == "FRONTAL" else LATERAL_VIEWS if code == "LATERAL" else {code}
-    return df.loc[df["view"].isin(wanted)].reset_index(drop=True)
+    keep = df["view"].isin(wanted)
+    if keep_unknown:
+        keep |= df["view"].astype(str).eq("")
+    return df.loc[keep].reset_index(drop=True)
 
 
 _FINDING = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0": -1.0, "": math.nan,

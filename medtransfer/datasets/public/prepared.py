@@ -133,11 +133,14 @@ def _rows(info: DatasetInfo, read: Callable[[Path, PrepareOptions], pd.DataFrame
         raise DatasetLayoutError(f"{exc} {info.title} ({info.name}) expects {', '.join(info.expected)} under ROOT; "
                                  f"get it from {info.url}.") from None
     df, duplicates = _normalise(df, info)
+    # rows of unknown view (an adapter keeps them when the view comes from the image's header) reach the
+    # missing-file check, then the view filter drops what is left of them
+    df = select_views(df, options.views, keep_unknown=True)
+    df, missing = _drop_missing(df, root, info, allow_missing)
     df = select_views(df, options.views)
     if df.empty:
         raise DatasetLayoutError(f"{root}: no {info.title} image is left after the view filter "
                                  f"{list(options.views or [])}. Run without --views to see the views present.")
-    df, missing = _drop_missing(df, root, info, allow_missing)
     df, moved = _one_split_per_patient(df)
     if info.single_label and "label" not in df.columns:
         df = _single_label(df, info)

@@ -105,7 +105,7 @@ def read(root: Path, options: PrepareOptions) -> pd.DataFrame:
                 int((df["Pneumonia"] == 1.0).sum()))
     columns = ["path", "Pneumonia", "patient_id", "study_id", "sex", "age", "view", "split", "boxes"]
     columns += ["detailed_class"] if detail is not None else []
-    return select_views(df[columns], options.views)
+    return select_views(df[columns], options.views, keep_unknown=True)  # missing files: reported by prepare
 
 
 def _image_folder(root: Path, stage: str) -> str:

@@ -108,7 +108,7 @@ def read(root: Path, options: PrepareOptions) -> pd.DataFrame:
     logger.info("VinDr-CXR: %d images (%s); no patient ids, so each image is its own patient", len(df),
                 ", ".join(f"{k} {v}" for k, v in df["split"].value_counts().items()))
     return select_views(df[["path", *FINDINGS, "patient_id", "study_id", "sex", "age", "view", "split"]],
-                        options.views)
+                        options.views, keep_unknown=True)  # a missing file's view is unknown: prepare reports it
 
 
 def _read_labels(path: Path, split: str, options: PrepareOptions) -> pd.DataFrame:

@@ -317,6 +317,7 @@ def test_vit_gradcam_equals_captum_on_a_tap_of_the_token_map():
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow  # a 22M-parameter ViT-S: ~15-20 s on two shared cores
 def test_explain_a_vit_with_register_tokens_and_every_method():
     import medtransfer as mt
 
@@ -330,9 +331,10 @@ def test_explain_a_vit_with_register_tokens_and_every_method():
         model(x)
     handle.remove()
     assert seen[0].shape[1] == 5 + 12 and model.cam_reshape()(seen[0]).shape == (1, 384, 3, 4)
-    for method in ("gradcam", "integrated_gradients", "occlusion"):
+    tiny = build_model("timm:test_vit", ["a", "b"], weights="none").eval()  # occlusion: forward passes only
+    for net, method in ((model, "gradcam"), (model, "integrated_gradients"), (tiny, "occlusion")):
         kw = {"n_steps": 4} if method == "integrated_gradients" else {}
-        maps = mt.explain(model, x, method=method, **kw)
+        maps = mt.explain(net, x, method=method, **kw)
         assert maps.maps.shape == (1, 1, 42, 56) and torch.isfinite(maps.maps).all(), method
         assert maps.maps.max() > maps.maps.min(), method
 

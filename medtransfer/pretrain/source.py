@@ -8,11 +8,11 @@ unfinished one or one whose weights file changed is refused with the fix.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+from medtransfer.digest import sha256_file
 from medtransfer.errors import CheckpointError, ConfigError
 
 PRETRAIN_FILE = "pretrain.json"
@@ -58,7 +58,7 @@ def resolve_weights(weights: str, backbone: str) -> tuple[str, dict[str, Any] | 
     path = folder / str(info.get("weights_file", WEIGHTS_FILE))
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; the pretraining folder is incomplete. Run the pretraining again.")
-    digest = _sha256(path)
+    digest = sha256_file(path, memoise=False)
     if digest != info.get("sha256"):
         raise CheckpointError(f"{path}: sha256 {digest[:12]}… differs from {PRETRAIN_FILE} "
                               f"({str(info.get('sha256'))[:12]}…); the file was changed. Run the pretraining again.")
@@ -66,10 +66,3 @@ def resolve_weights(weights: str, backbone: str) -> tuple[str, dict[str, Any] | 
     summary.update({"folder": str(folder), "sha256": digest})
     return str(path), summary
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -6,6 +6,7 @@ import json
 import shlex
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from medtransfer.cli import app
@@ -13,6 +14,16 @@ from tests.datasets.replicas_nih_chexpert_mimic import make_chexpert, make_nih
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "250"}
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's rich console is made at import, with whatever width the first importer had (80 under xdist when
+    another test imported it first): COLUMNS alone does not widen it, and wrapped table cells split names."""
+    from medtransfer import cli
+
+    monkeypatch.setattr(cli.console, "width", 250)
+    monkeypatch.setattr(cli.err_console, "width", 250)
 
 
 def test_list_shows_every_dataset_with_its_licence_and_expected_files() -> None:

@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 HISTORY_COLUMNS = ("epoch", "loss", "lr", "seconds", "attempt")
 #: Fewest decodable images a pretraining accepts (contrastive batches need other images).
 MIN_IMAGES = 8
+#: Above this, decoded images are read from the disk cache each epoch instead of also being kept in memory.
+MEMORY_CACHE_BYTES = 2 << 30
 
 
 @dataclass
@@ -243,8 +245,10 @@ def _fit(folder: Path, cfg: RunConfig, manifest: Manifest, resumed: bool, progre
     groups = [{"params": [p for p in method.encoder.parameters() if p.requires_grad], "lr": pc.lr},
               {"params": [p for p in method.parameters() if id(p) in head_ids], "lr": pc.lr * 10}]
     optimizer = torch.optim.AdamW(groups, weight_decay=pc.weight_decay)
+    # decoded images stay in memory too when that costs under MEMORY_CACHE_BYTES (about 4 bytes a pixel)
+    in_memory = len(manifest) * 4 * int(np.prod(cfg.input.size)) * cfg.input.channels < MEMORY_CACHE_BYTES
     dataset = TolerantDataset(ScanDataset(manifest, cfg.input, train=False, cache_dir=folder / "cache",
-                                          memory_cache=True))
+                                          memory_cache=in_memory))
     loader = make_loader(dataset, batch_size=per_rank, shuffle=True, num_workers=tc.num_workers, seed=cfg.data.seed,
                          drop_last=True, distributed=world > 1)
     steps = len(loader)
